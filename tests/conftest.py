@@ -1,0 +1,43 @@
+"""Test setup: Triton's CPU interpreter when there is no GPU, IEEE fp32 dots, NaN-filled fresh tensors."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton decorates any kernel, i.e. before `kernels` is imported.
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+# TF32 dots hide and cause errors in decay arithmetic: compare in true fp32.
+os.environ.setdefault('TRITON_F32_DEFAULT', 'ieee')
+torch.backends.cuda.matmul.allow_tf32 = False
+
+import pytest  # noqa: E402
+
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'gpu: needs a CUDA GPU (run with `pytest -m gpu` on a GPU machine)')
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA GPU')
+    for item in items:
+        if 'gpu' in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    """Every fresh torch.empty is NaN-filled, so an element a kernel forgot to write shows up."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float('nan'))
+        return t
+
+    monkeypatch.setattr(torch, 'empty', lambda *a, **kw: poison(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, 'empty_like', lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+    torch.manual_seed(0)
