@@ -1,4 +1,5 @@
 """Wall Attention kernels: fused Triton training/prefill and decode passes, and their eager reference."""
+from .parallel import wall_attn
 from .reference import wall_attn_reference
 
-__all__ = ['wall_attn_reference']
+__all__ = ['wall_attn', 'wall_attn_reference']
