@@ -1,0 +1,1 @@
+"""Data pipeline: prepare.py writes token shards, loader.py reads them."""
