@@ -1,0 +1,336 @@
+"""
+A GPT language model with Wall Attention, in one file.
+
+Wall Attention is causal softmax attention whose query-key product is multiplied, channel by channel,
+by a learned decay: logit(i, j) = scale * sum_d q[i,d] k[j,d] exp(g[j+1,d] + ... + g[i,d]), with
+g = logsigmoid(Linear(x)) <= 0 (SPEC.md, section 1). The decay is the only positional signal: no RoPE.
+Two baselines share everything else and sit behind `attention`:
+  'rope': rotary position embeddings + plain softmax attention,
+  'fox':  the Forgetting Transformer, one scalar forget gate per head instead of one per channel.
+Packed batches: B == 1 and cu_seqlens marks the documents; no token ever attends across documents.
+"""
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096
+    n_layer: int = 12
+    n_head: int = 12                # query heads
+    n_kv_head: int = 12             # key/value heads; fewer than n_head is GQA
+    n_embd: int = 768
+    attention: str = 'wall'         # 'wall' | 'rope' | 'fox'
+    attn_impl: str = 'auto'         # kernel for wall/fox: 'triton' | 'reference' | 'auto' (triton on GPU, reference on CPU)
+    gate_per_kv_head: bool = False  # one per-channel gate per kv head, shared by its query group (smaller decode cache)
+    gate_bias_init: float = 8.0     # logsigmoid(8) = -3e-4 per step: gates start open, attention starts near vanilla
+    g_max: float = 0.86             # soft bound g -> g_max * expm1(g / g_max) > -g_max keeps kernel exponents in range; 0 = off
+    scalar_gate: bool = False       # add FoX's scalar forget gate to wall ('fox' always has it)
+    sink: bool = False              # learned attention-sink logit per head (wall/fox only)
+    qk_norm: bool = False           # RMSNorm on q and k of every head
+    output_gate: bool = False       # attention output times sigmoid(Linear(x)), per channel
+    window_size: int = 4096         # sliding window of the local layers
+    window_pattern: str = 'G'       # layer kinds, repeated over depth: 'L' local (window_size), 'G' global; e.g. 'LLLG'
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    loss_chunk_rows: int = 4096     # lm head + cross-entropy this many tokens at a time
+    activation_checkpointing: bool = False  # recompute each block in backward instead of storing its activations
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention
+
+def document_ids(cu_seqlens, T):
+    """Index of the document each of the T packed positions belongs to."""
+    return torch.searchsorted(cu_seqlens[1:], torch.arange(T, device=cu_seqlens.device), right=True)
+
+
+@torch.compiler.disable  # the attention kernels stay out of torch.compile's graphs
+def wall_attention(impl, q, k, v, g, **kwargs):
+    if impl == 'auto':
+        impl = 'triton' if q.is_cuda else 'reference'
+    attend = kernels.wall_attn if impl == 'triton' else kernels.wall_attn_reference
+    return attend(q, k, v, g, **kwargs)
+
+
+@torch.compiler.disable
+def softmax_attention(q, k, v, cu_seqlens, window_size):
+    """Document-causal softmax attention; q [B, T, HQ, D], k and v [B, T, H, D], cu_seqlens requires B == 1."""
+    B, T = q.shape[:2]
+    if cu_seqlens is None:  # every row is one document: pack the rows
+        cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+        q, k, v = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v))
+    if q.is_cuda:  # FlashAttention's varlen kernel: no mask in memory
+        from torch.nn.attention.varlen import varlen_attn
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        left = -1 if window_size is None else window_size - 1  # flash counts keys strictly left of the query
+        y = varlen_attn(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_len, max_len,
+                        window_size=(left, 0), enable_gqa=True)[None]
+    else:  # on CPU, a boolean mask built from the same rule
+        i = torch.arange(q.shape[1], device=q.device)
+        doc = document_ids(cu_seqlens, q.shape[1])
+        visible = (i[None, :] <= i[:, None]) & (doc[None, :] == doc[:, None])
+        if window_size is not None:
+            visible &= i[:, None] - i[None, :] < window_size
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=visible, enable_gqa=True).transpose(1, 2)
+    return y.reshape(B, T, *y.shape[2:])
+
+
+def rotary(positions, head_dim, base):
+    """cos and sin of RoPE angles for integer positions [B or 1, T], shaped [B or 1, T, 1, head_dim / 2]."""
+    inv_freq = base ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def log_gate(linear, x):
+    """logsigmoid(linear(x)) in fp32 even under autocast: the gates are summed into exponents."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.logsigmoid(linear(x.float()))
+
+
+class Attention(nn.Module):
+
+    def __init__(self, config, window_size):
+        super().__init__()
+        self.config, self.window_size = config, window_size
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=False)
+        self.c_proj = nn.Linear(q_dim, config.n_embd, bias=False)
+        if config.attention == 'wall':
+            gate_heads = self.n_kv_head if config.gate_per_kv_head else self.n_head
+            self.gate = nn.Linear(config.n_embd, gate_heads * self.head_dim)
+        if config.attention == 'fox' or (config.attention == 'wall' and config.scalar_gate):
+            self.scalar_gate = nn.Linear(config.n_embd, self.n_head)
+        if config.sink:
+            self.sink_bias = nn.Parameter(torch.zeros(self.n_head))
+        if config.qk_norm:
+            self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim), nn.RMSNorm(self.head_dim)
+        if config.output_gate:
+            self.out_gate = nn.Linear(config.n_embd, q_dim, bias=False)
+
+    def forward(self, x, cu_seqlens=None, rope=None):
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split([self.n_head * self.head_dim] + 2 * [self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim) for t in (k, v))
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.config.attention == 'rope':
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            y = softmax_attention(q, k, v, cu_seqlens, self.window_size)
+        else:
+            if self.config.attention == 'wall':
+                g = log_gate(self.gate, x).view(B, T, -1, self.head_dim)
+                if self.config.g_max:
+                    g = self.config.g_max * torch.expm1(g / self.config.g_max)
+            else:  # FoX: no per-channel decay, the kernel sees g = 0 and only the scalar gate below
+                g = torch.zeros(B, T, self.n_kv_head, self.head_dim, device=x.device)
+            g_scalar = log_gate(self.scalar_gate, x) if hasattr(self, 'scalar_gate') else None
+            y = wall_attention(self.config.attn_impl, q, k, v, g, g_scalar=g_scalar,
+                               sink_bias=self.sink_bias if self.config.sink else None,
+                               window_size=self.window_size, cu_seqlens=cu_seqlens)
+        y = y.reshape(B, T, -1)
+        if self.config.output_gate:
+            y = y * torch.sigmoid(self.out_gate(x))
+        return self.c_proj(y)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the rest of the transformer
+
+class MLP(nn.Module):  # SwiGLU
+
+    def __init__(self, config):
+        super().__init__()
+        hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)  # 8/3 keeps the parameter count of a 4x GELU MLP
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.c_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, window_size):
+        super().__init__()
+        self.norm_1 = nn.RMSNorm(config.n_embd)
+        self.attn = Attention(config, window_size)
+        self.norm_2 = nn.RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cu_seqlens=None, rope=None):
+        x = x + self.attn(self.norm_1(x), cu_seqlens, rope)
+        return x + self.mlp(self.norm_2(x))
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = x @ weight.T over the rows whose target is not -1.
+
+    The fp32 logits exist one chunk of rows at a time, in forward and again in backward (recomputed
+    from the saved per-row logsumexp), never for the whole batch: 64k tokens x 50k vocab would be 13 GB.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows):
+        valid = targets != -1
+        count = valid.sum().clamp(min=1)
+        losses, lses = [], []
+        for rows in torch.arange(len(x), device=x.device).split(chunk_rows):
+            logits = (x[rows] @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, targets[rows].clamp(min=0)[:, None])[:, 0]
+            losses.append(((lse - picked) * valid[rows]).sum())
+            lses.append(lse)
+        ctx.save_for_backward(x, weight, targets, torch.cat(lses), count)
+        ctx.chunk_rows = chunk_rows
+        return torch.stack(losses).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, weight, targets, lse, count = ctx.saved_tensors
+        grad_x, grad_weight = [], torch.zeros_like(weight, dtype=torch.float32)
+        for rows in torch.arange(len(x), device=x.device).split(ctx.chunk_rows):
+            # d loss / d logits = (softmax - onehot(target)) / count on valid rows, 0 elsewhere
+            grad_logits = torch.exp((x[rows] @ weight.T).float() - lse[rows, None])
+            grad_logits.scatter_add_(1, targets[rows].clamp(min=0)[:, None], -torch.ones_like(grad_logits[:, :1]))
+            grad_logits = (grad_logits * ((targets[rows] != -1) * grad_loss / count)[:, None]).to(x.dtype)
+            grad_x.append(grad_logits @ weight)
+            grad_weight += (grad_logits.T @ x[rows]).float()
+        return torch.cat(grad_x), grad_weight.to(weight.dtype), None, None
+
+
+def chunked_cross_entropy(x, weight, targets, chunk_rows):
+    """x [N, C], weight [V, C], targets [N] with -1 = ignore. Under autocast the matmuls run in its dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    return ChunkedCrossEntropy.apply(x, weight, targets, chunk_rows)
+
+
+# peak dense bf16 FLOP/s by substring of torch.cuda.get_device_name(); the first match wins
+PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('H800', 989e12), ('B200', 2250e12),
+              ('A100', 312e12), ('A800', 312e12), ('L40S', 362e12), ('L4', 121e12), ('A10', 125e12),
+              ('RTX 4090', 165e12), ('RTX 3090', 71e12)]
+
+
+def visible_pairs(doc_len, window_size):
+    """Query-key pairs that causal attention with this window computes inside one document."""
+    w = doc_len if window_size is None else min(window_size, doc_len)
+    return w * (w + 1) // 2 + (doc_len - w) * w
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.attention in ('wall', 'rope', 'fox'), f'unknown attention {config.attention!r}'
+        assert config.attn_impl in ('auto', 'triton', 'reference'), f'unknown attn_impl {config.attn_impl!r}'
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        assert set(config.window_pattern) <= {'L', 'G'}, f'window_pattern {config.window_pattern!r}: use L and G'
+        assert not (config.sink and config.attention == 'rope'), 'the attention sink needs wall or fox'
+        self.config = config
+        self.windows = [config.window_size if config.window_pattern[i % len(config.window_pattern)] == 'L' else None
+                        for i in range(config.n_layer)]
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, w) for w in self.windows)
+        self.norm_f = nn.RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):  # GPT-2: residual branches shrink with depth
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            if name.endswith('gate.bias'):  # per-channel and scalar gates start nearly open
+                torch.nn.init.constant_(p, config.gate_bias_init)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+
+    def get_num_params(self):
+        """Parameters that cost FLOPs: the untied input embedding is a lookup, not a matmul."""
+        n_params = sum(p.numel() for p in self.parameters())
+        return n_params if self.config.tie_embeddings else n_params - self.wte.weight.numel()
+
+    def hidden_states(self, idx, cu_seqlens=None):
+        """Final-norm features [B, T, n_embd]; the logits are lm_head of these."""
+        B, T = idx.shape
+        assert cu_seqlens is None or B == 1, 'packed documents (cu_seqlens) need B == 1'
+        rope = None
+        if self.config.attention == 'rope':  # positions restart at every document
+            positions = torch.arange(T, device=idx.device)[None]
+            if cu_seqlens is not None:
+                positions = positions - cu_seqlens.long()[document_ids(cu_seqlens, T)]
+            rope = rotary(positions, self.config.n_embd // self.config.n_head, self.config.rope_base)
+        x = self.wte(idx)
+        for block in self.blocks:
+            if self.config.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cu_seqlens, rope, use_reentrant=False)
+            else:
+                x = block(x, cu_seqlens, rope)
+        return self.norm_f(x)
+
+    def forward(self, idx, targets=None, cu_seqlens=None):
+        """Training (targets given): (None, mean loss over targets != -1). Inference: (logits of the last position, None)."""
+        x = self.hidden_states(idx, cu_seqlens)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        return None, chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                           self.config.loss_chunk_rows)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        # matrices and embeddings decay; norms, biases, sink logits do not
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+
+    def flops(self, doc_lengths):
+        """Training FLOPs (forward + backward) for one pass over documents of these lengths: 6 per parameter
+        and token, plus 12 per head channel per visible query-key pair in every layer (PaLM's count, causal)."""
+        head_dim = self.config.n_embd // self.config.n_head
+        pairs = sum(visible_pairs(n, w) for w in self.windows for n in doc_lengths)
+        return 6 * self.get_num_params() * sum(doc_lengths) + 12 * self.config.n_head * head_dim * pairs
+
+    def estimate_mfu(self, flops, dt):
+        """Model FLOPs utilisation: flops done in dt seconds over the GPU's bf16 peak; None when it is unknown."""
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+        peak = next((peak for key, peak in PEAK_FLOPS if key in name), None)
+        return None if peak is None else flops / dt / peak
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Append max_new_tokens sampled tokens to idx [B, T], recomputing the whole context every step."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('inf')
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
