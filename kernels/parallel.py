@@ -562,10 +562,10 @@ def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlen
     if k.shape != (B, T, H, K):
         raise ValueError(f'`k` must be [batch, time, kv_heads, dim] = [{B}, {T}, H, {K}] to match `q`, '
                          f'got {tuple(k.shape)}')
-    if v.shape[:3] != (B, T, H):
-        raise ValueError(f'`v` must be [{B}, {T}, {H}, V] to match `q` and `k`, got {tuple(v.shape)}')
     if HQ % H:
         raise ValueError(f'query heads ({HQ}) must be a multiple of kv heads ({H}) in `q` and `k`')
+    if v.shape[:3] != (B, T, H):
+        raise ValueError(f'`v` must be [{B}, {T}, {H}, V] to match `q` and `k`, got {tuple(v.shape)}')
     if g.shape not in ((B, T, HQ, K), (B, T, H, K)):
         raise ValueError(f'`g` must be [{B}, {T}, {HQ}, {K}] (per query head) or [{B}, {T}, {H}, {K}] '
                          f'(per kv head), got {tuple(g.shape)}')

@@ -1,0 +1,244 @@
+"""The fused training kernel against the float64 eager oracle: outputs and every gradient."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE
+from kernels import wall_attn, wall_attn_reference
+
+
+def make_inputs(B=1, T=100, HQ=2, H=1, K=32, V=16, gate_heads=None, scalar_gate=False, sink=False,
+                gates='logsigmoid', dtype=torch.float32, device=DEVICE):
+    HG = gate_heads or HQ
+    q, k, v = (torch.randn(B, T, h, d, device=device) for h, d in ((HQ, K), (H, K), (H, V)))
+    if gates == 'logsigmoid':      # mixes ~0 and ~-10 nats per step: the published kernel's NaN case
+        g = F.logsigmoid(3 * torch.randn(B, T, HG, K, device=device))
+    elif gates == 'strong':        # -3 to -20 nats per step
+        g = -3 - 17 * torch.rand(B, T, HG, K, device=device)
+    elif gates == 'zero':
+        g = torch.zeros(B, T, HG, K, device=device)
+    else:
+        g = F.logsigmoid(gates + torch.randn(B, T, HG, K, device=device))
+    return dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), g=g,
+                g_scalar=F.logsigmoid(torch.randn(B, T, HQ, device=device)) if scalar_gate else None,
+                sink_bias=torch.randn(HQ, device=device) if sink else None)
+
+
+def rel(a, b):
+    """Relative error; an all-zero expectation (e.g. dg with window 1) is compared absolutely."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1.0)).item()
+
+
+def run_both(inputs, **kw):
+    """Kernel and float64 oracle on the same inputs; returns {name: relative error} for o and all gradients."""
+    names = [n for n, x in inputs.items() if x is not None]
+    ours = {n: x.clone().requires_grad_() for n, x in inputs.items() if x is not None}
+    ref = {n: x.double().clone().requires_grad_() for n, x in inputs.items() if x is not None}
+    o = wall_attn(**ours, **kw)
+    o_ref = wall_attn_reference(**ref, **kw)
+    do = torch.randn_like(o_ref)
+    o.backward(do.to(o.dtype))
+    o_ref.backward(do)
+    assert torch.isfinite(o).all()
+    errors = {'o': rel(o, o_ref)}
+    for n in names:
+        assert torch.isfinite(ours[n].grad).all(), f'd{n} is not finite'
+        errors['d' + n] = rel(ours[n].grad, ref[n].grad)
+    return errors
+
+
+def assert_close(errors, tol):
+    # Gate gradients are differences q*dq - k*dk summed over the future: with strong gates the two terms
+    # nearly cancel, so they keep fewer correct digits than dq and dk themselves.
+    limit = lambda n: 10 * tol if n in ('dg', 'dg_scalar') else tol
+    bad = {n: e for n, e in errors.items() if not e < limit(n)}
+    assert not bad, f'relative errors over {tol}: {bad} (all: {errors})'
+
+
+CASES = {
+    'plain': dict(),
+    'gqa': dict(HQ=4, H=2),
+    'gqa-shared-gate': dict(HQ=4, H=2, gate_heads=2),
+    'scalar-gate-sink': dict(HQ=2, scalar_gate=True, sink=True),
+    'odd-dims': dict(K=48, V=20, T=77),
+    'dim-100': dict(K=100, V=100, T=40),
+    'batch': dict(B=2, T=70),
+    'strong-gates': dict(gates='strong'),
+    'weak-gates': dict(gates=6.0),
+}
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_parity(case):
+    torch.manual_seed(hash(case) % 1000)
+    assert_close(run_both(make_inputs(**CASES[case])), 3e-5)
+
+
+@pytest.mark.parametrize('window', [1, 5, 64, 100])
+def test_window(window):
+    inputs = make_inputs(T=150, HQ=2, H=1, scalar_gate=True, sink=True)
+    assert_close(run_both(inputs, window_size=window), 3e-5)
+
+
+@pytest.mark.parametrize('index_dtype', [torch.int32, torch.int64])
+def test_varlen(index_dtype):
+    cu = torch.tensor([0, 30, 30, 95, 96, 200], dtype=index_dtype, device=DEVICE)
+    inputs = make_inputs(T=200, HQ=4, H=2, gate_heads=2, scalar_gate=True, sink=True)
+    assert_close(run_both(inputs, cu_seqlens=cu), 3e-5)
+    assert_close(run_both(inputs, cu_seqlens=cu, window_size=20), 3e-5)
+
+
+def test_documents_do_not_see_each_other():
+    cu = torch.tensor([0, 70, 150], device=DEVICE)
+    inputs = make_inputs(T=150)
+    o = wall_attn(**inputs, cu_seqlens=cu)
+    second = {n: x[:, 70:] if x is not None and x.dim() > 1 else x for n, x in inputs.items()}
+    torch.testing.assert_close(o[:, 70:], wall_attn(**second), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_gate_is_causal_softmax_attention():
+    inputs = make_inputs(T=130, HQ=4, H=2, gates='zero')
+    o = wall_attn(**inputs, scale=0.3)
+    k, v = (inputs[n].repeat_interleave(2, dim=2).transpose(1, 2) for n in ('k', 'v'))
+    expected = F.scaled_dot_product_attention(inputs['q'].transpose(1, 2), k, v, is_causal=True, scale=0.3)
+    torch.testing.assert_close(o, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_fully_decayed_key_gets_logit_zero():
+    """The decay multiplies the logit: a key decayed to nothing still weighs exp(0), not exp(-inf)."""
+    T = 40
+    q = torch.randn(1, T, 1, 16, device=DEVICE)
+    k = torch.randn(1, T, 1, 16, device=DEVICE)
+    v = torch.randn(1, T, 1, 8, device=DEVICE)
+    g = torch.zeros(1, T, 1, 16, device=DEVICE)
+    g[:, 1:] = -1e4   # every key is fully decayed for every later query
+    o = wall_attn(q, k, v, g)
+    scale = 16 ** -0.5
+    diag = (q * k).sum(-1) * scale  # only the pair i == j keeps its logit
+    logits = torch.zeros(T, T, device=DEVICE).masked_fill(torch.ones(T, T, device=DEVICE).triu(1).bool(), -math.inf)
+    logits[range(T), range(T)] = diag[0, :, 0]
+    expected = torch.softmax(logits, -1) @ v[0, :, 0]
+    torch.testing.assert_close(o[0, :, 0], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('varlen', [False, True])
+def test_position_shift_invariance(varlen):
+    """A huge gate where a document starts shifts all of its prefix; results must not move past fp32 rounding."""
+    inputs = make_inputs(T=160, HQ=2, H=1, scalar_gate=True)
+    cu = torch.tensor([0, 64, 100, 160], device=DEVICE) if varlen else None
+    starts = cu[:-1].tolist() if varlen else [0]
+    shifted = dict(inputs, g=inputs['g'].clone(), g_scalar=inputs['g_scalar'].clone())
+    shifted['g'][:, starts] -= 3e4
+    shifted['g_scalar'][:, starts] -= 3e4
+    results = []
+    for x in (inputs, shifted):
+        leaves = {n: t.clone().requires_grad_() for n, t in x.items() if t is not None}
+        o = wall_attn(**leaves, cu_seqlens=cu)
+        o.backward(torch.ones_like(o))
+        results.append([o] + [leaves[n].grad for n in ('q', 'k', 'v')])
+    for a, b in zip(*results):
+        assert rel(b, a) < 1e-5
+
+
+def test_gate_gradient_matches_formula():
+    """dg[t] = sum over s >= t of (q*dq - k*dk)[s]: the ln 2 factors must cancel."""
+    inputs = make_inputs(T=90, HQ=2, H=2)
+    leaves = {n: x.clone().requires_grad_() for n, x in inputs.items() if x is not None}
+    o = wall_attn(**leaves)
+    o.backward(torch.randn_like(o))
+    terms = leaves['q'] * leaves['q'].grad - leaves['k'] * leaves['k'].grad
+    expected = terms.flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(leaves['g'].grad, expected, rtol=1e-4, atol=1e-5)
+    assert leaves['g'].grad[:, 0].abs().max() < 1e-4  # the first gate never matters
+
+
+def test_reference_gradients_by_finite_differences():
+    """The oracle's own gate gradients, checked numerically in float64."""
+    torch.manual_seed(1)
+    inputs = {n: None if x is None else x.double().requires_grad_(n in ('g', 'g_scalar', 'sink_bias'))
+              for n, x in make_inputs(T=12, HQ=2, H=1, K=4, V=3, scalar_gate=True, sink=True, device='cpu').items()}
+    fn = lambda g, g_scalar, sink_bias: wall_attn_reference(inputs['q'], inputs['k'], inputs['v'], g, g_scalar=g_scalar,
+                                                            sink_bias=sink_bias, window_size=7)
+    assert torch.autograd.gradcheck(fn, (inputs['g'], inputs['g_scalar'], inputs['sink_bias']))
+
+
+def test_against_flash_linear_attention_naive():
+    """A second, independent oracle where it is defined (it needs a GPU for its cumsum)."""
+    naive = pytest.importorskip('fla.ops.wall_attn').naive_wall_attn
+    if DEVICE != 'cuda':
+        pytest.skip("fla's naive oracle calls an autotuned Triton cumsum: GPU only")
+    inputs = make_inputs(T=300, HQ=4, H=2, scalar_gate=True, sink=True)
+    kw = dict(scale=32 ** -0.5, window_size=50)
+    torch.testing.assert_close(wall_attn(**inputs, **kw), naive(**inputs, **kw).to(torch.float32), rtol=1e-4,
+                               atol=1e-4)
+
+
+def _error_for(**changes):
+    inputs = make_inputs(T=8, HQ=4, H=2, device='cpu')
+    inputs.update(changes)
+    return inputs
+
+
+@pytest.mark.parametrize('changes, error, words', [
+    (dict(k=torch.randn(1, 8, 3, 32)), ValueError, 'query heads'),
+    (dict(k=torch.randn(1, 9, 2, 32)), ValueError, '`k`'),
+    (dict(v=torch.randn(1, 8, 1, 16)), ValueError, '`v`'),
+    (dict(g=torch.randn(1, 8, 3, 32)), ValueError, '`g`'),
+    (dict(q=torch.randn(8, 4, 32)), ValueError, '`q`'),
+    (dict(k=torch.randn(1, 8, 2, 32, dtype=torch.float64)), TypeError, '`k`'),
+    (dict(q=torch.randn(1, 8, 4, 300), k=torch.randn(1, 8, 2, 300), g=torch.randn(1, 8, 4, 300)), ValueError,
+     'up to 256'),
+    (dict(sink_bias=torch.randn(2)), ValueError, '`sink_bias`'),
+    (dict(g_scalar=torch.randn(1, 8, 2)), ValueError, '`g_scalar`'),
+    (dict(window_size=0), ValueError, '`window_size`'),
+    (dict(window_size=2.5), ValueError, '`window_size`'),
+    (dict(cu_seqlens=torch.tensor([0, 4, 9])), ValueError, 'end at T'),
+    (dict(cu_seqlens=torch.tensor([1, 4, 8])), ValueError, 'start at 0'),
+    (dict(cu_seqlens=torch.tensor([0, 5, 4, 8])), ValueError, 'non-decreasing'),
+    (dict(cu_seqlens=torch.tensor([0.0, 8.0])), TypeError, '`cu_seqlens`'),
+    (dict(q=torch.randn(1, 8, 4, 32).int()), TypeError, '`q`'),
+])
+def test_bad_inputs(changes, error, words):
+    with pytest.raises(error, match=words):
+        wall_attn(**_error_for(**changes))
+
+
+def test_varlen_needs_batch_one():
+    inputs = make_inputs(B=2, T=8, device='cpu')
+    with pytest.raises(ValueError, match='batch size 1'):
+        wall_attn(**inputs, cu_seqlens=torch.tensor([0, 8]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs two devices')
+def test_inputs_on_different_devices():
+    inputs = make_inputs(T=8, device='cpu')
+    inputs['q'] = inputs['q'].cuda()
+    with pytest.raises(ValueError, match='device'):
+        wall_attn(**inputs)
+
+
+def test_non_contiguous_inputs():
+    base = make_inputs(T=80, HQ=2, H=2, K=32)
+    strided = {n: None if x is None else torch.cat([x, x], dim=-1)[..., ::2] for n, x in base.items()}
+    assert not strided['q'].is_contiguous()
+    torch.testing.assert_close(wall_attn(**strided), wall_attn(**{n: x.contiguous() if x is not None else None
+                                                                    for n, x in strided.items()}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('case', ['plain', 'gqa-shared-gate', 'strong-gates'])
+@pytest.mark.parametrize('T', [1000, 2048])
+def test_parity_bf16_gpu(case, T):
+    inputs = make_inputs(T=T, K=128, V=128, dtype=torch.bfloat16, **{k: v for k, v in CASES[case].items()
+                                                                      if k not in ('K', 'V', 'T')})
+    assert_close(run_both(inputs), 2e-2)
+
+
+@pytest.mark.gpu
+def test_varlen_window_sink_bf16_gpu():
+    cu = torch.tensor([0, 700, 701, 2000, 4096], device='cuda', dtype=torch.int32)
+    inputs = make_inputs(T=4096, HQ=8, H=2, K=64, V=64, scalar_gate=True, sink=True, dtype=torch.bfloat16)
+    assert_close(run_both(inputs, cu_seqlens=cu, window_size=300), 2e-2)
+    assert_close(run_both(make_inputs(T=1500, HQ=4, H=4, K=64, V=64)), 1e-4)  # fp32 (IEEE dots) on GPU
