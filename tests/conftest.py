@@ -35,7 +35,8 @@ def _poison_empty(monkeypatch):
 
     def poison(t):
         if t.is_floating_point():
-            t.fill_(float('nan'))
+            with torch.no_grad():
+                t.fill_(float('nan'))
         return t
 
     monkeypatch.setattr(torch, 'empty', lambda *a, **kw: poison(real_empty(*a, **kw)))
