@@ -1,0 +1,120 @@
+"""The decode cache of one Wall Attention layer: preallocated, appended in place, anchors fixed as chunks close.
+
+Layout (see kernels/decode.py): positions [0, n_anchored) are whole chunks, each anchored on its decaying end, with
+`k_tilde = k * 2^(anchor - P) <= |k|`; the positions after them keep raw keys in the same buffer until their chunk
+is closed. A chunk is closed (rescaled in place, once) at the first append after it lies wholly before the newest
+tokens, so queries never sit inside an anchored chunk and every exponent stays <= 0.
+
+Precision does not decay with position: the running prefix, the anchors and the raw positions' prefixes are kept in
+float64, differences of two prefixes are taken in float64 before any fp32 exp2, and stored keys are O(1).
+"""
+import math
+
+import torch
+
+from .decode import wall_attn_decode
+
+
+class WallKVCache:
+    """Key/value cache of one layer for `B` sequences of at most `max_len` tokens.
+
+    num_heads: query heads HQ; num_kv_heads: H; shared_gate: gate per kv head (`k_tilde` is `[B, max_len, H, K]`,
+    exactly a plain GQA key cache) instead of per query head; scalar_gate: also track a FoX scalar gate.
+    """
+
+    def __init__(self, batch_size, max_len, num_heads, num_kv_heads, head_dim, value_dim=None, *,
+                 shared_gate=False, scalar_gate=False, chunk_size=64, dtype=torch.bfloat16, device=None):
+        if num_heads % num_kv_heads:
+            raise ValueError(f'num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}')
+        B, K, V = batch_size, head_dim, value_dim or head_dim
+        self.max_len, self.chunk_size = max_len, chunk_size
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.num_gate_heads = num_kv_heads if shared_gate else num_heads
+        HG = self.num_gate_heads
+        self.k_tilde = torch.empty(B, max_len, HG, K, dtype=dtype, device=device)
+        self.v = torch.empty(B, max_len, num_kv_heads, V, dtype=dtype, device=device)
+        self.anchors = torch.empty(B, max_len // chunk_size, HG, K, dtype=torch.float64, device=device)
+        self.scalar_prefix = (torch.empty(B, max_len, num_heads, dtype=torch.float64, device=device)
+                              if scalar_gate else None)
+        # Prefixes of the raw positions [n_anchored, length); grows only if one append exceeds its capacity.
+        self._raw_prefix = torch.empty(B, 2 * chunk_size, HG, K, dtype=torch.float64, device=device)
+        self._last_prefix = torch.empty(B, HG, K, dtype=torch.float64, device=device)
+        self._last_scalar = torch.empty(B, num_heads, dtype=torch.float64, device=device)
+        self.reset()
+
+    def reset(self):
+        """Forget every sequence; the buffers are reused."""
+        self.length = self.n_anchored = 0
+        self._last_prefix.zero_()
+        self._last_scalar.zero_()
+
+    def append(self, k, v, g, g_scalar=None):
+        """Append T_new tokens: k `[B, T_new, H, K]`, v `[B, T_new, H, V]`, per-channel log-decay g
+        `[B, T_new, HG, K]` (natural log, <= 0), and with a scalar gate g_scalar `[B, T_new, HQ]`."""
+        B, HG = self.k_tilde.shape[0], self.num_gate_heads
+        T_new = k.shape[1] if k.dim() == 4 else -1
+        expected = {'k': (k, (B, T_new, self.num_kv_heads, self.k_tilde.shape[3])),
+                    'v': (v, (B, T_new, self.num_kv_heads, self.v.shape[3])),
+                    'g': (g, (B, T_new, HG, self.k_tilde.shape[3]))}
+        if self.scalar_prefix is not None:
+            expected['g_scalar'] = (g_scalar, (B, T_new, self.num_heads))
+        elif g_scalar is not None:
+            raise ValueError('g_scalar given but the cache was built with scalar_gate=False')
+        for name, (x, shape) in expected.items():
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f'{name} must be a torch.Tensor, got {type(x).__name__}')
+            if tuple(x.shape) != shape or T_new < 1:
+                raise ValueError(f'{name} must have shape {list(shape)} (T_new >= 1 tokens), got {list(x.shape)}')
+        start, end = self.length, self.length + T_new
+        if end > self.max_len:
+            raise ValueError(f'appending {T_new} tokens to {start} cached exceeds max_len={self.max_len}')
+
+        self._close_chunks_before(start)
+        prefix = self._last_prefix[:, None] + torch.cumsum(g.to(torch.float64), dim=1) / math.log(2)
+        self._last_prefix.copy_(prefix[:, -1])
+        offset = start - self.n_anchored
+        if offset + T_new > self._raw_prefix.shape[1]:
+            grown = torch.empty(B, offset + T_new, HG, self._raw_prefix.shape[3],
+                                dtype=torch.float64, device=self._raw_prefix.device)
+            grown[:, :offset] = self._raw_prefix[:, :offset]
+            self._raw_prefix = grown
+        self._raw_prefix[:, offset:offset + T_new] = prefix
+        self.k_tilde[:, start:end] = k.repeat_interleave(HG // self.num_kv_heads, dim=2)
+        self.v[:, start:end] = v
+        if self.scalar_prefix is not None:
+            scalar = self._last_scalar[:, None] + torch.cumsum(g_scalar.to(torch.float64), dim=1)
+            self._last_scalar.copy_(scalar[:, -1])
+            self.scalar_prefix[:, start:end] = scalar
+        self.length = end
+
+    def attend(self, q, *, scale=None, sink_bias=None, window_size=None, num_splits=None):
+        """Decode the last T_q cached positions (at most the tokens since the last closed chunk, which include the
+        latest append): q `[B, T_q, HQ, K]` -> `(o [B, T_q, HQ, V], lse [B, T_q, HQ])`."""
+        T_q = q.shape[1] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
+        n_raw = self.length - self.n_anchored
+        if not 1 <= T_q <= n_raw:
+            raise ValueError(f'q must be [B, T_q, HQ, K] with 1 <= T_q <= {n_raw} (the positions appended since the '
+                             f'last closed chunk), got {list(q.shape) if isinstance(q, torch.Tensor) else q!r}')
+        n_tail = n_raw - T_q
+        return wall_attn_decode(
+            q, self.v[:, :self.length], self._raw_prefix[:, n_tail:n_raw], self.k_tilde[:, :self.length],
+            self.anchors[:, :self.n_anchored // self.chunk_size], sink_bias, scale, self.chunk_size,
+            p_tail=self._raw_prefix[:, :n_tail],
+            g_scalar_cumsum=None if self.scalar_prefix is None else self.scalar_prefix[:, :self.length],
+            window_size=window_size, num_splits=num_splits)
+
+    def _close_chunks_before(self, position):
+        """Anchor every whole chunk before `position` on its end and rescale its keys in place, once."""
+        C = self.chunk_size
+        end = position // C * C
+        if end <= self.n_anchored:
+            return
+        n_closed = end - self.n_anchored
+        prefix = self._raw_prefix[:, :n_closed].unflatten(1, (-1, C))
+        anchor = prefix[:, :, -1]
+        keys = self.k_tilde[:, self.n_anchored:end].unflatten(1, (-1, C))
+        keys.copy_(keys.float() * torch.exp2((anchor[:, :, None] - prefix).float()))
+        self.anchors[:, self.n_anchored // C:end // C] = anchor
+        n_left = self.length - end
+        self._raw_prefix[:, :n_left] = self._raw_prefix[:, n_closed:n_closed + n_left].clone()
+        self.n_anchored = end

@@ -1,0 +1,343 @@
+"""Wall Attention decoding against a pre-rescaled KV cache (SPEC section 2), flash-decoding style.
+
+Cache layout, `[B, T, heads, dim]` like the training pass, with `P = cumsum(g) / ln 2`:
+
+    anchored part, positions [0, n_anchored):  chunks of C positions, each anchored on its LAST position a_c
+        (its end; for a final partial chunk, the last anchored position):
+            r_cache[:, c] = P[a_c]          k_tilde[j] = k[j] * 2^(P[a_c] - P[j])      so |k_tilde| <= |k|
+    raw part, positions [n_anchored, T):     k_tilde[j] = k[j]; their prefixes come as `p_tail` (positions before
+        the queries) and `p_curr` (the query rows themselves).
+
+The T_q queries are the last T_q positions T0 .. T-1 of the cache (causal among themselves). A chunk anchored on
+its decaying end never needs a positive exponent, so every exponent evaluated here is <= 0 for any g <= 0:
+
+    anchored chunk c (a_c <= T0 <= i):  (q_i * 2^(P_i - r_c)) . k_tilde_j
+    raw key j < T0:                      (q_i * 2^(P_i - P_T0)) . (k_j * 2^(P_T0 - P_j)), anchored on the fly at T0
+    query-row key j >= T0:               q_i . (k_j * 2^(P_i - P_j)) per element, for visible j <= i only
+
+Differences of a prefix and an anchor are taken in the prefixes' own dtype (float64 when given) before the fp32
+exp2, so a 1M-token prefix decodes as precisely as a 1k one.
+
+Work split (flash-decoding): one program per (batch, gate head, split of the cached chunks). A program serves all
+query heads that share its gate head (all G query heads of a kv head when the gate is shared, so each cache byte is
+read once), keeps an online softmax over its chunks, and writes a partial (output, log-sum-exp); a combine kernel
+merges the splits and the attention sink.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2)
+COMBINE_BLOCK_SPLITS = 16
+
+
+def build_wall_kv_cache(k, P, chunk_size=64, *, raw_tail=0, out_dtype=None):
+    """Pre-rescale keys for decoding.
+
+    k: `[B, T, H, K]` keys; P: `[B, T, HG, K]` prefix `cumsum(g) / ln 2` (float32 or float64), HG = HQ (gate per
+    query head) or H (gate shared per kv head). Returns `(k_tilde [B, T, HG, K], r_cache [B, NC, HG, K])`.
+
+    Anchor convention: the first `T - raw_tail` positions form chunks of `chunk_size`, and chunk `c` is anchored on
+    its last position `a_c` (its end; the last anchored position for a final partial chunk):
+    `r_cache[:, c] = P[a_c]` (dtype of P) and `k_tilde[j] = k[j] * 2^(P[a_c] - P[j])`, so `|k_tilde| <= |k|` for any
+    g <= 0. The last `raw_tail` positions keep their raw keys. Decoding the last `T_q` positions with every exponent
+    <= 0 needs every anchor at or before the first query: `raw_tail >= T_q - 1` (the default 0 serves `T_q = 1`).
+    """
+    _check_tensor('k', k, 4)
+    _check_tensor('P', P, 4, dtypes=(torch.float32, torch.float64))
+    B, T, H, K = k.shape
+    if P.shape[:2] != (B, T) or P.shape[3] != K or P.shape[2] % H:
+        raise ValueError(f'P must be [B={B}, T={T}, HG, K={K}] with HG a multiple of H={H}, got {list(P.shape)}')
+    if P.device != k.device:
+        raise ValueError(f'P is on {P.device} but k is on {k.device}')
+    if chunk_size < 1 or not 0 <= raw_tail <= T:
+        raise ValueError(f'need chunk_size >= 1 and 0 <= raw_tail <= T={T}, got {chunk_size}, {raw_tail}')
+    HG, n_anchored = P.shape[2], T - raw_tail
+    NC = triton.cdiv(n_anchored, chunk_size)
+    last = torch.clamp(torch.arange(NC, device=k.device) * chunk_size + chunk_size, max=n_anchored) - 1
+    r_cache = P[:, last]
+    chunk_of = torch.arange(n_anchored, device=k.device) // chunk_size
+    exponent = torch.zeros(B, T, HG, K, dtype=torch.float32, device=k.device)
+    exponent[:, :n_anchored] = (r_cache[:, chunk_of] - P[:, :n_anchored]).float()
+    k_tilde = k.float().repeat_interleave(HG // H, dim=2) * torch.exp2(exponent)
+    return k_tilde.to(out_dtype or k.dtype), r_cache
+
+
+def wall_attn_decode(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None, cache_chunk_size=64, *,
+                     p_tail=None, g_scalar_cumsum=None, window_size=None, num_splits=None):
+    """Attend the last T_q cache positions to the cache. Returns `(o [B, T_q, HQ, V], lse [B, T_q, HQ])`.
+
+    q: `[B, T_q, HQ, K]`; v: `[B, T, H, V]`; k_tilde: `[B, T, HG, K]` (see `build_wall_kv_cache`);
+    p_curr: `[B, T_q, HG, K]` prefixes of the query rows; r_cache: `[B, >= ceil(n_anchored / C), HG, K]` anchors;
+    p_tail: `[B, n_tail, HG, K]` prefixes of the raw positions before the queries (n_anchored = T - T_q - n_tail,
+    a multiple of C when n_tail > 0); g_scalar_cumsum: `[B, T, HQ]` cumulative FoX scalar log-decay (natural log);
+    sink_bias: `[HQ]`; window_size: key j visible from query i iff i - j < window_size.
+    Prefixes and anchors may be float32 or float64. `lse` is the natural log of the softmax denominator, sink
+    included. Inputs may be strided views. `num_splits` overrides the split count (one split per program).
+    """
+    C = cache_chunk_size
+    _check_tensor('q', q, 4)
+    B, T_q, HQ, K = q.shape
+    _check_tensor('v', v, 4, device=q.device)
+    _check_tensor('k_tilde', k_tilde, 4, device=q.device)
+    T, H, V = v.shape[1], v.shape[2], v.shape[3]
+    HG = k_tilde.shape[2]
+    if v.shape[0] != B:
+        raise ValueError(f'v must be [B={B}, T, H, V], got {list(v.shape)}')
+    if k_tilde.shape[:2] != (B, T) or k_tilde.shape[3] != K:
+        raise ValueError(f'k_tilde must be [B={B}, T={T} (as v), HG, K={K}], got {list(k_tilde.shape)}')
+    if HQ % HG or HG % H:
+        raise ValueError(f'need HQ={HQ} a multiple of HG={HG} (k_tilde heads), and HG a multiple of H={H} (v heads)')
+    if not 1 <= T_q <= T:
+        raise ValueError(f'q has T_q={T_q} rows; need 1 <= T_q <= T={T} (the queries are the last cache positions)')
+    for name, size in (('K', K), ('V', V), ('cache_chunk_size', C)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f'{name} must be a power of two >= 16, got {size}')
+    prefix_dtypes = (torch.float32, torch.float64)
+    _check_tensor('p_curr', p_curr, 4, (B, T_q, HG, K), prefix_dtypes, q.device)
+    n_tail = 0
+    if p_tail is not None:
+        _check_tensor('p_tail', p_tail, 4, dtypes=prefix_dtypes, device=q.device)
+        n_tail = p_tail.shape[1]
+        _check_tensor('p_tail', p_tail, 4, (B, n_tail, HG, K))
+    n_anchored = T - T_q - n_tail
+    if n_anchored < 0:
+        raise ValueError(f'p_tail covers {n_tail} positions but only T - T_q = {T - T_q} precede the queries')
+    if n_tail and n_anchored % C:
+        raise ValueError(f'with p_tail the anchored part must be whole chunks; it has {n_anchored} positions, C={C}')
+    _check_tensor('r_cache', r_cache, 4, dtypes=prefix_dtypes, device=q.device)
+    n_chunks = triton.cdiv(n_anchored, C)
+    if r_cache.shape[0] != B or r_cache.shape[1] < n_chunks or r_cache.shape[2:] != (HG, K):
+        raise ValueError(f'r_cache must be [B={B}, >= {n_chunks} anchors (cover the {n_anchored} anchored positions'
+                         f' in chunks of {C}), HG={HG}, K={K}], got {list(r_cache.shape)}')
+    if g_scalar_cumsum is not None:
+        _check_tensor('g_scalar_cumsum', g_scalar_cumsum, 3, (B, T, HQ), prefix_dtypes, q.device)
+    if sink_bias is not None:
+        _check_tensor('sink_bias', sink_bias, 1, (HQ,), device=q.device)
+    if window_size is not None and (not isinstance(window_size, int) or window_size < 1):
+        raise ValueError(f'window_size must be a positive int or None, got {window_size!r}')
+    scale = K ** -0.5 if scale is None else scale
+
+    T0 = T - T_q
+    key_lo = 0 if window_size is None else max(0, T0 - window_size + 1)
+    n_blocks = max(0, triton.cdiv(T0, C) - key_lo // C)
+    if num_splits is None:
+        num_splits = _default_num_splits(q.device, B * HG, n_blocks)
+    blocks_per_split = triton.cdiv(n_blocks, max(1, min(num_splits, n_blocks))) if n_blocks else 0
+    num_splits = triton.cdiv(n_blocks, blocks_per_split) if n_blocks else 1
+
+    QPG = HQ // HG
+    rows = T_q * QPG
+    o_part = torch.empty(B * HG, num_splits, rows, V, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B * HG, num_splits, rows, dtype=torch.float32, device=q.device)
+    # Absent optional inputs: pass a live tensor and strides of 0; their loads are compiled out.
+    p_tail_arg = p_curr if p_tail is None else p_tail
+    scalar_arg = p_curr if g_scalar_cumsum is None else g_scalar_cumsum
+    scalar_strides = (0, 0, 0) if g_scalar_cumsum is None else g_scalar_cumsum.stride()
+    wall_decode_split_kernel[(B * HG, num_splits)](
+        q, k_tilde, v, p_curr, p_tail_arg, r_cache, scalar_arg, o_part, lse_part,
+        *q.stride(), *k_tilde.stride(), *v.stride(), *p_curr.stride(), *p_tail_arg.stride(), *r_cache.stride(),
+        *scalar_strides,
+        T0, n_anchored, key_lo, blocks_per_split, num_splits, window_size or 0, scale * LOG2E,
+        HG=HG, QPG=QPG, GPV=HG // H, T_Q=T_q, M=max(16, triton.next_power_of_2(rows)), K=K, V=V, C=C,
+        HAS_SCALAR=g_scalar_cumsum is not None, HAS_WINDOW=window_size is not None,
+        num_warps=4, num_stages=3 if q.is_cuda else 1,
+    )
+    o = torch.empty(B, T_q, HQ, V, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, T_q, HQ, dtype=torch.float32, device=q.device)
+    wall_decode_combine_kernel[(B * HG * rows,)](
+        o_part, lse_part, sink_bias if sink_bias is not None else lse, o, lse, num_splits,
+        HG=HG, QPG=QPG, T_Q=T_q, HQ=HQ, V=V, BLOCK_S=COMBINE_BLOCK_SPLITS, HAS_SINK=sink_bias is not None,
+    )
+    return o, lse
+
+
+def _check_tensor(name, x, ndim, shape=None, dtypes=None, device=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f'{name} must be a torch.Tensor, got {type(x).__name__}')
+    if not x.is_floating_point():
+        raise TypeError(f'{name} must be a floating-point tensor, got {x.dtype}')
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f'{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}')
+    if x.dim() != ndim or (shape is not None and tuple(x.shape) != tuple(shape)):
+        expected = list(shape) if shape is not None else f'{ndim} dims'
+        raise ValueError(f'{name} must have shape {expected}, got {list(x.shape)}')
+    if device is not None and x.device != device:
+        raise ValueError(f'{name} is on {x.device}, expected {device} (the device of q)')
+
+
+def _default_num_splits(device, programs_per_split, n_blocks):
+    """Enough programs for a few per multiprocessor, so one long sequence at batch 1 fills the GPU."""
+    if device.type != 'cuda':
+        return min(n_blocks, 4)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_blocks, triton.cdiv(4 * sms, programs_per_split)))
+
+
+@triton.jit
+def _online_softmax_step(s, visible, m_i, l_i, acc, values):
+    """Fold a [M, N] block of log2-domain logits and its [N, V] values into the running (max, sum, output)."""
+    s = tl.where(visible, s, float('-inf'))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible yet keeps max -inf: shift by 0 instead so no exp2 sees -inf - -inf.
+    m_shift = tl.where(m_new == float('-inf'), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, scb, sct, sch):
+    """(C_i - C_j) log2(e) for the FoX scalar gate, differenced in the prefix dtype."""
+    c_keys = tl.load(scalar + key_pos[None, :] * sct + row_head[:, None] * sch, mask=visible, other=0.0)
+    return ((c_rows[:, None] - c_keys).to(tl.float32) * 1.4426950408889634)
+
+
+@triton.jit
+def wall_decode_split_kernel(
+    q, k_tilde, v, p_curr, p_tail, r_cache, scalar, o_part, lse_part,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, spb, spt, sph, spd,
+    stb, stt, sth, std, srb, src, srh, srd, scb, sct, sch,
+    T0, n_anchored, key_lo, blocks_per_split, n_splits, window_size, qk_scale,
+    HG: tl.constexpr, QPG: tl.constexpr, GPV: tl.constexpr, T_Q: tl.constexpr, M: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):
+    i_bg, i_s = tl.program_id(0), tl.program_id(1)
+    i_b, i_g = i_bg // HG, i_bg % HG
+    # Rows are (query row t, query head of this gate head): row m = t * QPG + head offset.
+    rows = tl.arange(0, M)
+    row_t, row_head = rows // QPG, i_g * QPG + rows % QPG
+    row_ok = rows < T_Q * QPG
+    row_pos = T0 + row_t
+    d_k, d_v, offs_c = tl.arange(0, K), tl.arange(0, V), tl.arange(0, C)
+
+    q += i_b * sqb
+    k_tilde += i_b * skb + i_g * skh
+    v += i_b * svb + (i_g // GPV) * svh
+    p_curr += i_b * spb + i_g * sph
+    p_tail += i_b * stb + i_g * sth
+    r_cache += i_b * srb + i_g * srh
+    scalar += i_b * scb
+
+    q_rows = tl.load(q + row_t[:, None] * sqt + row_head[:, None] * sqh + d_k[None, :] * sqd,
+                     mask=row_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+    # Padding rows get prefix -inf: every factor 2^(P_row - x) they produce is 0, never inf * 0.
+    p_rows = tl.load(p_curr + row_t[:, None] * spt + d_k[None, :] * spd, mask=row_ok[:, None], other=float('-inf'))
+    c_rows = tl.zeros([M], dtype=tl.float32)
+    if HAS_SCALAR:
+        c_rows = tl.load(scalar + row_pos * sct + row_head * sch, mask=row_ok, other=0.0)
+
+    m_i = tl.full([M], float('-inf'), dtype=tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
+    acc = tl.zeros([M, V], dtype=tl.float32)
+
+    first = key_lo // C + i_s * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, tl.cdiv(T0, C))
+    first_raw = tl.cdiv(n_anchored, C)
+    # Anchored chunks: the stored k_tilde, query side rescaled to the chunk's end anchor.
+    for c in tl.range(first, tl.minimum(last, first_raw)):
+        key_pos = c * C + offs_c
+        key_ok = (key_pos >= key_lo) & (key_pos < n_anchored)
+        anchor = tl.load(r_cache + c * src + d_k * srd)
+        q_c = q_rows * tl.exp2((p_rows - anchor[None, :]).to(tl.float32))
+        keys = tl.load(k_tilde + key_pos[:, None] * skt + d_k[None, :] * skd, mask=key_ok[:, None], other=0.0)
+        values = tl.load(v + key_pos[:, None] * svt + d_v[None, :] * svd, mask=key_ok[:, None], other=0.0)
+        s = tl.dot(q_c.to(keys.dtype), tl.trans(keys))
+        visible = row_ok[:, None] & key_ok[None, :]
+        if HAS_WINDOW:
+            visible = visible & (key_pos[None, :] > row_pos[:, None] - window_size)
+        if HAS_SCALAR:
+            s += _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, scb, sct, sch)
+        m_i, l_i, acc = _online_softmax_step(s, visible, m_i, l_i, acc, values)
+
+    # Raw keys before the queries: anchor them on the fly at the first query row T0.
+    anchor = tl.load(p_curr + d_k * spd)
+    q_raw = q_rows * tl.exp2((p_rows - anchor[None, :]).to(tl.float32))
+    for c in tl.range(tl.maximum(first, first_raw), last):
+        key_pos = c * C + offs_c
+        key_ok = (key_pos >= key_lo) & (key_pos < T0)
+        # Absent keys get prefix +inf: their factor 2^(anchor - inf) is 0.
+        p_keys = tl.load(p_tail + (key_pos - n_anchored)[:, None] * stt + d_k[None, :] * std,
+                         mask=key_ok[:, None], other=float('inf'))
+        keys = tl.load(k_tilde + key_pos[:, None] * skt + d_k[None, :] * skd, mask=key_ok[:, None], other=0.0)
+        values = tl.load(v + key_pos[:, None] * svt + d_v[None, :] * svd, mask=key_ok[:, None], other=0.0)
+        keys_anchored = (keys.to(tl.float32) * tl.exp2((anchor[None, :] - p_keys).to(tl.float32))).to(keys.dtype)
+        s = tl.dot(q_raw.to(keys.dtype), tl.trans(keys_anchored))
+        visible = row_ok[:, None] & key_ok[None, :]
+        if HAS_WINDOW:
+            visible = visible & (key_pos[None, :] > row_pos[:, None] - window_size)
+        if HAS_SCALAR:
+            s += _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, scb, sct, sch)
+        m_i, l_i, acc = _online_softmax_step(s, visible, m_i, l_i, acc, values)
+
+    # The query rows' own keys, causal among themselves: exact per-element decay, owned by the last split.
+    if i_s == n_splits - 1:
+        for j in tl.static_range(T_Q):
+            visible = row_ok & (row_t >= j)
+            if HAS_WINDOW:
+                visible = visible & (row_t - j < window_size)
+            key = tl.load(k_tilde + (T0 + j) * skt + d_k * skd).to(tl.float32)
+            value = tl.load(v + (T0 + j) * svt + d_v * svd).to(tl.float32)
+            p_key = tl.load(p_curr + j * spt + d_k * spd)
+            decay = tl.exp2(tl.where(visible[:, None], (p_rows - p_key[None, :]).to(tl.float32), float('-inf')))
+            s = tl.sum(q_rows * key[None, :] * decay, 1)
+            if HAS_SCALAR:
+                c_key = tl.load(scalar + (T0 + j) * sct + row_head * sch, mask=visible, other=0.0)
+                s += (c_rows - c_key).to(tl.float32) * 1.4426950408889634
+            s = tl.where(visible, s, float('-inf'))
+            m_new = tl.maximum(m_i, s)
+            m_shift = tl.where(m_new == float('-inf'), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_shift)
+            p = tl.exp2(s - m_shift)
+            acc = acc * alpha[:, None] + p[:, None] * value[None, :]
+            l_i = l_i * alpha + p
+            m_i = m_new
+
+    has_keys = l_i > 0
+    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float('-inf'))
+    part = (i_bg * n_splits + i_s) * T_Q * QPG
+    tl.store(o_part + (part + rows[:, None]) * V + d_v[None, :], out, mask=row_ok[:, None])
+    tl.store(lse_part + part + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def wall_decode_combine_kernel(
+    o_part, lse_part, sink_bias, o, lse, n_splits,
+    HG: tl.constexpr, QPG: tl.constexpr, T_Q: tl.constexpr, HQ: tl.constexpr, V: tl.constexpr,
+    BLOCK_S: tl.constexpr, HAS_SINK: tl.constexpr,
+):
+    """Merge the splits' partial (output, log2-sum-exp) of one row; the sink adds exp(sink_bias) to the sum only."""
+    i_r = tl.program_id(0)
+    rows = T_Q * QPG
+    i_bg, row = i_r // rows, i_r % rows
+    i_b, i_h = i_bg // HG, (i_bg % HG) * QPG + row % QPG
+    t = row // QPG
+    d_v, offs_s = tl.arange(0, V), tl.arange(0, BLOCK_S)
+
+    m_i = tl.full([], float('-inf'), dtype=tl.float32)
+    l_i = tl.full([], 0.0, dtype=tl.float32)
+    if HAS_SINK:
+        m_i = tl.load(sink_bias + i_h).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([], 1.0, dtype=tl.float32)
+    acc = tl.zeros([V], dtype=tl.float32)
+    for s0 in tl.range(0, n_splits, BLOCK_S):
+        split = s0 + offs_s
+        ok = split < n_splits
+        base = (i_bg * n_splits + split) * rows + row
+        lse_s = tl.load(lse_part + base, mask=ok, other=float('-inf'))
+        o_s = tl.load(o_part + base[:, None] * V + d_v[None, :], mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(lse_s, 0))
+        m_shift = tl.where(m_new == float('-inf'), 0.0, m_new)
+        w = tl.exp2(lse_s - m_shift)
+        alpha = tl.exp2(m_i - m_shift)
+        acc = acc * alpha + tl.sum(w[:, None] * o_s, 0)
+        l_i = l_i * alpha + tl.sum(w, 0)
+        m_i = m_new
+    out_row = (i_b * T_Q + t) * HQ + i_h
+    tl.store(o + out_row * V + d_v, (acc / l_i).to(o.dtype.element_ty))
+    tl.store(lse + out_row, (m_i + tl.log2(l_i)) * 0.6931471805599453)
