@@ -172,7 +172,7 @@ def _check_tensor(name, x, ndim, shape=None, dtypes=None, device=None):
 def _default_num_splits(device, programs_per_split, n_blocks):
     """Enough programs for a few per multiprocessor, so one long sequence at batch 1 fills the GPU."""
     if device.type != 'cuda':
-        return min(n_blocks, 4)
+        return min(n_blocks, 2)  # the CPU interpreter runs programs one by one
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(n_blocks, triton.cdiv(4 * sms, programs_per_split)))
 
