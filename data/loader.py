@@ -94,7 +94,7 @@ class PackedBatches:
         if max_doc_len < 2:
             raise ValueError(f'max_doc_len={max_doc_len}, expected at least 2 (EOT plus one token)')
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f'rank={rank}, world_size={world_size}: expected world_size >= 1 and 0 <= rank < world_size')
+            raise ValueError(f'rank={rank}, world_size={world_size}: expected 0 <= rank < world_size')
         self.tokens, self.offsets = read_shard(_shard_path(data_dir, split))
         self.eot = _eot_id(data_dir)
         self.tokens_per_batch, self.max_doc_len = tokens_per_batch, max_doc_len

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from data.loader import EOT, PackedBatches, documents, load_tokenizer, read_shard
-from data.prepare import main as prepare_main
-from data.prepare import write_shard
+from data.prepare import main as prepare_main, write_shard
 
 NUM_FILES = 12
 
@@ -18,7 +17,7 @@ def corpus(tmp_path_factory):
     """(data dir, the documents' texts): NUM_FILES text files of varied length, plus an empty and a latin-1 file."""
     src = tmp_path_factory.mktemp('src')
     rng = np.random.default_rng(0)
-    words = ['wall', 'attention', 'decay', 'héllo', 'wörld', '∑', '😀', 'def', '\n', '    ', 'x = 1;', '<|endoftext|>']
+    words = ['wall', 'decay', 'héllo', 'wörld', '∑', '😀', 'def', '\n', '    ', 'x = 1;', '<|endoftext|>']
     texts = []
     for i in range(NUM_FILES):
         text = ' '.join(rng.choice(words, size=int(rng.integers(1, 400)))) + f'\nfile {i}\n'
@@ -50,7 +49,7 @@ def test_text_round_trips_through_tokenizer_and_shards(corpus):
     data_dir, texts = corpus
     tokenizer = load_tokenizer(data_dir)
     assert tokenizer.get_vocab_size() == 300
-    decoded = {split: [tokenizer.decode(doc.tolist()) for doc in shard_docs(data_dir, split)] for split in ('train', 'val')}
+    decoded = {split: [tokenizer.decode(d.tolist()) for d in shard_docs(data_dir, split)] for split in ('train', 'val')}
     assert len(decoded['val']) == round(0.25 * NUM_FILES)
     # Every non-empty UTF-8 file is exactly one document of exactly one split; the literal EOT text stays text.
     assert sorted(decoded['train'] + decoded['val']) == sorted(texts)
@@ -187,8 +186,8 @@ def test_interrupted_shard_write_leaves_nothing(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_shard(str(tmp_path / 'train.bin'), [np.arange(5, dtype=np.uint16), np.zeros(3, np.uint16).view(Interrupted)],
-                    np.uint16)
+        docs = [np.arange(5, dtype=np.uint16), np.zeros(3, dtype=np.uint16).view(Interrupted)]
+        write_shard(str(tmp_path / 'train.bin'), docs, np.uint16)
     assert os.listdir(tmp_path) == []
 
 
