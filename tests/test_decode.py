@@ -229,5 +229,5 @@ def test_long_cache_on_gpu(shared_gate, dtype):
     cache.append(x['k'][:, :-T_q].to(dtype), x['v'][:, :-T_q].to(dtype), x['g'][:, :-T_q], x['g_scalar'][:, :-T_q])
     cache.append(x['k'][:, -T_q:].to(dtype), x['v'][:, -T_q:].to(dtype), x['g'][:, -T_q:], x['g_scalar'][:, -T_q:])
     o, _ = cache.attend(x['q'][:, -T_q:].to(dtype), sink_bias=x['sink_bias'].float(), window_size=2500)
-    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-3)
+    tol = dict(atol=5e-2, rtol=5e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(o.double(), expected, **tol)
