@@ -2,20 +2,21 @@
 
     logit(i, j) = scale * sum_d q[i,d] k[j,d] 2^(P[i,d] - P[j,d]) + C[i] - C[j],   P = cumsum(g)/ln2, C = cumsum(g_scalar)
 
-How every exponent stays <= 0 (no clamp ever changes a result):
-- Sequences are cut into BLOCK-token blocks aligned to document starts. The prefix P is summed in float64;
-  inside a block the kernels only see `Pl = P - P[block start]` in float32, so precision does not depend on
-  the position (a huge gate at a document start cancels exactly).
+How every exponent stays in range without a clamp that changes a result:
+- Sequences are cut into BLOCK-token blocks aligned to document starts. Inside a block the kernels see
+  `Pl = P - P[block start]`, summed in float32 from the block's own gates (a huge gate at a document start
+  never enters it); across blocks they use `Pstart`, one float64 prefix per block. Precision therefore does not
+  depend on the position.
 - Off-diagonal tiles (key block n entirely before query block m) factor the decay through the key block's
-  decaying end A_n: keys are rescaled once, `kt = k * 2^(A_n - P_j)`, queries once per block, `q * 2^(P_i - P_m)`,
-  and a tile pair only needs the K-vector `2^(P_m - A_n)`. All three exponents are <= 0.
-- The diagonal tile is cut into SUB-token sub-blocks: pairs in different sub-blocks factor the same way
-  through the key sub-block's end; pairs inside one sub-block (the "intra" pairs) are computed elementwise,
-  exactly, by small kernels of their own (SUB x SUB x K exps per sub-block).
+  decaying end A_n: keys are rescaled once, `kt = k * 2^(A_n - P_j)`, queries once, `q * 2^(P_i - P_m)`, and a
+  tile pair needs only the K-vector `2^(P_m - A_n)`. All three exponents are <= 0.
+- Diagonal tiles whose decay over the block stays under FAST_RANGE (in log2 units, per channel) factor through
+  the block start: `q * 2^(Pl_i)` and `k * 2^(-Pl_j) <= |k| 2^FAST_RANGE`, exact and in range. Steeper blocks are
+  cut into SUB-token sub-blocks: pairs in different sub-blocks factor through the key sub-block's end, pairs inside
+  one sub-block (the "intra" pairs) are computed elementwise by small kernels of their own.
 
 Layout inside: every tensor is flattened to `[total_tokens, heads, dim]`; a batch of B rows is B documents.
 """
-import math
 import os
 
 import torch
@@ -23,8 +24,11 @@ import triton
 import triton.language as tl
 
 BLOCK = 64   # query and key block; also the granularity of the decay anchors
-SUB = 16     # diagonal sub-block: pairs inside one are computed elementwise
+SUB = 16     # sub-block of the steep-diagonal path: pairs inside one are computed elementwise
 LOG2E = 1.4426950408889634
+# Largest per-channel decay (log2 units) over a block for the one-dot diagonal: k * 2^FAST_RANGE must not
+# overflow the dot's input type (fp16 tops out at 2^16, bf16 and fp32 at 2^128).
+FAST_RANGE = {torch.float16: 8.0, torch.bfloat16: 96.0, torch.float32: 96.0}
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 
 
@@ -34,27 +38,62 @@ def _configs(*warps_stages):
     return [triton.Config({}, num_warps=w, num_stages=s) for w, s in warps_stages]
 
 
-MAIN_CONFIGS = _configs((4, 2), (4, 3), (8, 2), (8, 3))
+MAIN_CONFIGS = _configs((4, 2), (8, 2), (4, 3))
+TUNE_KEY = ['K', 'V', 'HAS_GS', 'HAS_WINDOW']
 
 
 @triton.jit
-def _load_rows(ptr, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, other=0.0):
-    """Rows `rows` of head `head` of a contiguous [tokens, H, D] tensor, padded to DP columns."""
+def _load_rows(ptr, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    """Rows `rows` of head `head` of a contiguous [tokens, H, D] tensor, padded to DP columns with zeros."""
     cols = tl.arange(0, DP)
     offs = (rows.to(tl.int64)[:, None] * H + head) * D + cols[None, :]
-    return tl.load(ptr + offs, mask=row_ok[:, None] & (cols[None, :] < D), other=other)
+    return tl.load(ptr + offs, mask=row_ok[:, None] & (cols[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, x, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    cols = tl.arange(0, DP)
+    offs = (rows.to(tl.int64)[:, None] * H + head) * D + cols[None, :]
+    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < D))
 
 
 @triton.jit
 def _load_row(ptr, row, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
     cols = tl.arange(0, DP)
-    row64 = tl.zeros([DP], dtype=tl.int64) + row  # `row` may be a plain int (loop variable)
+    row64 = tl.zeros([DP], dtype=tl.int64) + row  # `row` may be a plain int (a loop variable)
     return tl.load(ptr + (row64 * H + head) * D + cols, mask=cols < D, other=0.0)
 
 
 @triton.jit
-def _diag_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                     SUB: tl.constexpr):
+def _block(blocks_ptr, index):
+    """One row of the block table: (first token, document start, document end, block id in position order)."""
+    return (tl.load(blocks_ptr + 4 * index), tl.load(blocks_ptr + 4 * index + 1),
+            tl.load(blocks_ptr + 4 * index + 2), tl.load(blocks_ptr + 4 * index + 3))
+
+
+@triton.jit
+def _cross_block_factor(Pstart_ptr, Pl_ptr, id_m, id_n, end_n, hg, HG: tl.constexpr, K: tl.constexpr,
+                        KP: tl.constexpr):
+    """2^(P[start of block m] - P[end of block n]) for n before m: float64 anchors, exponent <= 0."""
+    gap = (_load_row(Pstart_ptr, id_m, hg, HG, K, KP) - _load_row(Pstart_ptr, id_n, hg, HG, K, KP)).to(tl.float32)
+    return tl.exp2(tl.minimum(gap - _load_row(Pl_ptr, end_n, hg, HG, K, KP), 0.0))
+
+
+@triton.jit
+def _is_gentle(Pl_ptr, last, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, FAST_RANGE: tl.constexpr):
+    """Whether the block decays by less than FAST_RANGE in every channel (one-dot diagonal)."""
+    return tl.max(-_load_row(Pl_ptr, last, hg, HG, K, KP)) < FAST_RANGE
+
+
+@triton.jit
+def _intra_mask(BLOCK: tl.constexpr, SUB: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    return (r[:, None] // SUB == r[None, :] // SUB) & (r[None, :] <= r[:, None])
+
+
+@triton.jit
+def _steep_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                      SUB: tl.constexpr):
     """k * 2^(A - P_j) with A the end of each key's own sub-block (all exponents <= 0)."""
     anchor_rows = tl.minimum(i0 + (rows - i0) // SUB * SUB + SUB - 1, last)
     A = _load_rows(Pl_ptr, anchor_rows, rows <= last, hg, HG, K, KP)
@@ -62,32 +101,37 @@ def _diag_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG: tl.constexpr, K: tl.
 
 
 @triton.jit
-def _diag_query_factor(Pl, Pl_ptr, i0, last, s: tl.constexpr, hg, HG: tl.constexpr, K: tl.constexpr,
-                       KP: tl.constexpr, SUB: tl.constexpr):
-    """2^(P_i - A_s) for the end A_s of key sub-block s; rows at or before A_s get garbage that is masked."""
+def _steep_query_factor(Pl, Pl_ptr, i0, last, s: tl.constexpr, hg, HG: tl.constexpr, K: tl.constexpr,
+                        KP: tl.constexpr, SUB: tl.constexpr):
+    """2^(P_i - A_s) for the end A_s of key sub-block s; rows at or before A_s get values that are masked."""
     A = _load_row(Pl_ptr, tl.minimum(i0 + s * SUB + SUB - 1, last), hg, HG, K, KP)
     return tl.exp2(tl.minimum(Pl - A[None, :], 0.0))
 
 
 @triton.jit
-def _diag_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale,
-                 HQ: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BLOCK: tl.constexpr, SUB: tl.constexpr):
-    """Logits (log2 units, without the scalar gate) of the diagonal tile: queries and keys both `rows`."""
-    kb = _diag_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB)
+def _steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale,
+                  HQ: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                  BLOCK: tl.constexpr, SUB: tl.constexpr):
+    """Diagonal-tile logits (log2 units, no scalar gate) when the block decays too steeply for one dot."""
+    kb = _steep_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB)
     key_sub = (tl.arange(0, BLOCK) // SUB)[:, None]
     s = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     for sb in tl.static_range(BLOCK // SUB):
-        qs = (q.to(tl.float32) * _diag_query_factor(Pl, Pl_ptr, i0, last, sb, hg, HG, K, KP, SUB)).to(q.dtype)
-        ks = tl.where(key_sub == sb, kb, 0.0).to(q.dtype)
-        s += tl.dot(qs, tl.trans(ks))
-    s *= qk_scale
-    # Pairs inside one sub-block come exact from the intra kernel.
+        qs = (q.to(tl.float32) * _steep_query_factor(Pl, Pl_ptr, i0, last, sb, hg, HG, K, KP, SUB)).to(q.dtype)
+        s += tl.dot(qs, tl.trans(tl.where(key_sub == sb, kb, 0.0).to(q.dtype)))
     r = tl.arange(0, BLOCK)
-    intra = (r[:, None] // SUB == r[None, :] // SUB) & (r[None, :] <= r[:, None])
+    intra = _intra_mask(BLOCK, SUB)
     L = tl.load(L_ptr + (rows.to(tl.int64)[:, None] * HQ + hq) * SUB + (r[None, :] % SUB),
                 mask=intra & row_ok[:, None], other=0.0)
-    return tl.where(intra, L, s), intra
+    return tl.where(intra, L, s * qk_scale)
+
+
+@triton.jit
+def _gate_ref(C_ptr, idx, hq, HQ: tl.constexpr, HAS_GS: tl.constexpr):
+    if HAS_GS:
+        return tl.load(C_ptr + idx.to(tl.int64) * HQ + hq)
+    else:
+        return 0.0
 
 
 @triton.jit
@@ -101,12 +145,22 @@ def _gate_offset(C_ptr, idx, ok, C_ref, hq, HQ: tl.constexpr, HAS_GS: tl.constex
 
 
 @triton.jit
-def _mask_and_gate(s, rows, cols, visible, cq, ck, WINDOW, HAS_WINDOW: tl.constexpr):
+def _mask_and_gate(s, rows, cols, visible, cq, ck, WINDOW, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Adds the scalar-gate difference C[i] - C[j] = cq[i] - ck[j] and applies causal/window/document visibility."""
-    s += cq[:, None] - ck[None, :]
+    if HAS_GS:
+        s += cq[:, None] - ck[None, :]
     if HAS_WINDOW:
         visible &= (rows[:, None] - cols[None, :]) < WINDOW
     return tl.where(visible, s, float('-inf'))
+
+
+@triton.jit
+def _window_start(i0, bos, WINDOW, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """First key block that row i0 can see."""
+    if HAS_WINDOW:
+        return tl.maximum(bos, bos + (i0 - WINDOW + 1 - bos) // BLOCK * BLOCK)
+    else:
+        return bos
 
 
 @triton.jit
@@ -120,32 +174,42 @@ def _softmax_step(s, m_i, l_i, acc, v):
 
 
 @triton.jit
-def _gate_ref(C_ptr, idx, hq, HQ: tl.constexpr, HAS_GS: tl.constexpr):
-    if HAS_GS:
-        return tl.load(C_ptr + idx.to(tl.int64) * HQ + hq)
-    else:
-        return 0.0
+def _probs_and_dscores(s, lse, delta, do, v):
+    """Softmax probabilities and the logit gradient dS = p * (dp - delta) (natural units)."""
+    p = tl.exp2(s - lse[:, None])
+    return p, p * (tl.dot(do, tl.trans(v)) - delta[:, None])
 
 
 @triton.jit
-def _window_start(i0, bos, WINDOW, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """First key block that row i0 can see."""
-    if HAS_WINDOW:
-        return tl.maximum(bos, bos + (i0 - WINDOW + 1 - bos) // BLOCK * BLOCK)
-    else:
-        return bos
+def _prep_kernel(g_ptr, k_ptr, q_ptr, Pl_ptr, kt_ptr, qh_ptr, blocks_ptr,
+                 HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                 BLOCK: tl.constexpr, WRITE_Q_HAT: tl.constexpr):
+    """Per block and gate head: the local prefix Pl, keys rescaled to the block end, (backward) queries to its start."""
+    i0, _, eos, _ = _block(blocks_ptr, tl.program_id(0))
+    hg = tl.program_id(1)
+    rows = i0 + tl.arange(0, BLOCK)
+    row_ok = rows < eos
+    g = _load_rows(g_ptr, rows, row_ok & (rows > i0), hg, HG, K, KP).to(tl.float32) * 1.4426950408889634
+    Pl = tl.cumsum(g, 0)
+    _store_rows(Pl_ptr, Pl, rows, row_ok, hg, HG, K, KP)
+    Pl_end = tl.sum(tl.where(rows[:, None] == tl.minimum(i0 + BLOCK, eos) - 1, Pl, 0.0), 0)
+    hk = hg // (HG // H)
+    k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32)
+    _store_rows(kt_ptr, k * tl.exp2(tl.minimum(Pl_end[None, :] - Pl, 0.0)), rows, row_ok, hg, HG, K, KP)
+    if WRITE_Q_HAT:
+        for h in range(HQ // HG):
+            q = _load_rows(q_ptr, rows, row_ok, hg * (HQ // HG) + h, HQ, K, KP).to(tl.float32)
+            _store_rows(qh_ptr, q * tl.exp2(Pl), rows, row_ok, hg * (HQ // HG) + h, HQ, K, KP)
 
 
-@triton.autotune(configs=MAIN_CONFIGS, key=['K', 'V', 'HAS_GS', 'HAS_WINDOW'])
+@triton.autotune(configs=MAIN_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _fwd_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, P_ptr, C_ptr, L_ptr, sink_ptr, o_ptr, lse_ptr, blocks_ptr,
+def _fwd_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, C_ptr, L_ptr, sink_ptr, o_ptr, lse_ptr, blocks_ptr,
                 qk_scale, WINDOW,
                 HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-                HAS_GS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    i0 = tl.load(blocks_ptr + 3 * tl.program_id(0))
-    bos = tl.load(blocks_ptr + 3 * tl.program_id(0) + 1)
-    eos = tl.load(blocks_ptr + 3 * tl.program_id(0) + 2)
+                FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    i0, bos, eos, id_m = _block(blocks_ptr, tl.program_id(0))
     hq = tl.program_id(1)
     hk = hq // (HQ // H)
     hg = hq // (HQ // HG)
@@ -155,11 +219,19 @@ def _fwd_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, P_ptr, C_ptr, L_ptr, sink_p
 
     q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
     Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
-    q_hat = (q.to(tl.float32) * tl.exp2(tl.minimum(Pl, 0.0))).to(q.dtype)
-    P_m = _load_row(P_ptr, i0, hg, HG, K, KP)
+    q_hat = (q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype)
     C_ref = _gate_ref(C_ptr, i0, hq, HQ, HAS_GS)
     cq = _gate_offset(C_ptr, rows, row_ok, C_ref, hq, HQ, HAS_GS)
 
+    # Diagonal tile first: q and Pl are not needed after it.
+    k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
+    if _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
+        s = tl.dot(q_hat, tl.trans((k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype))) * qk_scale
+    else:
+        s = _steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG, K, KP, BLOCK,
+                          SUB)
+    s = _mask_and_gate(s, rows, rows, row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS,
+                       HAS_WINDOW)
     if HAS_SINK:
         m_i = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(sink_ptr + hq).to(tl.float32) * 1.4426950408889634
         l_i = tl.full([BLOCK], 1.0, dtype=tl.float32)
@@ -167,77 +239,58 @@ def _fwd_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, P_ptr, C_ptr, L_ptr, sink_p
         m_i = tl.full([BLOCK], float('-inf'), dtype=tl.float32)
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, VP], dtype=tl.float32)
+    m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
 
     for j0 in range(_window_start(i0, bos, WINDOW, BLOCK, HAS_WINDOW), i0, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
-        A = _load_row(P_ptr, j0 + BLOCK - 1, hg, HG, K, KP)
-        f = tl.exp2(tl.minimum(P_m - A, 0.0).to(tl.float32))
+        f = _cross_block_factor(Pstart_ptr, Pl_ptr, id_m, id_m - (i0 - j0) // BLOCK, j0 + BLOCK - 1, hg, HG, K, KP)
         kt = _load_rows(kt_ptr, cols, cols < eos, hg, HG, K, KP)
-        s = tl.dot((q_hat.to(tl.float32) * f[None, :]).to(q.dtype), tl.trans(kt)) * qk_scale
+        s = tl.dot((q_hat * f[None, :].to(q_hat.dtype)), tl.trans(kt)) * qk_scale
         ck = _gate_offset(C_ptr, cols, cols < eos, C_ref, hq, HQ, HAS_GS)
-        s = _mask_and_gate(s, rows, cols, row_ok[:, None] & (cols[None, :] < eos), cq, ck, WINDOW, HAS_WINDOW)
-        v = _load_rows(v_ptr, cols, cols < eos, hk, H, V, VP)
-        m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
+        s = _mask_and_gate(s, rows, cols, row_ok[:, None] & (cols[None, :] < eos), cq, ck, WINDOW, HAS_GS, HAS_WINDOW)
+        m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, _load_rows(v_ptr, cols, cols < eos, hk, H, V, VP))
 
-    k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
-    s, _ = _diag_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG, K, KP, BLOCK, SUB)
-    s = _mask_and_gate(s, rows, rows, row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_WINDOW)
-    v = _load_rows(v_ptr, rows, row_ok, hk, H, V, VP)
-    m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
-
-    o = acc / l_i[:, None]
-    cols_v = tl.arange(0, VP)
-    tl.store(o_ptr + (rows.to(tl.int64)[:, None] * HQ + hq) * V + cols_v[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (cols_v[None, :] < V))
+    _store_rows(o_ptr, acc / l_i[:, None], rows, row_ok, hq, HQ, V, VP)
     tl.store(lse_ptr + rows.to(tl.int64) * HQ + hq, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit
-def _intra_fwd_kernel(q_ptr, k_ptr, P_ptr, L_ptr, blocks_ptr, qk_scale,
-                      HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr,
-                      SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr):
-    """Exact logits of the pairs inside each SUB-token sub-block: L[i, hq, j - sub start]."""
-    i0 = tl.load(blocks_ptr + 3 * tl.program_id(0))
-    eos = tl.load(blocks_ptr + 3 * tl.program_id(0) + 2)
+def _intra_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, blocks_ptr, qk_scale,
+                      HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                      SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr, FAST_RANGE: tl.constexpr):
+    """Exact logits of the pairs inside each SUB-token sub-block of steep blocks: L[i, hq, j - sub start]."""
+    i0, _, eos, _ = _block(blocks_ptr, tl.program_id(0))
     hq = tl.program_id(1)
     hk = hq // (HQ // H)
     hg = hq // (HQ // HG)
-    for r0 in range(i0, tl.minimum(i0 + BLOCK, eos), SUB):
-        rows = r0 + tl.arange(0, SUB)
-        row_ok = rows < eos
-        s = tl.zeros([SUB, SUB], dtype=tl.float32)
-        for d0 in range(0, K, DK):
-            cols = d0 + tl.arange(0, DK)
-            ok = row_ok[:, None] & (cols[None, :] < K)
-            base = rows.to(tl.int64)[:, None]
-            q = tl.load(q_ptr + (base * HQ + hq) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            k = tl.load(k_ptr + (base * H + hk) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            P = tl.load(P_ptr + (base * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
-            decay = tl.exp2(tl.minimum(P[:, None, :] - P[None, :, :], 0.0).to(tl.float32))
-            s += tl.sum(q[:, None, :] * k[None, :, :] * decay, 2)
+    last = tl.minimum(i0 + BLOCK, eos) - 1
+    if not _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
         j = tl.arange(0, SUB)
-        tl.store(L_ptr + (rows.to(tl.int64)[:, None] * HQ + hq) * SUB + j[None, :],
-                 tl.where(j[None, :] <= tl.arange(0, SUB)[:, None], s * qk_scale, 0.0), mask=row_ok[:, None])
+        for r0 in range(i0, last + 1, SUB):
+            rows = r0 + j
+            row_ok = rows < eos
+            base = rows.to(tl.int64)[:, None]
+            s = tl.zeros([SUB, SUB], dtype=tl.float32)
+            for d0 in range(0, K, DK):
+                cols = d0 + tl.arange(0, DK)
+                ok = row_ok[:, None] & (cols[None, :] < K)
+                q = tl.load(q_ptr + (base * HQ + hq) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                k = tl.load(k_ptr + (base * H + hk) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                P = tl.load(Pl_ptr + (base * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
+                decay = tl.exp2(tl.minimum(P[:, None, :] - P[None, :, :], 0.0))
+                s += tl.sum(q[:, None, :] * k[None, :, :] * decay, 2)
+            tl.store(L_ptr + (base * HQ + hq) * SUB + j[None, :], tl.where(j[None, :] <= j[:, None], s * qk_scale, 0.0),
+                     mask=row_ok[:, None])
 
 
+@triton.autotune(configs=MAIN_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _probs_and_dscores(s, lse, delta, do, v):
-    """Softmax probabilities and the logit gradient dS = p * (dp - delta) (natural units)."""
-    p = tl.exp2(s - lse[:, None])
-    dp = tl.dot(do, tl.trans(v))
-    return p, p * (dp - delta[:, None])
-
-
-@triton.autotune(configs=MAIN_CONFIGS, key=['K', 'V', 'HAS_GS', 'HAS_WINDOW'])
-@triton.jit
-def _bwd_dq_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, P_ptr, C_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr,
+def _bwd_dq_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, C_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr,
                    dq_ptr, dcq_ptr, blocks_ptr, qk_scale, scale, WINDOW,
                    HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-                   HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    i0 = tl.load(blocks_ptr + 3 * tl.program_id(0))
-    bos = tl.load(blocks_ptr + 3 * tl.program_id(0) + 1)
-    eos = tl.load(blocks_ptr + 3 * tl.program_id(0) + 2)
+                   FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    i0, bos, eos, id_m = _block(blocks_ptr, tl.program_id(0))
     hq = tl.program_id(1)
     hk = hq // (HQ // H)
     hg = hq // (HQ // HG)
@@ -247,62 +300,64 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, P_ptr, C_ptr, L_ptr, do_
 
     q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
     Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
-    q_hat = (q.to(tl.float32) * tl.exp2(tl.minimum(Pl, 0.0))).to(q.dtype)
-    P_m = _load_row(P_ptr, i0, hg, HG, K, KP)
+    q_hat = (q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype)
     C_ref = _gate_ref(C_ptr, i0, hq, HQ, HAS_GS)
     cq = _gate_offset(C_ptr, rows, row_ok, C_ref, hq, HQ, HAS_GS)
     do = _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
     lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK, KP], dtype=tl.float32)  # in the frame of q_hat until the loop ends
+    # dq accumulates in the frame of q_hat: true dq = dq * 2^Pl.
+    dq = tl.zeros([BLOCK, KP], dtype=tl.float32)
     dcq = tl.zeros([BLOCK], dtype=tl.float32)
     for j0 in range(_window_start(i0, bos, WINDOW, BLOCK, HAS_WINDOW), i0, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
-        A = _load_row(P_ptr, j0 + BLOCK - 1, hg, HG, K, KP)
-        f = tl.exp2(tl.minimum(P_m - A, 0.0).to(tl.float32))
+        f = _cross_block_factor(Pstart_ptr, Pl_ptr, id_m, id_m - (i0 - j0) // BLOCK, j0 + BLOCK - 1, hg, HG, K, KP)
         kt = _load_rows(kt_ptr, cols, cols < eos, hg, HG, K, KP)
-        s = tl.dot((q_hat.to(tl.float32) * f[None, :]).to(q.dtype), tl.trans(kt)) * qk_scale
+        s = tl.dot((q_hat * f[None, :].to(q_hat.dtype)), tl.trans(kt)) * qk_scale
         ck = _gate_offset(C_ptr, cols, cols < eos, C_ref, hq, HQ, HAS_GS)
-        s = _mask_and_gate(s, rows, cols, row_ok[:, None] & (cols[None, :] < eos), cq, ck, WINDOW, HAS_WINDOW)
-        v = _load_rows(v_ptr, cols, cols < eos, hk, H, V, VP)
-        p, ds = _probs_and_dscores(s, lse, delta, do, v)
+        s = _mask_and_gate(s, rows, cols, row_ok[:, None] & (cols[None, :] < eos), cq, ck, WINDOW, HAS_GS, HAS_WINDOW)
+        p, ds = _probs_and_dscores(s, lse, delta, do, _load_rows(v_ptr, cols, cols < eos, hk, H, V, VP))
         dcq += tl.sum(ds, 1)
         dq += tl.dot(ds.to(kt.dtype), kt) * f[None, :]
-    dq *= tl.exp2(tl.minimum(Pl, 0.0))
 
-    # Diagonal tile.
     k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
-    s, intra = _diag_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale,
-                            HQ, HG, K, KP, BLOCK, SUB)
-    s = _mask_and_gate(s, rows, rows, row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_WINDOW)
-    v = _load_rows(v_ptr, rows, row_ok, hk, H, V, VP)
-    p, ds = _probs_and_dscores(s, lse, delta, do, v)
+    gentle = _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE)
+    if gentle:
+        k_hat = (k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype)
+        s = tl.dot(q_hat, tl.trans(k_hat)) * qk_scale
+    else:
+        s = _steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG, K, KP, BLOCK,
+                          SUB)
+    s = _mask_and_gate(s, rows, rows, row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS,
+                       HAS_WINDOW)
+    p, ds = _probs_and_dscores(s, lse, delta, do, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
     dcq += tl.sum(ds, 1)
-    ds = tl.where(intra, 0.0, ds)  # intra pairs: added by the intra backward kernel
-    kb = _diag_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB).to(k.dtype)
-    key_sub = (tl.arange(0, BLOCK) // SUB)[None, :]
-    for sb in tl.static_range(BLOCK // SUB):
-        part = tl.dot(tl.where(key_sub == sb, ds, 0.0).to(k.dtype), kb)
-        dq += part * _diag_query_factor(Pl, Pl_ptr, i0, last, sb, hg, HG, K, KP, SUB)
+    if gentle:
+        dq += tl.dot(ds.to(k.dtype), (k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype))
+        dq *= tl.exp2(Pl)
+    else:
+        dq *= tl.exp2(Pl)
+        ds = tl.where(_intra_mask(BLOCK, SUB), 0.0, ds)  # intra pairs: added by the intra backward kernel
+        kb = _steep_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB).to(k.dtype)
+        key_sub = (tl.arange(0, BLOCK) // SUB)[None, :]
+        for sb in tl.static_range(BLOCK // SUB):
+            part = tl.dot(tl.where(key_sub == sb, ds, 0.0).to(k.dtype), kb)
+            dq += part * _steep_query_factor(Pl, Pl_ptr, i0, last, sb, hg, HG, K, KP, SUB)
 
-    cols_k = tl.arange(0, KP)
-    tl.store(dq_ptr + (rows.to(tl.int64)[:, None] * HQ + hq) * K + cols_k[None, :], dq * scale,
-             mask=row_ok[:, None] & (cols_k[None, :] < K))
+    _store_rows(dq_ptr, dq * scale, rows, row_ok, hq, HQ, K, KP)
     tl.store(dcq_ptr + rows.to(tl.int64) * HQ + hq, dcq, mask=row_ok)
 
 
-@triton.autotune(configs=MAIN_CONFIGS, key=['K', 'V', 'HAS_GS', 'HAS_WINDOW'])
+@triton.autotune(configs=MAIN_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _bwd_dkv_kernel(q_ptr, qh_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, P_ptr, C_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr,
-                    dk_ptr, dv_ptr, dck_ptr, blocks_ptr, num_blocks, qk_scale, scale, WINDOW,
+def _bwd_dkv_kernel(q_ptr, qh_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, C_ptr, L_ptr, do_ptr, lse_ptr,
+                    delta_ptr, dk_ptr, dv_ptr, dck_ptr, blocks_ptr, num_blocks, qk_scale, scale, WINDOW,
                     HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                     KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-                    HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                    FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     # The block table lists the longest query loops first; key loops are longest in reverse order.
-    blk = num_blocks - 1 - tl.program_id(0)
-    j0 = tl.load(blocks_ptr + 3 * blk)
-    eos = tl.load(blocks_ptr + 3 * blk + 2)
+    j0, _, eos, id_n = _block(blocks_ptr, num_blocks - 1 - tl.program_id(0))
     hq = tl.program_id(1)
     hk = hq // (HQ // H)
     hg = hq // (HQ // HG)
@@ -312,11 +367,11 @@ def _bwd_dkv_kernel(q_ptr, qh_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, P_ptr, C_ptr, L
 
     kt = _load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP)
     v = _load_rows(v_ptr, cols, col_ok, hk, H, V, VP)
-    A = _load_row(P_ptr, last, hg, HG, K, KP)
     C_ref = _gate_ref(C_ptr, j0, hq, HQ, HAS_GS)
     ck = _gate_offset(C_ptr, cols, col_ok, C_ref, hq, HQ, HAS_GS)
 
-    dk = tl.zeros([BLOCK, KP], dtype=tl.float32)  # in the frame of kt until the loop ends
+    # dk accumulates in the frame of kt: true dk = dk * 2^(Pl_end - Pl).
+    dk = tl.zeros([BLOCK, KP], dtype=tl.float32)
     dv = tl.zeros([BLOCK, VP], dtype=tl.float32)
     dck = tl.zeros([BLOCK], dtype=tl.float32)
     hi = eos
@@ -325,13 +380,12 @@ def _bwd_dkv_kernel(q_ptr, qh_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, P_ptr, C_ptr, L
     for i0 in range(j0 + BLOCK, hi, BLOCK):
         rows = i0 + tl.arange(0, BLOCK)
         row_ok = rows < eos
-        P_m = _load_row(P_ptr, i0, hg, HG, K, KP)
-        f = tl.exp2(tl.minimum(P_m - A, 0.0).to(tl.float32))
+        f = _cross_block_factor(Pstart_ptr, Pl_ptr, id_n + (i0 - j0) // BLOCK, id_n, last, hg, HG, K, KP)
         q_hat = _load_rows(qh_ptr, rows, row_ok, hq, HQ, K, KP)
-        qf = (q_hat.to(tl.float32) * f[None, :]).to(q_hat.dtype)
+        qf = q_hat * f[None, :].to(q_hat.dtype)
         s = tl.dot(qf, tl.trans(kt)) * qk_scale
         cq = _gate_offset(C_ptr, rows, row_ok, C_ref, hq, HQ, HAS_GS)
-        s = _mask_and_gate(s, rows, cols, row_ok[:, None] & col_ok[None, :], cq, ck, WINDOW, HAS_WINDOW)
+        s = _mask_and_gate(s, rows, cols, row_ok[:, None] & col_ok[None, :], cq, ck, WINDOW, HAS_GS, HAS_WINDOW)
         do = _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
         lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
@@ -339,156 +393,195 @@ def _bwd_dkv_kernel(q_ptr, qh_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, P_ptr, C_ptr, L
         dv += tl.dot(tl.trans(p).to(do.dtype), do)
         dck += tl.sum(ds, 0)
         dk += tl.dot(tl.trans(ds).to(qf.dtype), qf)
-    Pl = _load_rows(Pl_ptr, cols, col_ok, hg, HG, K, KP)
-    Pl_end = _load_row(Pl_ptr, last, hg, HG, K, KP)
-    dk *= tl.exp2(tl.minimum(Pl_end[None, :] - Pl, 0.0))
 
     # Diagonal tile: queries are the key rows themselves.
+    Pl = _load_rows(Pl_ptr, cols, col_ok, hg, HG, K, KP)
+    Pl_end = _load_row(Pl_ptr, last, hg, HG, K, KP)
     q = _load_rows(q_ptr, cols, col_ok, hq, HQ, K, KP)
     k = _load_rows(k_ptr, cols, col_ok, hk, H, K, KP)
-    s, intra = _diag_logits(q, k, Pl, Pl_ptr, L_ptr, cols, col_ok, j0, last, hq, hg, qk_scale,
-                            HQ, HG, K, KP, BLOCK, SUB)
-    s = _mask_and_gate(s, cols, cols, col_ok[:, None] & (cols[None, :] <= cols[:, None]), ck, ck, WINDOW, HAS_WINDOW)
+    q_hat = _load_rows(qh_ptr, cols, col_ok, hq, HQ, K, KP)
+    gentle = _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE)
+    if gentle:
+        s = tl.dot(q_hat, tl.trans((k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype))) * qk_scale
+    else:
+        s = _steep_logits(q, k, Pl, Pl_ptr, L_ptr, cols, col_ok, j0, last, hq, hg, qk_scale, HQ, HG, K, KP, BLOCK,
+                          SUB)
+    s = _mask_and_gate(s, cols, cols, col_ok[:, None] & (cols[None, :] <= cols[:, None]), ck, ck, WINDOW, HAS_GS,
+                       HAS_WINDOW)
     do = _load_rows(do_ptr, cols, col_ok, hq, HQ, V, VP)
     lse = tl.load(lse_ptr + cols.to(tl.int64) * HQ + hq, mask=col_ok, other=0.0)
     delta = tl.load(delta_ptr + cols.to(tl.int64) * HQ + hq, mask=col_ok, other=0.0)
     p, ds = _probs_and_dscores(s, lse, delta, do, v)
     dv += tl.dot(tl.trans(p).to(do.dtype), do)
     dck += tl.sum(ds, 0)
-    ds_t = tl.trans(tl.where(intra, 0.0, ds))  # [keys, queries]; intra pairs: the intra backward kernel
-    key_sub = (tl.arange(0, BLOCK) // SUB)[:, None]
-    dk_diag = tl.zeros([BLOCK, KP], dtype=tl.float32)
-    for sb in tl.static_range(BLOCK // SUB):
-        qs = (q.to(tl.float32) * _diag_query_factor(Pl, Pl_ptr, j0, last, sb, hg, HG, K, KP, SUB)).to(q.dtype)
-        dk_diag += tl.dot(tl.where(key_sub == sb, ds_t, 0.0).to(q.dtype), qs)
-    dk += dk_diag * _diag_key_factor(tl.full([BLOCK, KP], 1.0, tl.float32), Pl, Pl_ptr, cols, j0, last, hg,
-                                     HG, K, KP, SUB)
+    if gentle:
+        # 2^(P_i - P_j) = 2^(Pl_end - Pl_j) * 2^(-Pl_end) * 2^(Pl_i): the middle factor is <= 2^FAST_RANGE.
+        dk += tl.dot(tl.trans(ds).to(q_hat.dtype), q_hat) * tl.exp2(-Pl_end)[None, :]
+        dk *= tl.exp2(tl.minimum(Pl_end[None, :] - Pl, 0.0))
+    else:
+        dk *= tl.exp2(tl.minimum(Pl_end[None, :] - Pl, 0.0))
+        ds_t = tl.trans(tl.where(_intra_mask(BLOCK, SUB), 0.0, ds))  # [keys, queries]; intra pairs excluded
+        key_sub = (tl.arange(0, BLOCK) // SUB)[:, None]
+        dk_steep = tl.zeros([BLOCK, KP], dtype=tl.float32)
+        for sb in tl.static_range(BLOCK // SUB):
+            qs = (q.to(tl.float32) * _steep_query_factor(Pl, Pl_ptr, j0, last, sb, hg, HG, K, KP, SUB)).to(q.dtype)
+            dk_steep += tl.dot(tl.where(key_sub == sb, ds_t, 0.0).to(q.dtype), qs)
+        dk += _steep_key_factor(dk_steep, Pl, Pl_ptr, cols, j0, last, hg, HG, K, KP, SUB)
 
-    cols_k = tl.arange(0, KP)
-    cols_v = tl.arange(0, VP)
-    tl.store(dk_ptr + (cols.to(tl.int64)[:, None] * HQ + hq) * K + cols_k[None, :], dk * scale,
-             mask=col_ok[:, None] & (cols_k[None, :] < K))
-    tl.store(dv_ptr + (cols.to(tl.int64)[:, None] * HQ + hq) * V + cols_v[None, :], dv,
-             mask=col_ok[:, None] & (cols_v[None, :] < V))
+    _store_rows(dk_ptr, dk * scale, cols, col_ok, hq, HQ, K, KP)
+    _store_rows(dv_ptr, dv, cols, col_ok, hq, HQ, V, VP)
     tl.store(dck_ptr + cols.to(tl.int64) * HQ + hq, dck, mask=col_ok)
 
 
 @triton.jit
-def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, P_ptr, C_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr,
+def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, C_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr,
                       blocks_ptr, scale, WINDOW,
-                      HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                      VP: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr,
-                      HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                      HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                      V: tl.constexpr, VP: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr,
+                      FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Adds the intra-sub-block pairs' exact contributions to dq and dk (read-modify-write: never autotune)."""
-    i0 = tl.load(blocks_ptr + 3 * tl.program_id(0))
-    eos = tl.load(blocks_ptr + 3 * tl.program_id(0) + 2)
+    i0, _, eos, _ = _block(blocks_ptr, tl.program_id(0))
     hq = tl.program_id(1)
     hk = hq // (HQ // H)
     hg = hq // (HQ // HG)
-    j = tl.arange(0, SUB)
-    for r0 in range(i0, tl.minimum(i0 + BLOCK, eos), SUB):
-        rows = r0 + j
-        row_ok = rows < eos
-        base = rows.to(tl.int64)[:, None]
-        visible = row_ok[:, None] & (j[None, :] <= j[:, None])
-        if HAS_WINDOW:
-            visible &= (j[:, None] - j[None, :]) < WINDOW
-        s = tl.load(L_ptr + (base * HQ + hq) * SUB + j[None, :], mask=visible, other=0.0)
-        if HAS_GS:
-            C = tl.load(C_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-            s += (C[:, None] - C[None, :]).to(tl.float32)
-        lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-        delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-        do = _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
-        v = _load_rows(v_ptr, rows, row_ok, hk, H, V, VP)
-        p, ds = _probs_and_dscores(s, lse, delta, do, v)
-        ds = tl.where(visible, ds, 0.0) * scale
-        for d0 in range(0, K, DK):
-            cols = d0 + tl.arange(0, DK)
-            ok = row_ok[:, None] & (cols[None, :] < K)
-            q = tl.load(q_ptr + (base * HQ + hq) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            k = tl.load(k_ptr + (base * H + hk) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            P = tl.load(P_ptr + (base * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
-            w = ds[:, :, None] * tl.exp2(tl.minimum(P[:, None, :] - P[None, :, :], 0.0).to(tl.float32))
-            dq_offs = (base * HQ + hq) * K + cols[None, :]
-            tl.store(dq_ptr + dq_offs, tl.load(dq_ptr + dq_offs, mask=ok) + tl.sum(w * k[None, :, :], 1), mask=ok)
-            tl.store(dk_ptr + dq_offs, tl.load(dk_ptr + dq_offs, mask=ok) + tl.sum(w * q[:, None, :], 0), mask=ok)
+    last = tl.minimum(i0 + BLOCK, eos) - 1
+    if not _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
+        j = tl.arange(0, SUB)
+        for r0 in range(i0, last + 1, SUB):
+            rows = r0 + j
+            row_ok = rows < eos
+            base = rows.to(tl.int64)[:, None]
+            visible = row_ok[:, None] & (j[None, :] <= j[:, None])
+            if HAS_WINDOW:
+                visible &= (j[:, None] - j[None, :]) < WINDOW
+            s = tl.load(L_ptr + (base * HQ + hq) * SUB + j[None, :], mask=visible, other=0.0)
+            if HAS_GS:
+                C = tl.load(C_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+                s += (C[:, None] - C[None, :]).to(tl.float32)
+            lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+            delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+            p, ds = _probs_and_dscores(s, lse, delta, _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP),
+                                       _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+            ds = tl.where(visible, ds, 0.0) * scale
+            for d0 in range(0, K, DK):
+                cols = d0 + tl.arange(0, DK)
+                ok = row_ok[:, None] & (cols[None, :] < K)
+                q = tl.load(q_ptr + (base * HQ + hq) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                k = tl.load(k_ptr + (base * H + hk) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                P = tl.load(Pl_ptr + (base * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
+                w = ds[:, :, None] * tl.exp2(tl.minimum(P[:, None, :] - P[None, :, :], 0.0))
+                offs = (base * HQ + hq) * K + cols[None, :]
+                tl.store(dq_ptr + offs, tl.load(dq_ptr + offs, mask=ok) + tl.sum(w * k[None, :, :], 1), mask=ok)
+                tl.store(dk_ptr + offs, tl.load(dk_ptr + offs, mask=ok) + tl.sum(w * q[:, None, :], 0), mask=ok)
 
 
-def _block_table(bounds, device):
-    """(block start, document start, document end) for every BLOCK-token block, longest query loops first."""
-    table = [(s, bos, eos) for bos, eos in zip(bounds[:-1], bounds[1:]) for s in range(bos, eos, BLOCK)]
-    table.sort(key=lambda t: t[1] - t[0])
-    return torch.tensor(table, dtype=torch.int32, device=device).reshape(-1, 3)
+@triton.jit
+def _decay_grad_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr, blocks_ptr,
+                       HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Inside each block: dg[t] = sum over s >= t of (q*dq - k*dk)[s], summed over the gate's query heads.
 
-
-def _prefixes(g, block_start):
-    """P = cumsum(g)/ln2 in float64 over the flattened tokens, and Pl = P - P[block start] in float32.
-
-    One running sum across documents is fine: only differences inside a document are ever used, and float64
-    keeps them exact to ~1e-11 at any offset.
-    """
-    P = torch.cumsum(g.double(), dim=0).mul_(LOG2E)
-    return P, (P - P[block_start]).float()
-
-
-def _reverse_cumsum(x, doc_end):
-    """sum over s >= t inside t's document, in float64: R[t] - R[document end]."""
-    R = torch.cumsum(x.double().flip(0), dim=0).flip(0)
-    R = torch.cat([R, R.new_zeros(1, *R.shape[1:])])
-    return R[:-1] - R[doc_end]
+    The block totals go to `totals`; the sums over later blocks are added from them afterwards, in float64."""
+    i0, _, eos, block_id = _block(blocks_ptr, tl.program_id(0))
+    hg = tl.program_id(1)
+    rows = i0 + tl.arange(0, BLOCK)
+    row_ok = rows < eos
+    x = tl.zeros([BLOCK, KP], dtype=tl.float32)
+    for h in range(HQ // HG):
+        hq = hg * (HQ // HG) + h
+        hk = hq // (HQ // H)
+        x += _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP).to(tl.float32) * _load_rows(dq_ptr, rows, row_ok, hq, HQ,
+                                                                                        K, KP)
+        x -= _load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * _load_rows(dk_ptr, rows, row_ok, hq, HQ,
+                                                                                       K, KP)
+    total = tl.sum(x, 0)
+    _store_rows(dg_ptr, total[None, :] - tl.cumsum(x, 0) + x, rows, row_ok, hg, HG, K, KP)
+    cols = tl.arange(0, KP)
+    tl.store(totals_ptr + (block_id * HG + hg) * K + cols, total, mask=cols < K)
 
 
 class _Layout:
     """Everything derived from the document boundaries, shared by forward and backward."""
 
-    def __init__(self, bounds, total, device):
-        self.bounds = bounds
-        self.blocks = _block_table(bounds, device)
-        starts = torch.tensor(bounds[:-1], device=device)
-        lengths = torch.tensor(bounds[1:], device=device) - starts
-        positions = torch.arange(total, device=device)
-        doc_start = torch.repeat_interleave(starts, lengths, output_size=total)
-        self.doc_end = torch.repeat_interleave(starts + lengths, lengths, output_size=total)
-        self.block_start = doc_start + (positions - doc_start) // BLOCK * BLOCK
-        self.block_end = torch.minimum(self.block_start + BLOCK, self.doc_end) - 1
+    def __init__(self, bounds, device):
+        blocks = [(s, bos, eos) for bos, eos in zip(bounds[:-1], bounds[1:]) for s in range(bos, eos, BLOCK)]
+        self.block_start = torch.tensor([b[0] for b in blocks], device=device)
+        self.block_last = torch.tensor([min(s + BLOCK, eos) - 1 for s, _, eos in blocks], device=device)
+        self.block_doc = torch.tensor([eos for _, _, eos in blocks], device=device)
+        # Position-ordered ids; the launch order puts the longest query loops first.
+        table = sorted(((s, bos, eos, i) for i, (s, bos, eos) in enumerate(blocks)), key=lambda t: t[1] - t[0])
+        self.table = torch.tensor(table, dtype=torch.int32, device=device).reshape(-1, 4)
+        lengths = torch.tensor([min(BLOCK, eos - s) for s, _, eos in blocks], device=device)
+        self.token_block = torch.repeat_interleave(torch.arange(len(blocks), device=device), lengths)
+        doc_lengths = torch.tensor(bounds[1:], device=device) - torch.tensor(bounds[:-1], device=device)
+        self.doc_end = torch.repeat_interleave(torch.tensor(bounds[1:], device=device), doc_lengths)
+        # For each block, the id one past its document's last block (suffix sums stop there).
+        self.block_stop = torch.searchsorted(self.block_start, self.block_doc)
+
+    def block_prefix(self, Pl, g):
+        """Pstart[b] = P at the first token of block b, float64, one running sum over all blocks."""
+        step = Pl[self.block_last[:-1]].double() + g[self.block_start[1:]].double() * LOG2E
+        return torch.cat([step.new_zeros(1, *step.shape[1:]), torch.cumsum(step, dim=0)])
+
+    def suffix_after_block(self, totals):
+        """For each block, the sum of `totals` over the later blocks of its document (float64)."""
+        R = torch.cumsum(totals.double().flip(0), dim=0).flip(0)
+        R = torch.cat([R, R.new_zeros(1, *R.shape[1:])])
+        ids = torch.arange(totals.shape[0], device=totals.device)
+        return R[ids + 1] - R[self.block_stop]
 
 
-def _grid_args(q, k, v, g_heads):
-    HQ, K, H, V = q.shape[1], q.shape[2], k.shape[1], v.shape[2]
-    return dict(HQ=HQ, H=H, HG=g_heads, K=K, V=V, KP=max(16, triton.next_power_of_2(K)),
-                VP=max(16, triton.next_power_of_2(V)), BLOCK=BLOCK, SUB=SUB)
+def _reverse_cumsum(x, doc_end):
+    """sum over s >= t inside t's document, in float64: R[t] - R[document end]. For the small [T, HQ] gates."""
+    R = torch.cumsum(x.double().flip(0), dim=0).flip(0)
+    R = torch.cat([R, R.new_zeros(1, *R.shape[1:])])
+    return R[:-1] - R[doc_end]
+
+
+def _dims(q, k, v, g):
+    return dict(HQ=q.shape[1], H=k.shape[1], HG=g.shape[1], K=q.shape[2], V=v.shape[2],
+                KP=max(16, triton.next_power_of_2(q.shape[2])), VP=max(16, triton.next_power_of_2(v.shape[2])),
+                BLOCK=BLOCK, SUB=SUB, FAST_RANGE=FAST_RANGE[q.dtype])
+
+
+def _prep(q, k, g, layout, dims, write_q_hat):
+    Pl = torch.empty(g.shape, device=g.device, dtype=torch.float32)
+    kt = torch.empty(q.shape[0], dims['HG'], dims['K'], device=q.device, dtype=q.dtype)
+    q_hat = torch.empty_like(q) if write_q_hat else kt
+    _prep_kernel[(layout.table.shape[0], dims['HG'])](
+        g, k, q, Pl, kt, q_hat, layout.table, HQ=dims['HQ'], H=dims['H'], HG=dims['HG'], K=dims['K'], KP=dims['KP'],
+        BLOCK=BLOCK, WRITE_Q_HAT=write_q_hat)
+    return Pl, kt, q_hat
 
 
 def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     """q, k, v, g flattened to [tokens, heads, dim]. Returns o, lse (log2 units) and what backward needs."""
-    dims = _grid_args(q, k, v, g.shape[1])
-    HQ, HG = dims['HQ'], dims['HG']
-    P, Pl = _prefixes(g, layout.block_start)
-    # Keys rescaled once to the decaying end of their block: |kt| <= |k|.
-    k_heads = k.repeat_interleave(HG // k.shape[1], dim=1)
-    kt = (k_heads.float() * torch.exp2(Pl[layout.block_end] - Pl)).to(k.dtype)
+    dims = _dims(q, k, v, g)
+    HQ = dims['HQ']
+    Pl, kt, _ = _prep(q, k, g, layout, dims, write_q_hat=False)
+    Pstart = layout.block_prefix(Pl, g)
     C = None if g_scalar is None else torch.cumsum(g_scalar.double(), dim=0).mul_(LOG2E)
     qk_scale = scale * LOG2E
+    grid = (layout.table.shape[0], HQ)
     L = torch.empty(q.shape[0], HQ, SUB, device=q.device, dtype=torch.float32)
-    grid = (layout.blocks.shape[0], HQ)
-    _intra_fwd_kernel[grid](q, k, P, L, layout.blocks, qk_scale, HQ=HQ, H=dims['H'], HG=HG, K=dims['K'],
-                            SUB=SUB, BLOCK=BLOCK, DK=16, num_warps=4)
+    _intra_fwd_kernel[grid](q, k, Pl, L, layout.table, qk_scale, HQ=HQ, H=dims['H'], HG=dims['HG'], K=dims['K'],
+                            KP=dims['KP'], SUB=SUB, BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4)
     o = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], HQ, device=q.device, dtype=torch.float32)
-    _fwd_kernel[grid](q, kt, k, v, Pl, P, P if C is None else C, L, lse if sink_bias is None else sink_bias, o, lse, layout.blocks, qk_scale,
-                      window_size or 0, HAS_GS=C is not None, HAS_SINK=sink_bias is not None,
-                      HAS_WINDOW=window_size is not None, **dims)
-    return o, lse, (P, Pl, kt, C, L)
+    _fwd_kernel[grid](q, kt, k, v, Pl, Pstart, Pstart if C is None else C, L, lse if sink_bias is None else sink_bias,
+                      o, lse, layout.table, qk_scale, window_size or 0, HAS_GS=C is not None,
+                      HAS_SINK=sink_bias is not None, HAS_WINDOW=window_size is not None, **dims)
+    return o, lse, L
 
 
-def _backward(do, q, k, v, g, o, lse, saved, g_scalar, sink_bias, scale, window_size, layout):
-    P, Pl, kt, C, L = saved
-    dims = _grid_args(q, k, v, g.shape[1])
+def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size, layout):
+    dims = _dims(q, k, v, g)
     HQ, H, HG = dims['HQ'], dims['H'], dims['HG']
+    Pl, kt, q_hat = _prep(q, k, g, layout, dims, write_q_hat=True)
+    Pstart = layout.block_prefix(Pl, g)
+    C = None if g_scalar is None else torch.cumsum(g_scalar.double(), dim=0).mul_(LOG2E)
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1)
-    q_hat = (q.float() * torch.exp2(Pl.repeat_interleave(HQ // HG, dim=1))).to(q.dtype)
     dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # per query head: dg needs it
     dv = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=torch.float32)
@@ -496,51 +589,45 @@ def _backward(do, q, k, v, g, o, lse, saved, g_scalar, sink_bias, scale, window_
     dck = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
     qk_scale = scale * LOG2E
     flags = dict(HAS_GS=C is not None, HAS_WINDOW=window_size is not None)
-    C_arg = P if C is None else C
-    grid = (layout.blocks.shape[0], HQ)
-    _bwd_dq_kernel[grid](q, kt, k, v, Pl, P, C_arg, L, do, lse, delta, dq, dcq, layout.blocks, qk_scale, scale,
+    C_arg = Pstart if C is None else C
+    num_blocks = layout.table.shape[0]
+    grid = (num_blocks, HQ)
+    _bwd_dq_kernel[grid](q, kt, k, v, Pl, Pstart, C_arg, L, do, lse, delta, dq, dcq, layout.table, qk_scale, scale,
                          window_size or 0, **flags, **dims)
-    _bwd_dkv_kernel[grid](q, q_hat, kt, k, v, Pl, P, C_arg, L, do, lse, delta, dk, dv, dck, layout.blocks,
-                          layout.blocks.shape[0], qk_scale, scale, window_size or 0, **flags, **dims)
-    _intra_bwd_kernel[grid](q, k, v, P, C_arg, L, do, lse, delta, dq, dk, layout.blocks, scale, window_size or 0,
-                            HQ=HQ, H=H, HG=HG, K=dims['K'], V=dims['V'], VP=dims['VP'], SUB=SUB, BLOCK=BLOCK,
-                            DK=16, num_warps=4, **flags)
+    _bwd_dkv_kernel[grid](q, q_hat, kt, k, v, Pl, Pstart, C_arg, L, do, lse, delta, dk, dv, dck, layout.table,
+                          num_blocks, qk_scale, scale, window_size or 0, **flags, **dims)
+    _intra_bwd_kernel[grid](q, k, v, Pl, C_arg, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0,
+                            HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], V=dims['V'], VP=dims['VP'], SUB=SUB,
+                            BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4, **flags)
 
-    k_heads = k.float().repeat_interleave(HQ // H, dim=1)
-    decay_grad = q.float() * dq - k_heads * dk
-    dg = _reverse_cumsum(decay_grad.unflatten(1, (HG, HQ // HG)).sum(2), layout.doc_end).to(g.dtype)
-    dg_scalar = None
-    if g_scalar is not None:
-        dg_scalar = _reverse_cumsum(dcq - dck, layout.doc_end).to(g_scalar.dtype)
+    dg = torch.empty(g.shape, device=g.device, dtype=torch.float32)
+    totals = torch.empty(num_blocks, HG, dims['K'], device=g.device, dtype=torch.float32)
+    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, totals, layout.table, HQ=HQ, H=H, HG=HG, K=dims['K'],
+                                         KP=dims['KP'], BLOCK=BLOCK)
+    dg = (dg + layout.suffix_after_block(totals)[layout.token_block]).to(g.dtype)
+    dg_scalar = None if g_scalar is None else _reverse_cumsum(dcq - dck, layout.doc_end).to(g_scalar.dtype)
     dsink = None
     if sink_bias is not None:
-        p_sink = torch.exp2(sink_bias.float()[None, :] * LOG2E - lse)
-        dsink = -(p_sink * delta).sum(0).to(sink_bias.dtype)
-    dk = dk.unflatten(1, (H, HQ // H)).sum(2).to(k.dtype)
-    dv = dv.unflatten(1, (H, HQ // H)).sum(2).to(v.dtype)
-    return dq.to(q.dtype), dk, dv, dg, dg_scalar, dsink
+        dsink = -(torch.exp2(sink_bias.float()[None, :] * LOG2E - lse) * delta).sum(0).to(sink_bias.dtype)
+    if HQ != H:
+        dk, dv = dk.unflatten(1, (H, HQ // H)).sum(2), dv.unflatten(1, (H, HQ // H)).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dg_scalar, dsink
 
 
 class WallAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, g_scalar, sink_bias, scale, window_size, bounds):
-        layout = _Layout(bounds, q.shape[0], q.device)
-        o, lse, saved = _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout)
-        P, Pl, kt, C, L = saved
-        # P and C are recomputed in backward: the float64 prefix is the largest thing we would keep.
-        ctx.save_for_backward(q, k, v, g, g_scalar, sink_bias, o, lse, Pl, kt, L)
+        layout = _Layout(bounds, q.device)
+        o, lse, L = _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout)
+        ctx.save_for_backward(q, k, v, g, g_scalar, sink_bias, o, lse, L)
         ctx.scale, ctx.window_size, ctx.layout = scale, window_size, layout
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, g, g_scalar, sink_bias, o, lse, Pl, kt, L = ctx.saved_tensors
-        layout = ctx.layout
-        P = torch.cumsum(g.double(), dim=0).mul_(LOG2E)
-        C = None if g_scalar is None else torch.cumsum(g_scalar.double(), dim=0).mul_(LOG2E)
-        grads = _backward(do, q, k, v, g, o, lse, (P, Pl, kt, C, L), g_scalar, sink_bias, ctx.scale,
-                          ctx.window_size, layout)
+        q, k, v, g, g_scalar, sink_bias, o, lse, L = ctx.saved_tensors
+        grads = _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, ctx.scale, ctx.window_size, ctx.layout)
         return (*grads, None, None, None)
 
 

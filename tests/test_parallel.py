@@ -242,3 +242,13 @@ def test_varlen_window_sink_bf16_gpu():
     inputs = make_inputs(T=4096, HQ=8, H=2, K=64, V=64, scalar_gate=True, sink=True, dtype=torch.bfloat16)
     assert_close(run_both(inputs, cu_seqlens=cu, window_size=300), 2e-2)
     assert_close(run_both(make_inputs(T=1500, HQ=4, H=4, K=64, V=64)), 1e-4)  # fp32 (IEEE dots) on GPU
+
+
+@pytest.mark.parametrize('case', ['gqa-shared-gate', 'scalar-gate-sink', 'weak-gates'])
+def test_steep_diagonal_path_everywhere(case, monkeypatch):
+    """Force every diagonal tile through the sub-block path that steep gates take, on all features."""
+    import kernels.parallel as parallel
+    monkeypatch.setattr(parallel, 'FAST_RANGE', {dtype: -1.0 for dtype in parallel.FAST_RANGE})
+    cu = torch.tensor([0, 50, 130], device=DEVICE)
+    assert_close(run_both(make_inputs(T=130, **{k: v for k, v in CASES[case].items()}), cu_seqlens=cu,
+                          window_size=40), 3e-5)
