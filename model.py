@@ -181,6 +181,11 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
+def upcast_logits(x, weight):
+    logits = x @ weight.T
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits = x @ weight.T over the rows whose target is not -1.
 
@@ -194,7 +199,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         count = valid.sum().clamp(min=1)
         losses, lses = [], []
         for rows in torch.arange(len(x), device=x.device).split(chunk_rows):
-            logits = (x[rows] @ weight.T).float()
+            logits = upcast_logits(x[rows], weight)
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, targets[rows].clamp(min=0)[:, None])[:, 0]
             losses.append(((lse - picked) * valid[rows]).sum())
@@ -206,14 +211,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         x, weight, targets, lse, count = ctx.saved_tensors
-        grad_x, grad_weight = [], torch.zeros_like(weight, dtype=torch.float32)
+        grad_x, grad_weight = [], torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
         for rows in torch.arange(len(x), device=x.device).split(ctx.chunk_rows):
             # d loss / d logits = (softmax - onehot(target)) / count on valid rows, 0 elsewhere
-            grad_logits = torch.exp((x[rows] @ weight.T).float() - lse[rows, None])
+            grad_logits = torch.exp(upcast_logits(x[rows], weight) - lse[rows, None])
             grad_logits.scatter_add_(1, targets[rows].clamp(min=0)[:, None], -torch.ones_like(grad_logits[:, :1]))
             grad_logits = (grad_logits * ((targets[rows] != -1) * grad_loss / count)[:, None]).to(x.dtype)
             grad_x.append(grad_logits @ weight)
-            grad_weight += (grad_logits.T @ x[rows]).float()
+            grad_weight += grad_logits.T @ x[rows]
         return torch.cat(grad_x), grad_weight.to(weight.dtype), None, None
 
 

@@ -1,0 +1,106 @@
+"""model.py on CPU with tiny models: document isolation, the open-gate limit, the chunked loss, optimizer groups."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as model_module
+from model import GPT, GPTConfig, chunked_cross_entropy
+
+ATTENTIONS = ['wall', 'rope', 'fox']
+
+
+def tiny(attention, **kwargs):
+    config = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, attention=attention,
+                  attn_impl='reference', window_size=8, window_pattern='LG', qk_norm=True, output_gate=True,
+                  sink=attention != 'rope', scalar_gate=attention == 'wall')
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**(config | kwargs))).eval()
+
+
+@pytest.mark.parametrize('attention', ATTENTIONS)
+def test_packed_documents_see_nothing_of_each_other(attention):
+    model = tiny(attention)
+    idx = torch.randint(0, 97, (1, 40))
+    cu_seqlens = torch.tensor([0, 15, 40], dtype=torch.int32)
+    with torch.no_grad():
+        logits = model.lm_head(model.hidden_states(idx, cu_seqlens))
+        changed = idx.clone()
+        changed[0, :15] = (changed[0, :15] + 1) % 97
+        logits_changed = model.lm_head(model.hidden_states(changed, cu_seqlens))
+        # each packed document computes exactly what it computes alone (RoPE positions restart, decays restart)
+        alone = torch.cat([model.lm_head(model.hidden_states(idx[:, a:b])) for a, b in ((0, 15), (15, 40))], dim=1)
+        unpacked = model.lm_head(model.hidden_states(changed))
+    torch.testing.assert_close(logits_changed[:, 15:], logits[:, 15:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5)
+    # the test can see a leak: without cu_seqlens the second document does depend on the first
+    assert (unpacked[:, 15:] - logits_changed[:, 15:]).abs().max() > 1e-3
+
+
+def causal_sdpa(impl, q, k, v, g, **kwargs):
+    """Plain causal softmax attention of [B, T, heads, dim] tensors, ignoring every gate."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+@pytest.mark.parametrize('gate_per_kv_head', [False, True])
+def test_wall_with_open_gates_is_causal_attention_without_positions(monkeypatch, gate_per_kv_head):
+    # logsigmoid(40) = -4e-18: the decay is 1 to fp32 precision, and the model is a NoPE causal transformer
+    options = dict(gate_bias_init=40.0, gate_per_kv_head=gate_per_kv_head, window_pattern='G', sink=False,
+                   scalar_gate=False)
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        wall = tiny('wall', **options).hidden_states(idx)
+        barely_open = tiny('wall', **(options | {'gate_bias_init': 2.0})).hidden_states(idx)
+        monkeypatch.setattr(model_module, 'wall_attention', causal_sdpa)
+        expected = tiny('wall', **options).hidden_states(idx)
+    torch.testing.assert_close(wall, expected, rtol=1e-5, atol=1e-5)
+    assert (barely_open - expected).abs().max() > 1e-3, 'the comparison should notice a real decay'
+
+
+def test_chunked_loss_equals_cross_entropy_on_full_logits():
+    torch.manual_seed(0)
+    x = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 37, (50,))
+    targets[[0, 7, 49]] = -1
+    loss = chunked_cross_entropy(x, weight, targets, chunk_rows=8)
+    grads = torch.autograd.grad(3 * loss, (x, weight))
+    expected = F.cross_entropy(x @ weight.T, targets, ignore_index=-1)
+    expected_grads = torch.autograd.grad(3 * expected, (x, weight))
+    torch.testing.assert_close(loss, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_model_loss_is_the_mean_over_targets_that_are_not_ignored():
+    model = tiny('wall')
+    idx = torch.randint(0, 97, (1, 20))
+    targets = torch.randint(0, 97, (1, 20))
+    targets[0, 5:9] = -1
+    with torch.no_grad():
+        _, loss = model(idx, targets)
+        logits = model.lm_head(model.hidden_states(idx))
+    torch.testing.assert_close(loss, F.cross_entropy(logits[0], targets[0], ignore_index=-1))
+
+
+def test_weight_decay_only_on_matrices():
+    model = tiny('wall')
+    decayed, not_decayed = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu').param_groups
+    assert decayed['weight_decay'] == 0.1 and not_decayed['weight_decay'] == 0.0
+    assert all(p.dim() == 2 for p in decayed['params']) and all(p.dim() == 1 for p in not_decayed['params'])
+    assert len(decayed['params']) + len(not_decayed['params']) == len(list(model.parameters()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('attention', ATTENTIONS)
+def test_gpu_paths_match_the_cpu_paths(attention):
+    """Triton Wall kernel vs the reference; FlashAttention varlen vs the boolean mask."""
+    model = tiny(attention, attn_impl='auto')
+    idx = torch.randint(0, 97, (1, 300))
+    cu_seqlens = torch.tensor([0, 100, 300], dtype=torch.int32)
+    with torch.no_grad():
+        cpu = model.hidden_states(idx, cu_seqlens)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            gpu = model.cuda().hidden_states(idx.cuda(), cu_seqlens.cuda())
+    torch.testing.assert_close(gpu.float().cpu(), cpu, rtol=3e-2, atol=3e-2)
