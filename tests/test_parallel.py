@@ -252,3 +252,13 @@ def test_steep_diagonal_path_everywhere(case, monkeypatch):
     cu = torch.tensor([0, 50, 130], device=DEVICE)
     assert_close(run_both(make_inputs(T=130, **{k: v for k, v in CASES[case].items()}), cu_seqlens=cu,
                           window_size=40), 3e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('gates', ['zero', 6.0, 'logsigmoid'])
+def test_steep_diagonal_path_bf16_gpu(gates, monkeypatch):
+    """The sub-block diagonal in bf16 on every block, including gates weak enough that its outer pairs dominate."""
+    import kernels.parallel as parallel
+    monkeypatch.setattr(parallel, 'FAST_RANGE', {dtype: -1.0 for dtype in parallel.FAST_RANGE})
+    torch.manual_seed(0)
+    assert_close(run_both(make_inputs(T=1000, K=128, V=128, dtype=torch.bfloat16, gates=gates)), 2e-2)
