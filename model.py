@@ -124,7 +124,13 @@ class Attention(nn.Module):
         if config.output_gate:
             self.out_gate = nn.Linear(config.n_embd, q_dim, bias=False)
 
-    def forward(self, x, cu_seqlens=None, rope=None):
+    def project(self, x, rope=None):
+        """q, k, v and the log-decays of x [B, T, C], the same in training and decoding.
+
+        Returns (q, k, v, g, g_scalar): q [B, T, HQ, D], k and v [B, T, H, D]; for wall and fox the per-channel
+        log-decay g [B, T, gate heads, D] (zero for fox) and the scalar one g_scalar [B, T, HQ] or None, both fp32;
+        for rope, q and k come rotated by rope = (cos, sin) and g is None.
+        """
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split([self.n_head * self.head_dim] + 2 * [self.n_kv_head * self.head_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)
@@ -132,23 +138,55 @@ class Attention(nn.Module):
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.config.attention == 'rope':
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-            y = softmax_attention(q, k, v, cu_seqlens, self.window_size)
+            return apply_rotary(q, *rope), apply_rotary(k, *rope), v, None, None
+        if self.config.attention == 'wall':
+            g = log_gate(self.gate, x).view(B, T, -1, self.head_dim)
+            if self.config.g_max:
+                g = self.config.g_max * torch.expm1(g / self.config.g_max)
+        else:  # FoX: no per-channel decay, the kernels see g = 0 and only the scalar gate
+            g = torch.zeros(B, T, self.n_kv_head, self.head_dim, device=x.device)
+        g_scalar = log_gate(self.scalar_gate, x) if hasattr(self, 'scalar_gate') else None
+        return q, k, v, g, g_scalar
+
+    def forward(self, x, cu_seqlens=None, rope=None, cache=None):
+        """Without `cache`, attention within x (training). With `cache` (this layer's, see KVCache), x holds the
+        tokens that follow the cached ones: they are appended and attend to everything cached."""
+        B, T, _ = x.shape
+        q, k, v, g, g_scalar = self.project(x, rope)
+        sink_bias = self.sink_bias if self.config.sink else None
+        new = (k, v) if self.config.attention == 'rope' else (k, v, g, g_scalar)  # what the cache keeps
+        if cache is not None and cache.length:
+            y = self.attend_cached(cache, q, new, sink_bias)
         else:
-            if self.config.attention == 'wall':
-                g = log_gate(self.gate, x).view(B, T, -1, self.head_dim)
-                if self.config.g_max:
-                    g = self.config.g_max * torch.expm1(g / self.config.g_max)
-            else:  # FoX: no per-channel decay, the kernel sees g = 0 and only the scalar gate below
-                g = torch.zeros(B, T, self.n_kv_head, self.head_dim, device=x.device)
-            g_scalar = log_gate(self.scalar_gate, x) if hasattr(self, 'scalar_gate') else None
-            y = wall_attention(self.config.attn_impl, q, k, v, g, g_scalar=g_scalar,
-                               sink_bias=self.sink_bias if self.config.sink else None,
-                               window_size=self.window_size, cu_seqlens=cu_seqlens)
+            if self.config.attention == 'rope':
+                y = softmax_attention(q, k, v, cu_seqlens, self.window_size)
+            else:
+                y = wall_attention(self.config.attn_impl, q, k, v, g, g_scalar=g_scalar, sink_bias=sink_bias,
+                                   window_size=self.window_size, cu_seqlens=cu_seqlens)
+            if cache is not None:  # into an empty cache, the chunk attends as in training (fused kernel) first
+                for rows in row_pieces(T, APPEND_ROWS):
+                    cache.append(*take_rows(new, rows))
         y = y.reshape(B, T, -1)
         if self.config.output_gate:
             y = y * torch.sigmoid(self.out_gate(x))
         return self.c_proj(y)
+
+    def attend_cached(self, cache, q, new, sink_bias):
+        """Append `new` (k, v and the gates of T tokens) to a non-empty cache; attend their queries q [B, T, HQ, D].
+
+        Long chunks go in pieces: the Wall decode kernel holds T_q x (query heads per gate head) rows in one tile,
+        and RoPE's mask is T_q x cached. Each piece sees its own keys exactly (causally, with their decay).
+        """
+        rope = self.config.attention == 'rope'
+        rows_per_piece = ATTEND_ROWS if rope else max(1, ATTEND_ROWS * cache.num_gate_heads // self.n_head)
+        ys = []
+        for rows in row_pieces(q.shape[1], rows_per_piece):
+            cache.append(*take_rows(new, rows))
+            if rope:
+                ys.append(cache.attend(q[:, rows], window_size=self.window_size))
+            else:
+                ys.append(cache.attend(q[:, rows], sink_bias=sink_bias, window_size=self.window_size)[0])
+        return torch.cat(ys, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,8 +214,8 @@ class Block(nn.Module):
         self.norm_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cu_seqlens=None, rope=None):
-        x = x + self.attn(self.norm_1(x), cu_seqlens, rope)
+    def forward(self, x, cu_seqlens=None, rope=None, cache=None):
+        x = x + self.attn(self.norm_1(x), cu_seqlens, rope, cache)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -278,27 +316,33 @@ class GPT(nn.Module):
         n_params = sum(p.numel() for p in self.parameters())
         return n_params if self.config.tie_embeddings else n_params - self.wte.weight.numel()
 
-    def hidden_states(self, idx, cu_seqlens=None):
-        """Final-norm features [B, T, n_embd]; the logits are lm_head of these."""
+    def hidden_states(self, idx, cu_seqlens=None, cache=None):
+        """Final-norm features [B, T, n_embd]; the logits are lm_head of these. With a KVCache, idx holds the tokens
+        that follow the cached ones, and they are appended to it."""
         B, T = idx.shape
         assert cu_seqlens is None or B == 1, 'packed documents (cu_seqlens) need B == 1'
+        assert cu_seqlens is None or cache is None, 'a cache holds one document per row: no cu_seqlens with it'
+        start = 0 if cache is None else cache.length
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f'{T} new tokens after the {start} cached exceed the cache (max_len={cache.max_len})')
         rope = None
         if self.config.attention == 'rope':  # positions restart at every document
-            positions = torch.arange(T, device=idx.device)[None]
+            positions = torch.arange(start, start + T, device=idx.device)[None]
             if cu_seqlens is not None:
                 positions = positions - cu_seqlens.long()[document_ids(cu_seqlens, T)]
             rope = rotary(positions, self.config.n_embd // self.config.n_head, self.config.rope_base)
         x = self.wte(idx)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.config.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cu_seqlens, rope, use_reentrant=False)
             else:
-                x = block(x, cu_seqlens, rope)
+                x = block(x, cu_seqlens, rope, None if cache is None else cache.layers[i])
         return self.norm_f(x)
 
-    def forward(self, idx, targets=None, cu_seqlens=None):
-        """Training (targets given): (None, mean loss over targets != -1). Inference: (logits of the last position, None)."""
-        x = self.hidden_states(idx, cu_seqlens)
+    def forward(self, idx, targets=None, cu_seqlens=None, cache=None):
+        """Training (targets given): (None, mean loss over targets != -1). Inference: (logits of the last position,
+        None); with a KVCache (see hidden_states) that is the logits after the new tokens."""
+        x = self.hidden_states(idx, cu_seqlens, cache)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         return None, chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
@@ -327,15 +371,138 @@ class GPT(nn.Module):
         peak = next((peak for key, peak in PEAK_FLOPS if key in name), None)
         return None if peak is None else flops / dt / peak
 
+    def to_inference_dtype(self, dtype):
+        """Cast the weights to dtype, to run without autocast. The decay gates and the sink logits stay fp32, as
+        under autocast in training: the gates are summed into exponents over the whole context."""
+        for name, p in self.named_parameters():
+            keep_fp32 = '.gate.' in name or '.scalar_gate.' in name or name.endswith('.sink_bias')
+            p.data = p.data.to(torch.float32 if keep_fp32 else dtype)
+        return self
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Append max_new_tokens sampled tokens to idx [B, T], recomputing the whole context every step."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx)
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('inf')
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
+            idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)), dim=1)
         return idx
+
+    @torch.no_grad()
+    def prefill(self, idx, cache, chunk_size=None):
+        """Append idx [B, T] (T >= 1) to cache, chunk_size tokens per forward (default: all at once); returns the
+        logits [B, 1, vocab] after its last token. The first chunk into an empty cache runs the training kernel."""
+        assert idx.shape[1] >= 1, 'prefill needs at least one token'
+        chunk_size = chunk_size or idx.shape[1]
+        for start in range(0, idx.shape[1], chunk_size):
+            logits, _ = self(idx[:, start:start + chunk_size], cache=cache)
+        return logits
+
+    @torch.no_grad()
+    def decode(self, logits, cache, max_new_tokens, temperature=1.0, top_k=None):
+        """Yield max_new_tokens tokens [B, 1], sampled one at a time starting from `logits` (of the last cached
+        position, e.g. from prefill); each yielded token but the last is then appended to the cache."""
+        for i in range(max_new_tokens):
+            idx_next = sample_next(logits[:, -1, :], temperature, top_k)
+            yield idx_next
+            if i < max_new_tokens - 1:
+                logits, _ = self(idx_next, cache=cache)
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """One token [B, 1] per row of logits [B, vocab]: the argmax when temperature == 0, else a sample from
+    softmax(logits / temperature) restricted to the top_k most likely tokens."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float('inf')
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# decoding caches
+
+APPEND_ROWS = 1024  # tokens per append of a prefill: bounds the float64 prefixes a Wall cache keeps for raw rows
+ATTEND_ROWS = 64    # query rows x query heads per gate head in one decode-kernel tile (RoPE: query rows per mask)
+
+
+def row_pieces(n, largest):
+    """Cover rows [0, n) with slices of power-of-two lengths <= largest, longest first. The decode kernel is
+    compiled once per number of query rows: this keeps that to a handful of variants."""
+    start = 0
+    while start < n:
+        size = min(largest, 1 << (n - start).bit_length() - 1)
+        yield slice(start, start + size)
+        start += size
+
+
+def take_rows(tensors, rows):
+    return [None if t is None else t[:, rows] for t in tensors]
+
+
+class StaticKVCache:
+    """Keys and values of one RoPE layer in preallocated buffers [B, max_len, H, D], attended with SDPA."""
+
+    def __init__(self, batch_size, max_len, num_kv_heads, head_dim, dtype, device):
+        self.k = torch.empty(batch_size, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def reset(self):
+        self.length = 0
+
+    def append(self, k, v):
+        start, self.length = self.length, self.length + k.shape[1]
+        self.k[:, start:self.length] = k
+        self.v[:, start:self.length] = v
+
+    def attend(self, q, window_size=None):
+        """Attend the last T_q cached positions, q [B, T_q, HQ, D], causally to the cache."""
+        T_q, end = q.shape[1], self.length
+        lo = 0 if window_size is None else max(0, end - T_q - window_size + 1)
+        mask = None
+        if T_q > 1:  # a single query sees every key from lo on; several need the causal (and window) rule
+            i = torch.arange(end - T_q, end, device=q.device)[:, None]
+            j = torch.arange(lo, end, device=q.device)[None, :]
+            mask = (j <= i) & (i - j < (window_size or end))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[:, lo:end].transpose(1, 2),
+                                           self.v[:, lo:end].transpose(1, 2), attn_mask=mask, enable_gqa=True)
+        return y.transpose(1, 2)
+
+
+class KVCache:
+    """Decoding state of a GPT for batch_size sequences of at most max_len tokens: one cache per layer.
+
+    Wall layers keep kernels.WallKVCache's chunk-anchored keys, per gate head; FoX keeps the same cache with g = 0
+    (its keys stay raw, the scalar gate decays); RoPE keeps plain keys and values. The cache dtype defaults to the
+    model's; Wall keys are never fp16 (a key may grow by its chunk's decay, SPEC section 2), bf16 instead.
+    """
+
+    def __init__(self, model, batch_size, max_len, *, dtype=None, device=None, chunk_size=64):
+        config = model.config
+        head_dim = config.n_embd // config.n_head
+        dtype = dtype or model.lm_head.weight.dtype
+        device = device or model.lm_head.weight.device
+        self.max_len = max_len
+        if config.attention == 'rope':
+            self.layers = [StaticKVCache(batch_size, max_len, config.n_kv_head, head_dim, dtype, device)
+                           for _ in model.blocks]
+            return
+        if head_dim < 16 or head_dim & (head_dim - 1):
+            raise ValueError(f'head_dim={head_dim} (n_embd / n_head): the Wall decode kernel needs a power of two '
+                             f'>= 16')
+        fox = config.attention == 'fox'
+        self.layers = [kernels.WallKVCache(batch_size, max_len, config.n_head, config.n_kv_head, head_dim,
+                                           shared_gate=fox or config.gate_per_kv_head,
+                                           scalar_gate=fox or config.scalar_gate, chunk_size=chunk_size,
+                                           dtype=torch.bfloat16 if dtype == torch.float16 else dtype, device=device)
+                       for _ in model.blocks]
+
+    @property
+    def length(self):
+        return self.layers[0].length
+
+    def reset(self):
+        for layer in self.layers:
+            layer.reset()

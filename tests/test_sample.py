@@ -1,0 +1,198 @@
+"""Cached decoding (model.py's KVCache, prefill, decode) and sample.py, on CPU with tiny models.
+
+The Wall and FoX caches decode through Triton's interpreter here, about a quarter second per layer and step, so the
+models are tiny: 2 layers (one local, one global), 2 query heads on 1 kv head of 16 channels, 16-token cache chunks.
+Their weights are scaled up from the GPT init: a freshly initialised model repeats one token, which would let a
+broken cache pass a greedy comparison.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+from data.prepare import main as prepare_main
+from model import GPT, GPTConfig, KVCache, row_pieces
+
+CACHE_CHUNK = 16
+CONFIGS = {  # every layer kind the decode path has: local and global windows, gates per query / kv head, sink
+    'wall': dict(attention='wall', scalar_gate=True, sink=True),
+    'wall_kv_gate': dict(attention='wall', gate_per_kv_head=True, qk_norm=True, output_gate=True),
+    'rope': dict(attention='rope'),
+    'fox': dict(attention='fox', sink=True),
+}
+
+
+def tiny_model(vocab_size=97, **kwargs):
+    config = dict(vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, attn_impl='reference',
+                  window_size=12, window_pattern='LG') | kwargs
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**config)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.5 / p.shape[1] ** 0.5)
+            elif name.endswith('gate.bias'):  # some channels decay fast, some barely
+                p.uniform_(-1, 4)
+    return model
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_cached_greedy_decoding_equals_greedy_by_full_forwards(name):
+    model = tiny_model(**CONFIGS[name])
+    prompt = torch.randint(0, 97, (1, 20))
+    expected = model.generate(prompt, 14, temperature=0)[0, 20:]
+    # 20 + 14 tokens cross the 16-token cache chunks twice; the prompt goes in as a fused chunk and a cached one
+    cache = KVCache(model, 1, 40, chunk_size=CACHE_CHUNK)
+    logits = model.prefill(prompt, cache, chunk_size=13)
+    tokens = torch.cat(list(model.decode(logits, cache, 14, temperature=0)), dim=1)[0]
+    assert tokens.tolist() == expected.tolist()
+    assert cache.length == 33  # every decoded token but the last went into the cache
+    assert len(set(expected.tolist())) > 5, 'a sequence that hardly changes would not test the cache'
+
+
+@pytest.mark.parametrize('name', ['wall', 'fox', 'rope'])
+def test_chunked_prefill_equals_one_forward(name):
+    model = tiny_model(**CONFIGS[name])
+    idx = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        expected = model.hidden_states(idx)
+        cache = KVCache(model, 1, 40, chunk_size=CACHE_CHUNK)
+        # a fused first chunk, then cached chunks across both chunk boundaries: single tokens, and 22 rows that
+        # the decode kernel takes in pieces of 16, 4 and 2
+        chunks = [model.hidden_states(idx[:, a:b], cache=cache) for a, b in ((0, 7), (7, 16), (16, 17), (17, 18),
+                                                                             (18, 40))]
+        one_prefill = model.hidden_states(idx, cache=KVCache(model, 1, 40, chunk_size=CACHE_CHUNK))
+    torch.testing.assert_close(torch.cat(chunks, dim=1), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(one_prefill, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_rejects_what_it_cannot_hold():
+    model = tiny_model(**CONFIGS['wall'])
+    cache = KVCache(model, 1, 8, chunk_size=CACHE_CHUNK)
+    with pytest.raises(ValueError, match='max_len=8'):
+        model.prefill(torch.zeros(1, 9, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match='head_dim=8'):
+        KVCache(tiny_model(attention='wall', n_head=4, n_kv_head=2), 1, 8)
+
+
+def test_row_pieces_cover_the_rows_in_power_of_two_runs():
+    for n in range(1, 70):
+        pieces = list(row_pieces(n, 16))
+        assert [i for p in pieces for i in range(n)[p]] == list(range(n))
+        assert all(p.stop - p.start in (1, 2, 4, 8, 16) for p in pieces)
+
+
+# ----------------------------------------------------------------------------------------------------
+# sample.py end to end, on a checkpoint as train.py writes it
+
+PROGRAM = '''import os
+
+
+class Point{i}:
+    """A point."""
+
+    def __init__(self, x, y):
+        self.x = x + {i}
+        self.y = y * {j}
+
+
+def area_{i}(width, height):
+    return width * height - {j}
+
+
+LIMIT_{i} = {k}
+'''
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    """A prepared corpus of small Python files."""
+    src = tmp_path_factory.mktemp('programs')
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        text = ''.join(PROGRAM.format(i=i, j=rng.integers(100), k=rng.integers(100000)) for _ in range(3))
+        (src / f'prog{i:02d}.py').write_text(text)
+    out = tmp_path_factory.mktemp('prepared') / 'programs'
+    prepare_main([f'--source={src}', f'--out={out}', '--vocab_size=400', '--val_fraction=0.25'])
+    return str(out)
+
+
+def save_checkpoint(path, data_dir, **model_kwargs):
+    """A checkpoint with the keys train.py writes, for a tiny model on data_dir's tokenizer; trained for 32 tokens."""
+    model = tiny_model(vocab_size=sample.load_tokenizer(data_dir).get_vocab_size(), **model_kwargs)
+    model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+    torch.save({'model': model.state_dict(), 'optimizer': {}, 'model_args': model_args, 'iter_num': 0,
+                'best_val_loss': 0.0, 'config': {'data_dir': data_dir, 'max_doc_len': 32, 'tokens_per_batch': 256},
+                'loader': {}, 'rng': {}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def checkpoint(data_dir, tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp('ckpt') / 'ckpt.pt', data_dir, **CONFIGS['wall'])
+
+
+def test_sample_streams_and_reports(checkpoint, data_dir, capsys):
+    sample.main(['--ckpt', checkpoint, '--prompt', 'def area', '--max_new_tokens', '6', '--num_samples', '2',
+                 '--prefill_chunk', '2', '--seed', '0'])
+    out = capsys.readouterr().out
+    assert out.count('def area') == 2
+    summaries = [line for line in out.splitlines() if line.startswith('prompt tokens')]
+    assert len(summaries) == 2
+    for line in summaries:  # EOT + 'def area', then 6 tokens, fewer when an EOT ends the sample
+        prompt_tokens, new_tokens = (int(part.split()[-1]) for part in line.split(', ')[:2])
+        assert prompt_tokens == 1 + len(sample.load_tokenizer(data_dir).encode('def area').ids)
+        assert 1 <= new_tokens <= 6
+        assert 'prefill' in line and line.endswith('tokens/s')
+
+
+def test_sample_with_temperature_zero_prints_the_greedy_continuation(checkpoint, capsys):
+    sample.main(['--ckpt', checkpoint, '--prompt', 'class Point', '--max_new_tokens', '5', '--temperature', '0'])
+    printed = capsys.readouterr().out.split('\n---------------\n')[0]
+    model, train_config = sample.load_model(checkpoint, 'cpu', torch.float32)
+    tokenizer, eot = sample.load_data_tokenizer(train_config)
+    prompt = torch.tensor([[eot] + tokenizer.encode('class Point').ids])
+    greedy = model.generate(prompt, 5, temperature=0)[0, prompt.shape[1]:].tolist()
+    if eot in greedy:
+        greedy = greedy[:greedy.index(eot)]
+    # the stream holds back the bytes of a character it has not seen the end of
+    assert printed == 'class Point' + tokenizer.decode(greedy).rstrip('\ufffd')
+
+
+def one_line_error(argv):
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    message = str(e.value)
+    assert message.startswith('error: ') and '\n' not in message
+    return message
+
+
+def test_bad_checkpoints_give_one_line_errors(checkpoint, tmp_path):
+    assert '--ckpt' in one_line_error(['--ckpt', str(tmp_path / 'missing.pt')])
+    truncated = tmp_path / 'truncated.pt'
+    truncated.write_bytes(open(checkpoint, 'rb').read()[:1000])
+    assert 'not a readable checkpoint' in one_line_error(['--ckpt', str(truncated)])
+    text = tmp_path / 'text.pt'
+    text.write_text('hello')
+    assert 'not a readable checkpoint' in one_line_error(['--ckpt', str(text)])
+    foreign = tmp_path / 'foreign.pt'
+    torch.save({'state_dict': {}}, foreign)
+    assert 'not a checkpoint of train.py' in one_line_error(['--ckpt', str(foreign)])
+    mismatched = tmp_path / 'mismatched.pt'
+    saved = torch.load(checkpoint)
+    torch.save(saved | {'model_args': saved['model_args'] | {'n_layer': 3}}, mismatched)
+    assert 'do not fit' in one_line_error(['--ckpt', str(mismatched)])
+    unknown = tmp_path / 'unknown.pt'
+    torch.save(saved | {'model_args': saved['model_args'] | {'rotary_dim': 8}}, unknown)
+    assert 'do not fit' in one_line_error(['--ckpt', str(unknown)])
+
+
+def test_bad_prompts_give_one_line_errors(checkpoint, tmp_path):
+    message = one_line_error(['--ckpt', checkpoint, '--prompt', 'def area(width)', '--max_len', '8'])
+    assert '--max_len=8' in message and 'prompt' in message
+    assert '--prompt' in one_line_error(['--ckpt', checkpoint, '--prompt', f'FILE:{tmp_path / "missing.txt"}'])
+    latin1 = tmp_path / 'latin1.txt'
+    latin1.write_bytes('caf\xe9'.encode('latin-1'))
+    assert '--prompt' in one_line_error(['--ckpt', checkpoint, '--prompt', f'FILE:{latin1}'])
