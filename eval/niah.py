@@ -69,10 +69,11 @@ def make_prompt(tokenizer, eot, haystack, depth, value):
     starts = np.array([0] + [i + 1 for i, c in enumerate(haystack) if c == '\n'])
     at = starts[np.abs(starts - depth * len(haystack)).argmin()]
     text = f'{haystack[:at]}{NAME} = {value}\n{haystack[at:]}{NAME} ='
-    prompt, answer = tokenizer.encode(text).ids, tokenizer.encode(f' {value}').ids
-    if tokenizer.encode(text + f' {value}').ids != prompt + answer:
+    encoding, answer = tokenizer.encode(text), tokenizer.encode(f' {value}').ids
+    if tokenizer.encode(text + f' {value}').ids != encoding.ids + answer:
         raise SystemExit(f'error: the tokenizer joins the cue "{NAME} =" and the value " {value}" into other tokens')
-    return [eot] + prompt, 1 + len(tokenizer.encode(haystack[:at]).ids), answer
+    needle_at = 1 + next(i for i, (start, _) in enumerate(encoding.offsets) if start >= at)
+    return [eot] + encoding.ids, needle_at, answer
 
 
 @torch.no_grad()
@@ -86,7 +87,7 @@ def score(model, cache, prompt, answer, prefill_chunk):
     for i, token in enumerate(answer):
         logprobs = torch.log_softmax(logits[0, -1].float(), dim=-1)
         logprob += logprobs[token].item()
-        if len(greedy) == i:  # greedy decoding still follows the answer
+        if greedy == answer[:i]:  # greedy decoding has followed the answer so far
             greedy.append(logprobs.argmax().item())
         if i < len(answer) - 1:
             logits, _ = model(torch.tensor([[token]], device=device), cache=cache)
