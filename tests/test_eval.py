@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import sample
 from eval import length, niah
 from model import KVCache
+from tests.conftest import DEVICE
 from tests.test_sample import CONFIGS, data_dir, save_checkpoint  # noqa: F401 (data_dir is a fixture)
 
 
@@ -31,7 +32,8 @@ def read_png(path):
 def test_niah_writes_every_cell(checkpoints, data_dir, tmp_path):  # noqa: F811
     tokenizer = sample.load_tokenizer(data_dir)
     out = str(tmp_path / 'niah')
-    niah.main(['--ckpt', checkpoints['wall'], '--lengths', '40,80', '--depths', '0,1', '--trials', '1', '--out', out])
+    niah.main(['--ckpt', checkpoints['wall'], '--lengths', '40,80', '--depths', '0,1', '--trials', '1', '--out', out,
+               '--device', DEVICE])
     report = json.load(open(out + '.json'))
     assert report['train_len'] == 32 and report['lengths'] == [40, 80] and report['depths'] == [0, 1]
     assert {(c['length'], c['depth']) for c in report['cells']} == {(40, 0), (40, 1), (80, 0), (80, 1)}
@@ -64,15 +66,16 @@ def test_niah_prompt_holds_needle_and_cue_as_the_text_tokenizes(data_dir):  # no
 
 
 def test_teacher_forced_score_agrees_with_greedy_decoding(checkpoints):
-    model, _ = sample.load_model(checkpoints['wall'], 'cpu', torch.float32)
+    model, _ = sample.load_model(checkpoints['wall'], DEVICE, torch.float32)
     prompt = torch.randint(0, model.config.vocab_size, (20,)).tolist()
     cache = KVCache(model, 1, 24)
-    greedy = torch.cat(list(model.decode(model.prefill(torch.tensor([prompt]), cache), cache, 3, temperature=0)), 1)
+    logits = model.prefill(torch.tensor([prompt], device=DEVICE), cache)
+    greedy = torch.cat(list(model.decode(logits, cache, 3, temperature=0)), dim=1)
     greedy = greedy[0].tolist()
     logprob, predicted = niah.score(model, cache, prompt, greedy, prefill_chunk=16)
     assert predicted == greedy
     with torch.no_grad():  # the log-probability of the answer, from one full forward
-        logits = model.lm_head(model.hidden_states(torch.tensor([prompt + greedy[:-1]])))[0, -3:]
+        logits = model.lm_head(model.hidden_states(torch.tensor([prompt + greedy[:-1]], device=DEVICE)))[0, -3:]
     expected = torch.log_softmax(logits, -1)[torch.arange(3), greedy].sum().item()
     assert logprob == pytest.approx(expected, abs=1e-4)
     wrong = greedy[:1] + [(greedy[1] + 1) % model.config.vocab_size] + greedy[2:]
@@ -82,7 +85,7 @@ def test_teacher_forced_score_agrees_with_greedy_decoding(checkpoints):
 def test_length_plots_several_checkpoints(checkpoints, tmp_path):
     out = str(tmp_path / 'length')
     length.main(['--ckpt', checkpoints['wall'], checkpoints['rope'], '--length', '48', '--docs', '2',
-                 '--prefill_chunk', '20', '--out', out])
+                 '--prefill_chunk', '20', '--out', out, '--device', DEVICE])
     report = json.load(open(out + '.json'))
     assert report['length'] == 48
     assert [run['ckpt'] for run in report['runs']] == [checkpoints['wall'], checkpoints['rope']]
@@ -94,12 +97,13 @@ def test_length_plots_several_checkpoints(checkpoints, tmp_path):
 
 
 def test_chunked_prefill_scores_what_a_full_forward_scores(checkpoints):
-    model, _ = sample.load_model(checkpoints['wall'], 'cpu', torch.float32)
+    model, _ = sample.load_model(checkpoints['wall'], DEVICE, torch.float32)
     tokens = torch.randint(0, model.config.vocab_size, (41,))
     losses = length.position_losses(model, KVCache(model, 1, 40), tokens.numpy(), prefill_chunk=15)
     with torch.no_grad():
-        logits = model.lm_head(model.hidden_states(tokens[None, :-1]))[0]
-    np.testing.assert_allclose(losses, F.cross_entropy(logits, tokens[1:], reduction='none').numpy(), atol=1e-4)
+        logits = model.lm_head(model.hidden_states(tokens[None, :-1].to(DEVICE)))[0]
+    expected = F.cross_entropy(logits, tokens[1:].to(DEVICE), reduction='none')
+    np.testing.assert_allclose(losses, expected.cpu().numpy(), atol=1e-4)
 
 
 def test_eval_arguments_give_one_line_errors(checkpoints, tmp_path):

@@ -14,6 +14,7 @@ import torch
 import sample
 from data.prepare import main as prepare_main
 from model import GPT, GPTConfig, KVCache, row_pieces
+from tests.conftest import DEVICE
 
 CACHE_CHUNK = 16
 CONFIGS = {  # every layer kind the decode path has: local and global windows, gates per query / kv head, sink
@@ -28,7 +29,7 @@ def tiny_model(vocab_size=97, **kwargs):
     config = dict(vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, attn_impl='reference',
                   window_size=12, window_pattern='LG') | kwargs
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**config)).eval()
+    model = GPT(GPTConfig(**config)).to(DEVICE).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
@@ -41,7 +42,7 @@ def tiny_model(vocab_size=97, **kwargs):
 @pytest.mark.parametrize('name', CONFIGS)
 def test_cached_greedy_decoding_equals_greedy_by_full_forwards(name):
     model = tiny_model(**CONFIGS[name])
-    prompt = torch.randint(0, 97, (1, 20))
+    prompt = torch.randint(0, 97, (1, 20), device=DEVICE)
     expected = model.generate(prompt, 14, temperature=0)[0, 20:]
     # 20 + 14 tokens cross the 16-token cache chunks twice; the prompt goes in as a fused chunk and a cached one
     cache = KVCache(model, 1, 40, chunk_size=CACHE_CHUNK)
@@ -55,7 +56,7 @@ def test_cached_greedy_decoding_equals_greedy_by_full_forwards(name):
 @pytest.mark.parametrize('name', ['wall', 'fox', 'rope'])
 def test_chunked_prefill_equals_one_forward(name):
     model = tiny_model(**CONFIGS[name])
-    idx = torch.randint(0, 97, (1, 40))
+    idx = torch.randint(0, 97, (1, 40), device=DEVICE)
     with torch.no_grad():
         expected = model.hidden_states(idx)
         cache = KVCache(model, 1, 40, chunk_size=CACHE_CHUNK)
@@ -72,7 +73,7 @@ def test_cache_rejects_what_it_cannot_hold():
     model = tiny_model(**CONFIGS['wall'])
     cache = KVCache(model, 1, 8, chunk_size=CACHE_CHUNK)
     with pytest.raises(ValueError, match='max_len=8'):
-        model.prefill(torch.zeros(1, 9, dtype=torch.long), cache)
+        model.prefill(torch.zeros(1, 9, dtype=torch.long, device=DEVICE), cache)
     with pytest.raises(ValueError, match='head_dim=8'):
         KVCache(tiny_model(attention='wall', n_head=4, n_kv_head=2), 1, 8)
 
@@ -123,7 +124,7 @@ def save_checkpoint(path, data_dir, **model_kwargs):
     """A checkpoint with the keys train.py writes, for a tiny model on data_dir's tokenizer; trained for 32 tokens."""
     model = tiny_model(vocab_size=sample.load_tokenizer(data_dir).get_vocab_size(), **model_kwargs)
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
-    torch.save({'model': model.state_dict(), 'optimizer': {}, 'model_args': model_args, 'iter_num': 0,
+    torch.save({'model': model.cpu().state_dict(), 'optimizer': {}, 'model_args': model_args, 'iter_num': 0,
                 'best_val_loss': 0.0, 'config': {'data_dir': data_dir, 'max_doc_len': 32, 'tokens_per_batch': 256},
                 'loader': {}, 'rng': {}}, path)
     return str(path)
@@ -136,7 +137,7 @@ def checkpoint(data_dir, tmp_path_factory):
 
 def test_sample_streams_and_reports(checkpoint, data_dir, capsys):
     sample.main(['--ckpt', checkpoint, '--prompt', 'def area', '--max_new_tokens', '6', '--num_samples', '2',
-                 '--prefill_chunk', '2', '--seed', '0'])
+                 '--prefill_chunk', '2', '--seed', '0', '--device', DEVICE])
     out = capsys.readouterr().out
     assert out.count('def area') == 2
     summaries = [line for line in out.splitlines() if line.startswith('prompt tokens')]
@@ -149,11 +150,12 @@ def test_sample_streams_and_reports(checkpoint, data_dir, capsys):
 
 
 def test_sample_with_temperature_zero_prints_the_greedy_continuation(checkpoint, capsys):
-    sample.main(['--ckpt', checkpoint, '--prompt', 'class Point', '--max_new_tokens', '5', '--temperature', '0'])
+    sample.main(['--ckpt', checkpoint, '--prompt', 'class Point', '--max_new_tokens', '5', '--temperature', '0',
+                 '--device', DEVICE, '--dtype', 'float32'])
     printed = capsys.readouterr().out.split('\n---------------\n')[0]
-    model, train_config = sample.load_model(checkpoint, 'cpu', torch.float32)
+    model, train_config = sample.load_model(checkpoint, DEVICE, torch.float32)
     tokenizer, eot = sample.load_data_tokenizer(train_config)
-    prompt = torch.tensor([[eot] + tokenizer.encode('class Point').ids])
+    prompt = torch.tensor([[eot] + tokenizer.encode('class Point').ids], device=DEVICE)
     greedy = model.generate(prompt, 5, temperature=0)[0, prompt.shape[1]:].tolist()
     if eot in greedy:
         greedy = greedy[:greedy.index(eot)]
