@@ -174,8 +174,7 @@ class Attention(nn.Module):
     def attend_cached(self, cache, q, new, sink_bias):
         """Append `new` (k, v and the gates of T tokens) to a non-empty cache; attend their queries q [B, T, HQ, D].
 
-        Long chunks go in pieces: the Wall decode kernel holds T_q x (query heads per gate head) rows in one tile,
-        and RoPE's mask is T_q x cached. Each piece sees its own keys exactly (causally, with their decay).
+        Long chunks go in pieces of ATTEND_ROWS; each piece sees its own keys exactly (causally, with their decay).
         """
         rope = self.config.attention == 'rope'
         rows_per_piece = ATTEND_ROWS if rope else max(1, ATTEND_ROWS * cache.num_gate_heads // self.n_head)
@@ -186,7 +185,7 @@ class Attention(nn.Module):
                 ys.append(cache.attend(q[:, rows], window_size=self.window_size))
             else:
                 ys.append(cache.attend(q[:, rows], sink_bias=sink_bias, window_size=self.window_size)[0])
-        return torch.cat(ys, dim=1)
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)  # a decode step: no copy
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -424,7 +423,9 @@ def sample_next(logits, temperature=1.0, top_k=None):
 # decoding caches
 
 APPEND_ROWS = 1024  # tokens per append of a prefill: bounds the float64 prefixes a Wall cache keeps for raw rows
-ATTEND_ROWS = 64    # query rows x query heads per gate head in one decode-kernel tile (RoPE: query rows per mask)
+# Query rows x query heads per gate head in one call of the decode kernel: 16 is its smallest tile, so 16 rows cost
+# what one does, and its registers grow with more. RoPE takes as many query rows per masked SDPA call.
+ATTEND_ROWS = 16
 
 
 def row_pieces(n, largest):
@@ -466,8 +467,10 @@ class StaticKVCache:
             i = torch.arange(end - T_q, end, device=q.device)[:, None]
             j = torch.arange(lo, end, device=q.device)[None, :]
             mask = (j <= i) & (i - j < (window_size or end))
+        # enable_gqa only under GQA: with it, a masked call on the GPU falls back to the math backend
         y = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[:, lo:end].transpose(1, 2),
-                                           self.v[:, lo:end].transpose(1, 2), attn_mask=mask, enable_gqa=True)
+                                           self.v[:, lo:end].transpose(1, 2), attn_mask=mask,
+                                           enable_gqa=q.shape[2] != self.k.shape[2])
         return y.transpose(1, 2)
 
 

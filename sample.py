@@ -92,7 +92,7 @@ def parse_args(argv):
     parser.add_argument('--seed', type=int, default=1337)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--dtype', choices=DTYPES, default='bfloat16' if torch.cuda.is_available() else 'float32')
-    parser.add_argument('--prefill_chunk', type=int, default=16384, help='prompt tokens per prefill forward')
+    parser.add_argument('--prefill_chunk', type=int, default=65536, help='prompt tokens per prefill forward')
     parser.add_argument('--max_len', type=int, help='cache length (default: prompt + max_new_tokens)')
     args = parser.parse_args(argv)
     for name in ('num_samples', 'max_new_tokens', 'prefill_chunk'):

@@ -98,7 +98,7 @@ def main(argv=None):
     parser.add_argument('--out', help='output path prefix for .json and .png (default: next to the first checkpoint)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--dtype', choices=DTYPES, default='bfloat16' if torch.cuda.is_available() else 'float32')
-    parser.add_argument('--prefill_chunk', type=int, default=16384)
+    parser.add_argument('--prefill_chunk', type=int, default=65536)
     args = parser.parse_args(argv)
     for name in ('length', 'docs', 'smooth', 'prefill_chunk'):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -134,7 +134,7 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0, help='of the needle values')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--dtype', choices=DTYPES, default='bfloat16' if torch.cuda.is_available() else 'float32')
-    parser.add_argument('--prefill_chunk', type=int, default=16384)
+    parser.add_argument('--prefill_chunk', type=int, default=65536)
     args = parser.parse_args(argv)
     depths = parse_list(args.depths, float, 'depths')
     if not all(0 <= d <= 1 for d in depths):
