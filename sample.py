@@ -28,6 +28,11 @@ DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch
 def load_model(path, device, dtype):
     """(model in eval mode on device, cast to dtype; the checkpoint's training config). Exits with one line when
     path is missing, unreadable or not a checkpoint of this repository's train.py."""
+    try:
+        if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
+            raise RuntimeError('no CUDA GPU here')
+    except RuntimeError as e:
+        raise SystemExit(f'error: --device {device}: {e}')
     if not os.path.isfile(path):
         raise SystemExit(f'error: --ckpt {path}: no such file (train one first, e.g. python train.py config/tiny.py)')
     try:
@@ -36,10 +41,11 @@ def load_model(path, device, dtype):
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ''
         raise SystemExit(f'error: --ckpt {path}: not a readable checkpoint (truncated, or not a torch file): '
                          f'{type(e).__name__}: {detail}')
-    missing = {'model', 'model_args', 'config'} - set(checkpoint if isinstance(checkpoint, dict) else ())
-    missing |= set() if missing else {'config.' + k for k in TRAIN_KEYS if k not in checkpoint['config']}
+    if not isinstance(checkpoint, dict) or not {'model', 'model_args', 'config'} <= checkpoint.keys():
+        raise SystemExit(f'error: --ckpt {path}: not a checkpoint of train.py (it needs model, model_args, config)')
+    missing = [key for key in TRAIN_KEYS if key not in checkpoint['config']]
     if missing:
-        raise SystemExit(f'error: --ckpt {path}: not a checkpoint of train.py (missing {sorted(missing)})')
+        raise SystemExit(f'error: --ckpt {path}: not a checkpoint of train.py (its config lacks {missing})')
     try:
         # attn_impl is how the model runs, not what it computes: let it follow the device it is loaded on
         model = GPT(GPTConfig(**(checkpoint['model_args'] | {'attn_impl': 'auto'})))
@@ -54,7 +60,7 @@ def load_data_tokenizer(train_config):
     """The tokenizer of the data the model was trained on, and its EOT id."""
     try:
         tokenizer = load_tokenizer(train_config['data_dir'])
-    except (FileNotFoundError, KeyError) as e:
+    except FileNotFoundError as e:
         raise SystemExit(f'error: cannot load the tokenizer of the checkpoint\'s data: {e}')
     return tokenizer, tokenizer.token_to_id(EOT)
 
@@ -116,7 +122,6 @@ def read_prompt(prompt):
 def main(argv=None):
     args = parse_args(argv)
     text = read_prompt(args.prompt)
-    torch.manual_seed(args.seed)
     model, train_config = load_model(args.ckpt, args.device, DTYPES[args.dtype])
     tokenizer, eot = load_data_tokenizer(train_config)
     prompt = [eot] + tokenizer.encode(text).ids
@@ -130,8 +135,9 @@ def main(argv=None):
         raise SystemExit(f'error: --ckpt {args.ckpt}: {e}')
     idx = torch.tensor([prompt], device=args.device)
     top_k = args.top_k or None
+    torch.manual_seed(args.seed)
 
-    for sample in range(args.num_samples):
+    for _ in range(args.num_samples):
         cache.reset()
         synchronize(args.device)
         t0 = time.perf_counter()

@@ -173,6 +173,7 @@ def one_line_error(argv):
 
 def test_bad_checkpoints_give_one_line_errors(checkpoint, tmp_path):
     assert '--ckpt' in one_line_error(['--ckpt', str(tmp_path / 'missing.pt')])
+    assert '--device' in one_line_error(['--ckpt', checkpoint, '--device', 'tpu:7'])
     truncated = tmp_path / 'truncated.pt'
     truncated.write_bytes(open(checkpoint, 'rb').read()[:1000])
     assert 'not a readable checkpoint' in one_line_error(['--ckpt', str(truncated)])
