@@ -13,20 +13,27 @@ import math
 import torch
 
 from .decode import wall_attn_decode
+from .reference import wall_attn_decode_reference
 
 
 class WallKVCache:
     """Key/value cache of one layer for `B` sequences of at most `max_len` tokens.
 
     num_heads: query heads HQ; num_kv_heads: H; shared_gate: gate per kv head (`k_tilde` is `[B, max_len, H, K]`,
-    exactly a plain GQA key cache) instead of per query head; scalar_gate: also track a FoX scalar gate.
+    exactly a plain GQA key cache) instead of per query head; scalar_gate: also track a FoX scalar gate;
+    impl: 'triton' (the decode kernel), 'eager' (`wall_attn_decode_reference`) or 'auto' (Triton on a GPU).
     """
 
     def __init__(self, batch_size, max_len, num_heads, num_kv_heads, head_dim, value_dim=None, *,
-                 shared_gate=False, scalar_gate=False, chunk_size=64, dtype=torch.bfloat16, device=None):
+                 shared_gate=False, scalar_gate=False, chunk_size=64, dtype=torch.bfloat16, device=None, impl='auto'):
+        if impl not in ('auto', 'triton', 'eager'):
+            raise ValueError(f"impl must be 'auto', 'triton' or 'eager', got {impl!r}")
         if num_heads % num_kv_heads:
             raise ValueError(f'num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}')
         B, K, V = batch_size, head_dim, value_dim or head_dim
+        # 'auto': the Triton kernel on GPUs, the eager decode on CPUs (Triton's interpreter is far slower there)
+        on_gpu = torch.device(device if device is not None else 'cpu').type == 'cuda'
+        self.decode = wall_attn_decode if impl == 'triton' or (impl == 'auto' and on_gpu) else wall_attn_decode_reference
         self.max_len, self.chunk_size = max_len, chunk_size
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.num_gate_heads = num_kv_heads if shared_gate else num_heads
@@ -96,12 +103,13 @@ class WallKVCache:
             raise ValueError(f'q must be [B, T_q, HQ, K] with 1 <= T_q <= {n_raw} (the positions appended since the '
                              f'last closed chunk), got {list(q.shape) if isinstance(q, torch.Tensor) else q!r}')
         n_tail = n_raw - T_q
-        return wall_attn_decode(
+        splits = {} if num_splits is None else {'num_splits': num_splits}
+        return self.decode(
             q, self.v[:, :self.length], self._raw_prefix[:, n_tail:n_raw], self.k_tilde[:, :self.length],
             self.anchors[:, :self.n_anchored // self.chunk_size], sink_bias, scale, self.chunk_size,
             p_tail=self._raw_prefix[:, :n_tail],
             g_scalar_cumsum=None if self.scalar_prefix is None else self.scalar_prefix[:, :self.length],
-            window_size=window_size, num_splits=num_splits)
+            window_size=window_size, **splits)
 
     def _close_chunks_before(self, position):
         """Anchor every whole chunk before `position` on its end and rescale its keys in place, once."""

@@ -1,4 +1,4 @@
-"""Eager PyTorch Wall Attention: the oracle every kernel is tested against.
+"""Eager PyTorch Wall Attention: the oracle every kernel is tested against, and the decode path on CPUs.
 
 Computes SPEC section 1 literally: per visible pair (i, j),
     logit = scale * sum_d q[i,d] k[j,d] exp(L[i,d] - L[j,d]) + (C[i] - C[j]),   L = cumsum(g), C = cumsum(g_scalar)
@@ -66,3 +66,40 @@ def _slab(a, lo, scale, window_size, q, k, v, Lq, Lk, Cq, Ck, sink_bias):
     else:
         weights = torch.softmax(logits, dim=-1)
     return torch.einsum('hij,jhd->ihd', weights, v)
+
+
+def wall_attn_decode_reference(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None, cache_chunk_size=64, *,
+                               p_tail=None, g_scalar_cumsum=None, window_size=None):
+    """`kernels.wall_attn_decode` in eager PyTorch, same arguments and cache layout (see kernels/decode.py), computed
+    in float64 for every (query row, cached key) pair at once: fast on a CPU, where the Triton kernel runs in the
+    interpreter. Returns `(o [B, T_q, HQ, V] in q's dtype, lse [B, T_q, HQ] float32, natural log, sink included)`."""
+    B, T_q, HQ, K = q.shape
+    T, H = v.shape[1], v.shape[2]
+    HG = k_tilde.shape[2]
+    n_tail = 0 if p_tail is None else p_tail.shape[1]
+    n_anchored = T - T_q - n_tail
+    scale = K ** -0.5 if scale is None else scale
+    f64 = torch.float64
+    # The prefix each stored key is expressed against: its chunk's anchor, or its own prefix while it is raw.
+    chunk = torch.arange(n_anchored, device=q.device) // cache_chunk_size
+    key_prefix = torch.cat([r_cache[:, chunk].to(f64), p_curr.new_zeros(B, 0, HG, K, dtype=f64) if p_tail is None
+                            else p_tail.to(f64), p_curr.to(f64)], dim=1)
+    rows = torch.arange(T - T_q, T, device=q.device)[:, None]
+    cols = torch.arange(T, device=q.device)[None, :]
+    visible = cols <= rows
+    if window_size is not None:
+        visible &= rows - cols < window_size
+    exponent = p_curr.to(f64)[:, :, None] - key_prefix[:, None]  # [B, T_q, T, HG, K], <= 0 where visible
+    decay = torch.exp2(exponent.masked_fill(~visible[None, :, :, None, None], float('-inf')))
+    q_groups = q.to(f64).unflatten(2, (HG, HQ // HG))
+    logits = scale * torch.einsum('btgpk,bsgk,btsgk->btgps', q_groups, k_tilde.to(f64), decay).flatten(2, 3)
+    if g_scalar_cumsum is not None:
+        C = g_scalar_cumsum.to(f64)
+        logits = logits + (C[:, -T_q:, :, None] - C.transpose(1, 2)[:, None])
+    logits = logits.masked_fill(~visible[None, :, None], float('-inf'))
+    if sink_bias is not None:
+        logits = torch.cat([logits, sink_bias.to(f64)[None, None, :, None].expand(B, T_q, HQ, 1)], dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    weights = torch.exp(logits - lse[..., None])[..., :T]
+    o = torch.einsum('bthrs,bshv->bthrv', weights.unflatten(2, (H, HQ // H)), v.to(f64)).flatten(2, 3)
+    return o.to(q.dtype), lse.float()

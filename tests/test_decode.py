@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import WallKVCache, build_wall_kv_cache, wall_attn_decode, wall_attn_reference
+from kernels import WallKVCache, build_wall_kv_cache, wall_attn_decode, wall_attn_decode_reference, wall_attn_reference
 from tests.conftest import DEVICE
 
 C = 16
@@ -37,11 +37,11 @@ def prefix(g):
     return torch.cumsum(g, dim=1) / math.log(2)
 
 
-def new_cache(x, max_len, dtype=torch.float32):
+def new_cache(x, max_len, dtype=torch.float32, impl='triton'):
     B, _, HQ, K = x['q'].shape
     H, V = x['v'].shape[2], x['v'].shape[3]
     return WallKVCache(B, max_len, HQ, H, K, V, shared_gate=x['g'].shape[2] == H != HQ,
-                       scalar_gate=x['g_scalar'] is not None, chunk_size=C, dtype=dtype, device=DEVICE)
+                       scalar_gate=x['g_scalar'] is not None, chunk_size=C, dtype=dtype, device=DEVICE, impl=impl)
 
 
 def append(cache, x, start, end):
@@ -61,11 +61,11 @@ def reference(x, window_size=None):
                                window_size=window_size)
 
 
-def stream(x, start=0, window_size=None, cache=None):
+def stream(x, start=0, window_size=None, cache=None, impl='triton'):
     """Append one token and decode it, for every position from `start` (a fresh cache is prefilled up to it)."""
     T = x['q'].shape[1]
     if cache is None:
-        cache = new_cache(x, T)
+        cache = new_cache(x, T, impl=impl)
         if start:
             append(cache, x, 0, start)
     outs = []
@@ -85,6 +85,28 @@ def test_streaming_matches_training_forward(shared_gate, options):
     heads = dict(HQ=options.pop('HQ', 4), H=options.pop('H', 2))
     x = make_inputs(1, 49, shared_gate=shared_gate, **heads, **options)
     torch.testing.assert_close(stream(x, window_size=window_size), reference(x, window_size), **TOL)
+
+
+@pytest.mark.parametrize('shared_gate', [False, True])
+def test_eager_decode_streams_like_the_training_forward(shared_gate):
+    """The CPU path (`impl='eager'`) on the same cache: across chunk boundaries, with every option at once."""
+    x = make_inputs(1, 49, HQ=4, H=2, shared_gate=shared_gate, sink=True, scalar_gate=True)
+    torch.testing.assert_close(stream(x, window_size=21, impl='eager'), reference(x, 21), **TOL)
+
+
+def test_eager_decode_equals_the_kernel_on_several_query_rows():
+    B, T, T_q = 2, 40, 19
+    x = make_inputs(B, T, 4, 2, gate='mixed', sink=True, scalar_gate=True)
+    P = prefix(x['g'])
+    k_tilde, r_cache = build_wall_kv_cache(x['k'].float(), P, C, raw_tail=T - C)  # one anchored chunk
+    args = (x['q'][:, -T_q:].float(), x['v'].float(), P[:, -T_q:], k_tilde, r_cache, x['sink_bias'].float())
+    kw = dict(cache_chunk_size=C, p_tail=P[:, C:T - T_q], window_size=30,
+              g_scalar_cumsum=torch.cumsum(x['g_scalar'], dim=1))
+    o, lse = wall_attn_decode(*args, **kw)
+    o_eager, lse_eager = wall_attn_decode_reference(*args, **kw)
+    torch.testing.assert_close(o_eager, o, **TOL)
+    torch.testing.assert_close(lse_eager, lse, **TOL)
+    torch.testing.assert_close(o_eager.double(), reference(x, 30)[:, -T_q:], **TOL)
 
 
 @pytest.mark.parametrize('shared_gate', [False, True])
