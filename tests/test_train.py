@@ -1,0 +1,188 @@
+"""train.py end to end, as users run it: subprocesses on a tiny corpus, a tiny model, a few iterations, CPU.
+
+The runs are started together where they do not depend on each other, one thread each, to fit CI's budget.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+
+from data.prepare import main as prepare_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(f for f in os.listdir(os.path.join(REPO, 'config')) if f.endswith('.py'))
+# One thread per process: equal arithmetic in every run, and no two runs fighting over a core.
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--n_kv_head=1', '--tokens_per_batch=128', '--max_doc_len=48',
+        '--gradient_accumulation_steps=2', '--learning_rate=1e-2', '--warmup_iters=2', '--lr_decay_iters=12',
+        '--min_lr=1e-3', '--eval_iters=2', '--log_interval=1', '--device=cpu', '--dtype=float32', '--compile=False']
+ITERS = 12   # the uninterrupted run; the interrupted one stops at HALF and resumes
+HALF = 6
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    """Real text, small: the standard library's json and email packages (about 30 files, 500 kB)."""
+    src = tmp_path_factory.mktemp('src')
+    stdlib = sysconfig.get_paths()['stdlib']
+    for package in ('json', 'email'):
+        shutil.copytree(os.path.join(stdlib, package), src / package, ignore=shutil.ignore_patterns('__pycache__'))
+    out = tmp_path_factory.mktemp('prepared') / 'corpus'
+    prepare_main([f'--source={src}/**/*.py', f'--out={out}', '--vocab_size=512', '--val_fraction=0.2'])
+    return str(out)
+
+
+def run_train(*args, nproc=1):
+    """`python train.py *args` (under torchrun with nproc ranks), in the background."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+    return subprocess.Popen(launcher + ['train.py', *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def start(data_dir, out_dir, *overrides, nproc=1):
+    """train.py with the tiny settings (later overrides win), in the background."""
+    return run_train(*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', *overrides, nproc=nproc)
+
+
+def finish(process):
+    """(stdout, stderr) of a run that must succeed."""
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, f'train.py failed:\n{err[-3000:]}'
+    return out, err
+
+
+def losses(out, kind='loss'):
+    """{iter: loss} of the train (kind='loss') or validation (kind='val loss') log lines."""
+    return {int(i): float(x) for i, x in re.findall(rf'^iter (\d+): {kind} ([-\d.]+)', out, re.MULTILINE)}
+
+
+def fails(process):
+    """The one line a run that must fail says (and the run says nothing else on stderr)."""
+    out, err = process.communicate(timeout=300)
+    assert process.returncode != 0, f'expected an error, the run succeeded:\n{out[-2000:]}'
+    assert 'Traceback' not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope='module')
+def runs(data_dir, tmp_path_factory):
+    """Logs of: an uninterrupted run, one interrupted at HALF and resumed, and a 2-rank DDP run with the same
+    total accumulation; plus the uninterrupted run's out_dir."""
+    root = tmp_path_factory.mktemp('runs')
+    full_dir, cut_dir, ddp_dir = (str(root / name) for name in ('full', 'cut', 'ddp'))
+    save = ['--eval_interval=3', '--always_save_checkpoint=True']
+    full = start(data_dir, full_dir, f'--max_iters={ITERS}', *save)
+    cut = start(data_dir, cut_dir, f'--max_iters={HALF}', *save)
+    ddp = start(data_dir, ddp_dir, f'--max_iters={HALF}', '--eval_interval=3', nproc=2)
+    cut_out, _ = finish(cut)
+    resumed = start(data_dir, cut_dir, f'--max_iters={ITERS}', '--init_from=resume', *save)
+    logs = {'full': finish(full)[0], 'cut': cut_out, 'resumed': finish(resumed)[0], 'ddp': finish(ddp)[0]}
+    return logs, full_dir
+
+
+def test_training_lowers_the_loss(runs):
+    logs, _ = runs
+    val = losses(logs['full'], 'val loss')
+    assert sorted(val) == [0, 3, 6, 9, 12]
+    assert val[12] < val[0] - 0.5, val  # from ln(512) = 6.2 at the start
+    train = losses(logs['full'])
+    assert sorted(train) == list(range(ITERS))
+    assert sum(train[i] for i in range(9, 12)) < sum(train[i] for i in range(3)) - 3 * 0.2, train
+
+
+def test_resume_continues_exactly(runs):
+    logs, _ = runs
+    full, cut, resumed = (losses(logs[name]) for name in ('full', 'cut', 'resumed'))
+    assert sorted(cut) == list(range(HALF)) and sorted(resumed) == list(range(HALF, ITERS))
+    assert cut == {i: full[i] for i in range(HALF)}
+    assert resumed == {i: full[i] for i in range(HALF, ITERS)}  # bit for bit, as printed
+    assert losses(logs['resumed'], 'val loss')[ITERS] == losses(logs['full'], 'val loss')[ITERS]
+
+
+def test_two_rank_ddp_matches_one_rank_with_the_same_accumulation(runs):
+    # 2 ranks x 1 micro-batch against 1 rank x 2: the same micro-batches, gradients and logged (mean) losses
+    logs, _ = runs
+    full, ddp = losses(logs['full']), losses(logs['ddp'])
+    assert sorted(ddp) == list(range(HALF))
+    for i in ddp:
+        assert ddp[i] == pytest.approx(full[i], abs=1e-5), (i, ddp[i], full[i])
+    full_val, ddp_val = losses(logs['full'], 'val loss'), losses(logs['ddp'], 'val loss')
+    for i in (0, 3, 6):  # the same validation batches, whatever the number of ranks
+        assert ddp_val[i] == pytest.approx(full_val[i], abs=1e-4)
+
+
+def test_checkpoint_holds_what_sampling_and_resuming_read(runs):
+    _, full_dir = runs
+    checkpoint = torch.load(os.path.join(full_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
+    assert checkpoint['iter_num'] == ITERS
+    assert checkpoint['model_args']['vocab_size'] == 512 and checkpoint['model_args']['n_layer'] == 2
+    assert {'data_dir', 'max_doc_len', 'tokens_per_batch'} <= set(checkpoint['config'])
+    assert set(checkpoint['loader']) == {'seed', 'epoch', 'doc', 'offset'}
+    assert not [f for f in os.listdir(full_dir) if f != 'ckpt.pt'], 'a temporary file was left behind'
+
+
+def test_config_mistakes_are_one_clear_line(data_dir, tmp_path):
+    bad_file = tmp_path / 'bad.py'
+    bad_file.write_text('n_layer = 2\nlearning_rate = "fast"\n')
+    cases = {  # arguments -> what the error must say
+        ('--n_layers=3',): "unknown config key 'n_layers'",
+        (str(bad_file),): "learning_rate must be a float",
+        ('no/such/config.py',): "cannot read config file 'no/such/config.py'",
+        ('--init_from=resum',): "init_from='resum', expected 'scratch' or 'resume'",
+        ('--n_head=3',): 'model config',
+    }
+    processes = {args: start(data_dir, str(tmp_path / f'out{i}'), '--max_iters=0', *args)
+                 for i, args in enumerate(cases)}
+    for args, expected in cases.items():
+        line = fails(processes[args])
+        assert expected in line and line.startswith(('error:', 'config error:')), (args, line)
+
+
+def test_shipped_configs_are_valid(tmp_path):
+    # every key exists with the right type and passes train.py's checks: each run gets as far as the data
+    processes = {config: run_train(f'config/{config}', f'--data_dir={tmp_path / "no_data"}', f'--out_dir={tmp_path}')
+                 for config in CONFIGS}
+    for config, process in processes.items():
+        line = fails(process)
+        assert line.startswith(f"error: data_dir='{tmp_path / 'no_data'}'"), (config, line)
+
+
+def test_unusable_checkpoints_are_refused_and_left_as_they_were(runs, data_dir, tmp_path):
+    _, full_dir = runs
+    good = open(os.path.join(full_dir, 'ckpt.pt'), 'rb').read()
+    checkpoint = torch.load(os.path.join(full_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
+    checkpoint['model'].pop('lm_head.weight')
+    cases = {  # name -> (how to make it, what the error must say)
+        'truncated': (lambda path: open(path, 'wb').write(good[:len(good) // 2]), 'is not a readable checkpoint'),
+        'foreign': (lambda path: torch.save({'a': 1}, path), 'is not a checkpoint of this train.py'),
+        'wrong weights': (lambda path: torch.save(checkpoint, path), 'does not fit this run'),
+    }
+    processes, contents = {}, {}
+    for i, (name, (make, _)) in enumerate(cases.items()):
+        out_dir = tmp_path / f'case{i}'
+        out_dir.mkdir()
+        make(str(out_dir / 'ckpt.pt'))
+        contents[name] = (out_dir / 'ckpt.pt').read_bytes()
+        # would save at once (iteration 1 with always_save) if it got that far
+        processes[name] = start(data_dir, str(out_dir), '--init_from=resume', '--max_iters=2', '--eval_interval=1',
+                                '--always_save_checkpoint=True')
+    (tmp_path / 'kept').mkdir()
+    (tmp_path / 'kept' / 'ckpt.pt').write_bytes(good)
+    processes['scratch over a checkpoint'] = start(data_dir, str(tmp_path / 'kept'), '--max_iters=2')
+    processes['resume without a checkpoint'] = start(data_dir, str(tmp_path / 'none'), '--init_from=resume')
+    for name, (_, expected) in cases.items():
+        line = fails(processes[name])
+        assert expected in line and 'ckpt.pt' in line, (name, line)
+        assert (tmp_path / f'case{list(cases).index(name)}' / 'ckpt.pt').read_bytes() == contents[name], name
+    assert 'exists and a run from scratch would replace it' in fails(processes['scratch over a checkpoint'])
+    assert (tmp_path / 'kept' / 'ckpt.pt').read_bytes() == good
+    assert 'no checkpoint at' in fails(processes['resume without a checkpoint'])
