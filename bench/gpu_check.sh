@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks, in one call: GPU tests, then benchmarks; logs under $OUT, tables last.
-#   bash bench/gpu_check.sh [tests] [attn] [decode] [train]     (default: all)
+#   bash bench/gpu_check.sh [tests] [attn] [decode] [train] [generate]     (default: all)
 # flash-linear-attention (the peer) travels as a wheel in .whl/ when the machine lacks it.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
@@ -10,7 +10,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:${PYTHONPATH:-}
-parts=${*:-tests attn decode train}
+parts=${*:-tests attn decode train generate}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for part in $parts; do
@@ -20,8 +20,9 @@ for part in $parts; do
     attn)   python3 bench/bench_attn.py --shapes 'B2 T8k H16' --out "$OUT/attn.md" 2>&1 | tee "$OUT/attn.log" | grep -v '^|'
             python3 bench/bench_attn.py --shapes 'B1 T16k GQA 16/4' 'B1 T32k varlen' --skip fla --out "$OUT/attn_more.md" \
               2>&1 | tee -a "$OUT/attn.log" | grep -v '^|' ;;
-    decode) [ -f bench/bench_decode.py ] && python3 bench/bench_decode.py --out "$OUT/decode.md" 2>&1 | tee "$OUT/decode.log" | grep -v '^|' ;;
-    train)  [ -f bench/bench_train.py ] && python3 bench/bench_train.py 2>&1 | tee "$OUT/train.log" | tail -20 ;;
+    decode) python3 bench/bench_decode.py --out "$OUT/decode.md" 2>&1 | tee "$OUT/decode.log" | grep -v '^|' ;;
+    train)    python3 bench/bench_train.py --out "$OUT/train.md" 2>&1 | tee "$OUT/train.log" | tail -20 ;;
+    generate) python3 bench/bench_generate.py --out "$OUT/generate.md" 2>&1 | tee "$OUT/generate.log" | tail -20 ;;
   esac
 done
 echo; cat "$OUT"/*.md 2>/dev/null
