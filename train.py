@@ -13,6 +13,7 @@ cu_seqlens marking the documents: attention never crosses a document boundary.
 import math
 import os
 import random
+import re
 import sys
 import time
 import traceback
@@ -96,8 +97,8 @@ if init_from not in ('scratch', 'resume'):
     fail(f"init_from={init_from!r}, expected 'scratch' or 'resume' (from {out_dir}/ckpt.pt)")
 if dtype not in ('float32', 'bfloat16'):
     fail(f"dtype={dtype!r}, expected 'float32' or 'bfloat16' (float16 would need loss scaling)")
-if device != 'cpu' and not (device.startswith('cuda') and torch.cuda.is_available()):
-    fail(f"device={device!r}, expected 'cpu'" + (" or 'cuda'" if torch.cuda.is_available() else
+if device != 'cpu' and not (re.fullmatch(r'cuda(:\d+)?', device) and torch.cuda.is_available()):
+    fail(f"device={device!r}, expected 'cpu'" + (" or 'cuda' ('cuda:N')" if torch.cuda.is_available() else
                                                   ' (this torch sees no CUDA GPU)'))
 
 ddp = 'RANK' in os.environ  # launched by torchrun
@@ -192,6 +193,9 @@ else:
     try:
         # the architecture comes from the checkpoint; how to run it may change
         model_args = checkpoint['model_args'] | {k: config[k] for k in RUNTIME_MODEL_KEYS}
+        ignored = {k: v for k, v in model_args.items() if k in config and config[k] != v}
+        if ignored and master_process:
+            print(f'note: the checkpoint fixes the architecture: {ignored} (this config says otherwise)')
         if model_args['vocab_size'] != vocab_size:
             fail(f'{ckpt_path} has a vocabulary of {model_args["vocab_size"]} tokens, the tokenizer of '
                  f'data_dir={data_dir!r} has {vocab_size}: resume on the data it was trained on')

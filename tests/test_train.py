@@ -186,3 +186,13 @@ def test_unusable_checkpoints_are_refused_and_left_as_they_were(runs, data_dir, 
     assert 'exists and a run from scratch would replace it' in fails(processes['scratch over a checkpoint'])
     assert (tmp_path / 'kept' / 'ckpt.pt').read_bytes() == good
     assert 'no checkpoint at' in fails(processes['resume without a checkpoint'])
+
+
+def test_training_benchmark_runs_at_smoke_shapes(tmp_path):
+    out = tmp_path / 'train.md'
+    bench = subprocess.run([sys.executable, 'bench/bench_train.py', '--smoke', '--attention', 'wall,rope',
+                            '--warmup', '1', '--steps', '1', '--out', str(out)],
+                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith(('| wall', '| rope'))]
+    assert len(rows) == 2 and 'x rope)' in rows[0], rows
