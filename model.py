@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels
 
@@ -71,8 +72,13 @@ def softmax_attention(q, k, v, cu_seqlens, window_size):
         from torch.nn.attention.varlen import varlen_attn
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         left = -1 if window_size is None else window_size - 1  # flash counts keys strictly left of the query
-        y = varlen_attn(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_len, max_len,
-                        window_size=(left, 0), enable_gqa=True)[None]
+        gqa = {}
+        if k.shape[2] != q.shape[2]:
+            if 'enable_gqa' in inspect.signature(varlen_attn).parameters:
+                gqa = dict(enable_gqa=True)
+            else:  # torch < 2.12 has no GQA flag here: widen the kv heads
+                k, v = (t.repeat_interleave(q.shape[2] // k.shape[2], dim=2) for t in (k, v))
+        y = varlen_attn(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_len, max_len, window_size=(left, 0), **gqa)[None]
     else:  # on CPU, a boolean mask built from the same rule
         i = torch.arange(q.shape[1], device=q.device)
         doc = document_ids(cu_seqlens, q.shape[1])
@@ -442,6 +448,9 @@ def take_rows(tensors, rows):
     return [None if t is None else t[:, rows] for t in tensors]
 
 
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class StaticKVCache:
     """Keys and values of one RoPE layer in preallocated buffers [B, max_len, H, D], attended with SDPA."""
 
@@ -467,10 +476,12 @@ class StaticKVCache:
             i = torch.arange(end - T_q, end, device=q.device)[:, None]
             j = torch.arange(lo, end, device=q.device)[None, :]
             mask = (j <= i) & (i - j < (window_size or end))
-        # enable_gqa only under GQA: with it, a masked call on the GPU falls back to the math backend
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[:, lo:end].transpose(1, 2),
-                                           self.v[:, lo:end].transpose(1, 2), attn_mask=mask,
-                                           enable_gqa=q.shape[2] != self.k.shape[2])
+        # enable_gqa only under GQA: with it, a masked call on the GPU falls back to the math backend. No cuDNN:
+        # it builds a new graph for every new cache length, milliseconds per layer and step.
+        with sdpa_kernel(DECODE_SDPA_BACKENDS):
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[:, lo:end].transpose(1, 2),
+                                               self.v[:, lo:end].transpose(1, 2), attn_mask=mask,
+                                               enable_gqa=q.shape[2] != self.k.shape[2])
         return y.transpose(1, 2)
 
 

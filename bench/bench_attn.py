@@ -43,6 +43,8 @@ def candidates(shape):
     B, T, HQ, H, K, docs = (shape.get(n) for n in ('B', 'T', 'HQ', 'H', 'K', 'docs'))
     q, k, v, g, g_scalar, cu = make_inputs(B, T, HQ, H, K, docs)
     yield 'ours (gate per query head)', (q, k, v, g), lambda q, k, v, g: wall_attn(q, k, v, g, cu_seqlens=cu)
+    yield 'ours (gate per query head + scalar gate)', (q, k, v, g, g_scalar), \
+        lambda q, k, v, g, gs: wall_attn(q, k, v, g, g_scalar=gs, cu_seqlens=cu)
     if H != HQ:
         g_kv = make_inputs(B, T, HQ, H, K, docs, gate_heads=H)[3]
         yield 'ours (gate per kv head)', (q, k, v, g_kv), lambda q, k, v, g: wall_attn(q, k, v, g, cu_seqlens=cu)

@@ -38,7 +38,9 @@ def model_shape(smoke):
     namespace = {}
     with open(CONFIG) as f:
         exec(compile(f.read(), CONFIG, 'exec'), namespace)
-    return {k: v for k, v in namespace.items() if k in GPTConfig.__dataclass_fields__}
+    # the attention and gate layout are what this benchmark varies
+    return {k: v for k, v in namespace.items()
+            if k in GPTConfig.__dataclass_fields__ and k not in ('attention', 'gate_per_kv_head')}
 
 
 def fill(cache, model, context, device):
@@ -68,7 +70,7 @@ def bench(shape, attention, gate_per_kv_head, args, device):
                        gate_per_kv_head=gate_per_kv_head)
     torch.manual_seed(0)
     model = GPT(config).to(device).to_inference_dtype(torch.float32 if args.smoke else torch.bfloat16).eval()
-    cache = KVCache(model, 1, args.context + args.warmup + args.steps + 1)
+    cache = KVCache(model, 1, args.context + args.warmup + args.steps + 4 * args.profile + 1)
     fill(cache, model, args.context, device)
     logits, _ = model(torch.zeros(1, 1, dtype=torch.long, device=device), cache=cache)
     for _ in model.decode(logits, cache, args.warmup, temperature=0):
@@ -79,6 +81,13 @@ def bench(shape, attention, gate_per_kv_head, args, device):
         pass
     sync(device)
     seconds = time.perf_counter() - t0
+    if args.profile:  # where a step's time goes: host (Python, launches) against device
+        with torch.profiler.profile() as prof:
+            for _ in model.decode(logits, cache, 4, temperature=0):
+                pass
+            sync(device)
+        print(f'{attention}{" (gate per kv head)" if gate_per_kv_head else ""}, 3 decode steps:')
+        print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=12, max_name_column_width=60))
     return args.steps / seconds, 1e3 * seconds / args.steps, cache_bytes(cache) / 2 ** 20
 
 
@@ -94,6 +103,7 @@ def main():
     parser.add_argument('--warmup', type=int, default=16)
     parser.add_argument('--steps', type=int, default=256, help='timed decode steps (smoke: 4)')
     parser.add_argument('--smoke', action='store_true', help='a tiny model on the CPU, to check the script runs')
+    parser.add_argument('--profile', action='store_true', help='also print the torch profiler table of 3 steps')
     args = parser.parse_args()
     args.context = args.context or (40 if args.smoke else 32768)
     if args.smoke:

@@ -125,7 +125,7 @@ def wall_attn_decode(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None,
     key_lo = 0 if window_size is None else max(0, T0 - window_size + 1)
     n_blocks = max(0, triton.cdiv(T0, C) - key_lo // C)
     if num_splits is None:
-        num_splits = _default_num_splits(q.device, B * HG, n_blocks)
+        num_splits = _default_num_splits(q.device, B * HG, n_blocks, T_q * (HQ // HG))
     blocks_per_split = triton.cdiv(n_blocks, max(1, min(num_splits, n_blocks))) if n_blocks else 0
     num_splits = triton.cdiv(n_blocks, blocks_per_split) if n_blocks else 1
 
@@ -144,7 +144,8 @@ def wall_attn_decode(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None,
         T0, n_anchored, key_lo, blocks_per_split, num_splits, window_size or 0, scale * LOG2E,
         HG=HG, QPG=QPG, GPV=HG // H, T_Q=T_q, M=max(16, triton.next_power_of_2(rows)), K=K, V=V, C=C,
         HAS_SCALAR=g_scalar_cumsum is not None, HAS_WINDOW=window_size is not None,
-        num_warps=4, num_stages=3 if q.is_cuda else 1,
+        # three stages of a 64 x 128 fp32 key and value chunk would need 300 KB of shared memory
+        num_warps=4, num_stages=1 if not q.is_cuda else 3 if k_tilde.element_size() <= 2 else 2,
     )
     o = torch.empty(B, T_q, HQ, V, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T_q, HQ, dtype=torch.float32, device=q.device)
@@ -169,12 +170,16 @@ def _check_tensor(name, x, ndim, shape=None, dtypes=None, device=None):
         raise ValueError(f'{name} is on {x.device}, expected {device} (the device of q)')
 
 
-def _default_num_splits(device, programs_per_split, n_blocks):
-    """Enough programs for a few per multiprocessor, so one long sequence at batch 1 fills the GPU."""
+def _default_num_splits(device, programs_per_split, n_blocks, rows_per_program):
+    """Enough programs that one long sequence at batch 1 fills the GPU. Measured on an H100 (bench/results_decode.md,
+    --sweep): programs of one query row run best about 4 per multiprocessor; programs of several rows (a query group
+    under a shared gate) do that many times the arithmetic per cache byte and run best about one per multiprocessor
+    (31 us instead of 46 at 32k cached tokens, 96 instead of 113 at 131k)."""
     if device.type != 'cuda':
         return min(n_blocks, 2)  # the CPU interpreter runs programs one by one
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_blocks, triton.cdiv(4 * sms, programs_per_split)))
+    programs = 4 * sms if rows_per_program == 1 else sms
+    return max(1, min(n_blocks, triton.cdiv(programs, programs_per_split)))
 
 
 @triton.jit
