@@ -23,6 +23,7 @@ query heads that share its gate head (all G query heads of a kv head when the ga
 read once), keeps an online softmax over its chunks, and writes a partial (output, log-sum-exp); a combine kernel
 merges the splits and the attention sink.
 """
+import functools
 import math
 
 import torch
@@ -56,7 +57,7 @@ def build_wall_kv_cache(k, P, chunk_size=64, *, raw_tail=0, out_dtype=None):
     if chunk_size < 1 or not 0 <= raw_tail <= T:
         raise ValueError(f'need chunk_size >= 1 and 0 <= raw_tail <= T={T}, got {chunk_size}, {raw_tail}')
     HG, n_anchored = P.shape[2], T - raw_tail
-    NC = triton.cdiv(n_anchored, chunk_size)
+    NC = _cdiv(n_anchored, chunk_size)
     last = torch.clamp(torch.arange(NC, device=k.device) * chunk_size + chunk_size, max=n_anchored) - 1
     r_cache = P[:, last]
     chunk_of = torch.arange(n_anchored, device=k.device) // chunk_size
@@ -109,7 +110,7 @@ def wall_attn_decode(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None,
     if n_tail and n_anchored % C:
         raise ValueError(f'with p_tail the anchored part must be whole chunks; it has {n_anchored} positions, C={C}')
     _check_tensor('r_cache', r_cache, 4, dtypes=prefix_dtypes, device=q.device)
-    n_chunks = triton.cdiv(n_anchored, C)
+    n_chunks = _cdiv(n_anchored, C)
     if r_cache.shape[0] != B or r_cache.shape[1] < n_chunks or r_cache.shape[2:] != (HG, K):
         raise ValueError(f'r_cache must be [B={B}, >= {n_chunks} anchors (cover the {n_anchored} anchored positions'
                          f' in chunks of {C}), HG={HG}, K={K}], got {list(r_cache.shape)}')
@@ -123,11 +124,11 @@ def wall_attn_decode(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None,
 
     T0 = T - T_q
     key_lo = 0 if window_size is None else max(0, T0 - window_size + 1)
-    n_blocks = max(0, triton.cdiv(T0, C) - key_lo // C)
+    n_blocks = max(0, _cdiv(T0, C) - key_lo // C)
     if num_splits is None:
         num_splits = _default_num_splits(q.device, B * HG, n_blocks, T_q * (HQ // HG))
-    blocks_per_split = triton.cdiv(n_blocks, max(1, min(num_splits, n_blocks))) if n_blocks else 0
-    num_splits = triton.cdiv(n_blocks, blocks_per_split) if n_blocks else 1
+    blocks_per_split = _cdiv(n_blocks, max(1, min(num_splits, n_blocks))) if n_blocks else 0
+    num_splits = _cdiv(n_blocks, blocks_per_split) if n_blocks else 1
 
     QPG = HQ // HG
     rows = T_q * QPG
@@ -142,7 +143,7 @@ def wall_attn_decode(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None,
         *q.stride(), *k_tilde.stride(), *v.stride(), *p_curr.stride(), *p_tail_arg.stride(), *r_cache.stride(),
         *scalar_strides,
         T0, n_anchored, key_lo, blocks_per_split, num_splits, window_size or 0, scale * LOG2E,
-        HG=HG, QPG=QPG, GPV=HG // H, T_Q=T_q, M=max(16, triton.next_power_of_2(rows)), K=K, V=V, C=C,
+        HG=HG, QPG=QPG, GPV=HG // H, T_Q=T_q, M=max(16, 1 << (rows - 1).bit_length()), K=K, V=V, C=C,
         HAS_SCALAR=g_scalar_cumsum is not None, HAS_WINDOW=window_size is not None,
         # three stages of a 64 x 128 fp32 key and value chunk would need 300 KB of shared memory
         num_warps=4, num_stages=1 if not q.is_cuda else 3 if k_tilde.element_size() <= 2 else 2,
@@ -154,6 +155,11 @@ def wall_attn_decode(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None,
         HG=HG, QPG=QPG, T_Q=T_q, HQ=HQ, V=V, BLOCK_S=COMBINE_BLOCK_SPLITS, HAS_SINK=sink_bias is not None,
     )
     return o, lse
+
+
+def _cdiv(a, b):
+    """Ceiling division in plain Python: triton.cdiv costs microseconds a call, and a decode step is host-bound."""
+    return -(-a // b)
 
 
 def _check_tensor(name, x, ndim, shape=None, dtypes=None, device=None):
@@ -170,6 +176,11 @@ def _check_tensor(name, x, ndim, shape=None, dtypes=None, device=None):
         raise ValueError(f'{name} is on {x.device}, expected {device} (the device of q)')
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _default_num_splits(device, programs_per_split, n_blocks, rows_per_program):
     """Enough programs that one long sequence at batch 1 fills the GPU. Measured on an H100 (bench/results_decode.md,
     --sweep): programs of one query row run best about 4 per multiprocessor; programs of several rows (a query group
@@ -177,9 +188,9 @@ def _default_num_splits(device, programs_per_split, n_blocks, rows_per_program):
     (31 us instead of 46 at 32k cached tokens, 96 instead of 113 at 131k)."""
     if device.type != 'cuda':
         return min(n_blocks, 2)  # the CPU interpreter runs programs one by one
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     programs = 4 * sms if rows_per_program == 1 else sms
-    return max(1, min(n_blocks, triton.cdiv(programs, programs_per_split)))
+    return max(1, min(n_blocks, _cdiv(programs, programs_per_split)))
 
 
 @triton.jit
