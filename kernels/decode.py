@@ -214,6 +214,18 @@ def _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, scb, sct, sch)
 
 
 @triton.jit
+def _fold_chunk(s, values, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, m_i, l_i, acc,
+                scalar, scb, sct, sch, window_size, HAS_WINDOW: tl.constexpr, HAS_SCALAR: tl.constexpr):
+    """Visibility (cache length, window) and the scalar gate for a chunk's logits, then its online-softmax step."""
+    visible = row_ok[:, None] & key_ok[None, :]
+    if HAS_WINDOW:
+        visible = visible & (key_pos[None, :] > row_pos[:, None] - window_size)
+    if HAS_SCALAR:
+        s += _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, scb, sct, sch)
+    return _online_softmax_step(s, visible, m_i, l_i, acc, values)
+
+
+@triton.jit
 def wall_decode_split_kernel(
     q, k_tilde, v, p_curr, p_tail, r_cache, scalar, o_part, lse_part,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, spb, spt, sph, spd,
@@ -263,12 +275,8 @@ def wall_decode_split_kernel(
         keys = tl.load(k_tilde + key_pos[:, None] * skt + d_k[None, :] * skd, mask=key_ok[:, None], other=0.0)
         values = tl.load(v + key_pos[:, None] * svt + d_v[None, :] * svd, mask=key_ok[:, None], other=0.0)
         s = tl.dot(q_c.to(keys.dtype), tl.trans(keys))
-        visible = row_ok[:, None] & key_ok[None, :]
-        if HAS_WINDOW:
-            visible = visible & (key_pos[None, :] > row_pos[:, None] - window_size)
-        if HAS_SCALAR:
-            s += _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, scb, sct, sch)
-        m_i, l_i, acc = _online_softmax_step(s, visible, m_i, l_i, acc, values)
+        m_i, l_i, acc = _fold_chunk(s, values, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, m_i, l_i, acc,
+                                    scalar, scb, sct, sch, window_size, HAS_WINDOW, HAS_SCALAR)
 
     # Raw keys before the queries: anchor them on the fly at the first query row T0.
     anchor = tl.load(p_curr + d_k * spd)
@@ -283,12 +291,8 @@ def wall_decode_split_kernel(
         values = tl.load(v + key_pos[:, None] * svt + d_v[None, :] * svd, mask=key_ok[:, None], other=0.0)
         keys_anchored = (keys.to(tl.float32) * tl.exp2((anchor[None, :] - p_keys).to(tl.float32))).to(keys.dtype)
         s = tl.dot(q_raw.to(keys.dtype), tl.trans(keys_anchored))
-        visible = row_ok[:, None] & key_ok[None, :]
-        if HAS_WINDOW:
-            visible = visible & (key_pos[None, :] > row_pos[:, None] - window_size)
-        if HAS_SCALAR:
-            s += _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, scb, sct, sch)
-        m_i, l_i, acc = _online_softmax_step(s, visible, m_i, l_i, acc, values)
+        m_i, l_i, acc = _fold_chunk(s, values, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, m_i, l_i, acc,
+                                    scalar, scb, sct, sch, window_size, HAS_WINDOW, HAS_SCALAR)
 
     # The query rows' own keys, causal among themselves: exact per-element decay, owned by the last split.
     if i_s == n_splits - 1:
