@@ -161,7 +161,11 @@ class Attention(nn.Module):
         q, k, v, g, g_scalar = self.project(x, rope)
         sink_bias = self.sink_bias if self.config.sink else None
         new = (k, v) if self.config.attention == 'rope' else (k, v, g, g_scalar)  # what the cache keeps
-        if cache is not None and cache.length:
+        if cache is not None and cache.length and T == 1:  # a decode step: device-side positions only
+            cache.append_token(*new)
+            y = (cache.attend_token(q, window_size=self.window_size) if self.config.attention == 'rope' else
+                 cache.attend_token(q, sink_bias=sink_bias, window_size=self.window_size)[0])
+        elif cache is not None and cache.length:
             y = self.attend_cached(cache, q, new, sink_bias)
         else:
             if self.config.attention == 'rope':
@@ -332,7 +336,9 @@ class GPT(nn.Module):
             raise ValueError(f'{T} new tokens after the {start} cached exceed the cache (max_len={cache.max_len})')
         rope = None
         if self.config.attention == 'rope':  # positions restart at every document
-            positions = torch.arange(start, start + T, device=idx.device)[None]
+            positions = torch.arange(T, device=idx.device)[None]
+            if cache is not None:  # from the device: a replayed decode step must not bake in its position
+                positions = positions + cache.position
             if cu_seqlens is not None:
                 positions = positions - cu_seqlens.long()[document_ids(cu_seqlens, T)]
             rope = rotary(positions, self.config.n_embd // self.config.n_head, self.config.rope_base)
@@ -349,7 +355,7 @@ class GPT(nn.Module):
         None); with a KVCache (see hidden_states) that is the logits after the new tokens."""
         x = self.hidden_states(idx, cu_seqlens, cache)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
+            return self.lm_head(x[:, -1:, :]), None
         return None, chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                            self.config.loss_chunk_rows)
 
@@ -406,11 +412,51 @@ class GPT(nn.Module):
     def decode(self, logits, cache, max_new_tokens, temperature=1.0, top_k=None):
         """Yield max_new_tokens tokens [B, 1], sampled one at a time starting from `logits` (of the last cached
         position, e.g. from prefill); each yielded token but the last is then appended to the cache."""
+        step = DecodeStep(self, cache)
         for i in range(max_new_tokens):
             idx_next = sample_next(logits[:, -1, :], temperature, top_k)
             yield idx_next
             if i < max_new_tokens - 1:
-                logits, _ = self(idx_next, cache=cache)
+                logits = step(idx_next)
+
+
+class DecodeStep:
+    """The forward of one new token per sequence against a KVCache, returning its logits [B, 1, vocab].
+
+    On a GPU the first call runs eagerly (compiling kernels, and bringing the cache to its steady state), the second
+    captures the step in a CUDA graph, and every later call replays it: an eager step of a small model at batch 1 is
+    bound by Python and kernel launches (bench/results_generate.md). Every position the step uses is read from the
+    device (KVCache.position), so one graph serves every step; the host's view is advanced after each replay.
+    """
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        self.graph, self.calls = None, 0
+
+    def __call__(self, idx):
+        if self.cache.length + idx.shape[1] > self.cache.max_len:
+            raise ValueError(f'{idx.shape[1]} new tokens after the {self.cache.length} cached exceed the cache '
+                             f'(max_len={self.cache.max_len})')
+        self.calls += 1
+        if not idx.is_cuda:
+            return self.model(idx, cache=self.cache)[0]
+        if self.calls == 1:  # warm up on a side stream, as CUDA graph capture asks
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self.model(idx, cache=self.cache)[0]
+            torch.cuda.current_stream().wait_stream(side)
+            return logits
+        if self.graph is None:
+            self.idx = idx.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.model(self.idx, cache=self.cache)[0]
+            self.cache.advance(-1)  # the capture ran the host's bookkeeping but none of the kernels
+        self.idx.copy_(idx)
+        self.graph.replay()
+        self.cache.advance(1)
+        return self.logits
 
 
 def sample_next(logits, temperature=1.0, top_k=None):
@@ -455,17 +501,45 @@ class StaticKVCache:
     """Keys and values of one RoPE layer in preallocated buffers [B, max_len, H, D], attended with SDPA."""
 
     def __init__(self, batch_size, max_len, num_kv_heads, head_dim, dtype, device):
-        self.k = torch.empty(batch_size, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+        # zeros: single-token steps attend the whole buffer under a mask, and a masked-out NaN would still reach the
+        # output as a zero probability times NaN
+        self.k = torch.zeros(batch_size, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # `length` on the device, for CUDA graphs
+        self._key_positions = torch.arange(max_len, device=device)
         self.length = 0
 
     def reset(self):
         self.length = 0
+        self.position.zero_()
 
     def append(self, k, v):
         start, self.length = self.length, self.length + k.shape[1]
         self.k[:, start:self.length] = k
         self.v[:, start:self.length] = v
+        self.position.fill_(self.length)
+
+    def append_token(self, k, v):
+        """append() of one token, indexed on the device: a CUDA graph replays it at every position."""
+        self.k.index_copy_(1, self.position, k)
+        self.v.index_copy_(1, self.position, v)
+        self.position += 1
+        self.advance(1)
+
+    def advance(self, n):
+        self.length += n
+
+    def attend_token(self, q, window_size=None):
+        """attend() of the token append_token appended: the whole buffer under a mask built on the device."""
+        query = self.position - 1
+        visible = self._key_positions <= query
+        if window_size is not None:
+            visible &= query - self._key_positions < window_size
+        with sdpa_kernel(DECODE_SDPA_BACKENDS):
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), self.k.transpose(1, 2), self.v.transpose(1, 2),
+                                               attn_mask=visible.view(1, 1, 1, -1),
+                                               enable_gqa=q.shape[2] != self.k.shape[2])
+        return y.transpose(1, 2)
 
     def attend(self, q, window_size=None):
         """Attend the last T_q cached positions, q [B, T_q, HQ, D], causally to the cache."""
@@ -516,6 +590,16 @@ class KVCache:
     @property
     def length(self):
         return self.layers[0].length
+
+    @property
+    def position(self):
+        """The length as a device tensor [1]: what a replayed decode step reads instead of `length`."""
+        return self.layers[0].position
+
+    def advance(self, n):
+        """Move the host's view of every layer on by n single-token steps that ran on the device."""
+        for layer in self.layers:
+            layer.advance(n)
 
     def reset(self):
         for layer in self.layers:

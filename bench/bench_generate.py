@@ -6,8 +6,9 @@ RoPE baseline on a static KV cache over SDPA, same model shape.
 
 Random weights in bf16 (the gates in fp32, as sample.py runs them). Each layer's cache is filled to --context
 tokens with random keys, values and gates (no prefill: it would time the training kernel's compilation), then the
-model decodes greedily through model.decode, the path sample.py takes: --warmup steps to compile the decode
-kernels, then --steps timed steps, end to end (Python included) with the device synchronised at both ends.
+model decodes greedily through model.decode, the path sample.py takes (a CUDA graph of the step on a GPU): --warmup
+steps to compile the decode kernels and capture the graph, then --steps timed steps, end to end (Python included)
+with the device synchronised at both ends.
 """
 import argparse
 import datetime
@@ -73,20 +74,22 @@ def bench(shape, attention, gate_per_kv_head, args, device):
     cache = KVCache(model, 1, args.context + args.warmup + args.steps + 4 * args.profile + 1)
     fill(cache, model, args.context, device)
     logits, _ = model(torch.zeros(1, 1, dtype=torch.long, device=device), cache=cache)
-    for _ in model.decode(logits, cache, args.warmup, temperature=0):
-        pass
+    # one decode loop throughout: its first steps (eager, then the CUDA graph's capture) are the warm-up
+    steps = model.decode(logits, cache, args.warmup + args.steps + 4 * args.profile, temperature=0)
+    for _ in range(args.warmup):
+        next(steps)
     sync(device)
     t0 = time.perf_counter()
-    for _ in model.decode(logits, cache, args.steps, temperature=0):
-        pass
+    for _ in range(args.steps):
+        next(steps)
     sync(device)
     seconds = time.perf_counter() - t0
     if args.profile:  # where a step's time goes: host (Python, launches) against device
         with torch.profiler.profile() as prof:
-            for _ in model.decode(logits, cache, 4, temperature=0):
+            for _ in steps:
                 pass
             sync(device)
-        print(f'{attention}{" (gate per kv head)" if gate_per_kv_head else ""}, 3 decode steps:')
+        print(f'{attention}{" (gate per kv head)" if gate_per_kv_head else ""}, 4 decode steps:')
         print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=12, max_name_column_width=60))
     return args.steps / seconds, 1e3 * seconds / args.steps, cache_bytes(cache) / 2 ** 20
 
@@ -103,7 +106,7 @@ def main():
     parser.add_argument('--warmup', type=int, default=16)
     parser.add_argument('--steps', type=int, default=256, help='timed decode steps (smoke: 4)')
     parser.add_argument('--smoke', action='store_true', help='a tiny model on the CPU, to check the script runs')
-    parser.add_argument('--profile', action='store_true', help='also print the torch profiler table of 3 steps')
+    parser.add_argument('--profile', action='store_true', help='also print the torch profiler table of 4 steps')
     args = parser.parse_args()
     args.context = args.context or (40 if args.smoke else 32768)
     if args.smoke:

@@ -22,6 +22,10 @@ Work split (flash-decoding): one program per (batch, gate head, split of the cac
 query heads that share its gate head (all G query heads of a kv head when the gate is shared, so each cache byte is
 read once), keeps an online softmax over its chunks, and writes a partial (output, log-sum-exp); a combine kernel
 merges the splits and the attention sink.
+
+`wall_attn_decode_at` is the same kernel for one query row of a streaming cache whose position is a device tensor:
+the kernel derives the anchored and raw parts from it and the grid is fixed by the cache's capacity, so one launch,
+captured in a CUDA graph, serves every decode step.
 """
 import functools
 import math
@@ -126,10 +130,33 @@ def wall_attn_decode(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None,
     key_lo = 0 if window_size is None else max(0, T0 - window_size + 1)
     n_blocks = max(0, _cdiv(T0, C) - key_lo // C)
     if num_splits is None:
-        num_splits = _default_num_splits(q.device, B * HG, n_blocks, T_q * (HQ // HG))
+        num_splits = default_num_splits(q.device, B * HG, n_blocks, T_q * (HQ // HG))
     blocks_per_split = _cdiv(n_blocks, max(1, min(num_splits, n_blocks))) if n_blocks else 0
     num_splits = _cdiv(n_blocks, blocks_per_split) if n_blocks else 1
 
+    return _launch(q, v, p_curr, p_tail, k_tilde, r_cache, g_scalar_cumsum, sink_bias, scale, C, window_size,
+                   num_splits, T0, n_anchored, key_lo, blocks_per_split)
+
+
+def wall_attn_decode_at(q, v, k_tilde, r_cache, raw_prefix, position, num_splits, *, sink_bias=None, scale=None,
+                        cache_chunk_size=64, g_scalar_cumsum=None, window_size=None):
+    """`wall_attn_decode` of one query row per sequence at a position held in a device tensor, for a streaming cache
+    (kernels.WallKVCache) whose buffers may extend past it: nothing in the launch depends on the position, so a CUDA
+    graph can replay it at every step. Unchecked: the cache checks its own inputs.
+
+    q: `[B, 1, HQ, K]` at position T0 = `position` (int64 `[1]`); chunks before T0 // C * C are closed
+    (`k_tilde`, `r_cache` as in `wall_attn_decode`), `raw_prefix[:, i]` is the prefix of position
+    T0 // C * C + i for i <= T0 % C; `num_splits` is fixed by the caller, splits without chunks contribute nothing.
+    """
+    return _launch(q, v, raw_prefix, raw_prefix, k_tilde, r_cache, g_scalar_cumsum, sink_bias,
+                   q.shape[3] ** -0.5 if scale is None else scale, cache_chunk_size, window_size, num_splits,
+                   0, 0, 0, 0, position=position)
+
+
+def _launch(q, v, p_curr, p_tail, k_tilde, r_cache, g_scalar_cumsum, sink_bias, scale, C, window_size, num_splits,
+            T0, n_anchored, key_lo, blocks_per_split, position=None):
+    B, T_q, HQ, K = q.shape
+    H, V, HG = v.shape[2], v.shape[3], k_tilde.shape[2]
     QPG = HQ // HG
     rows = T_q * QPG
     o_part = torch.empty(B * HG, num_splits, rows, V, dtype=torch.float32, device=q.device)
@@ -140,11 +167,13 @@ def wall_attn_decode(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None,
     scalar_strides = (0, 0, 0) if g_scalar_cumsum is None else g_scalar_cumsum.stride()
     wall_decode_split_kernel[(B * HG, num_splits)](
         q, k_tilde, v, p_curr, p_tail_arg, r_cache, scalar_arg, o_part, lse_part,
+        p_curr if position is None else position,
         *q.stride(), *k_tilde.stride(), *v.stride(), *p_curr.stride(), *p_tail_arg.stride(), *r_cache.stride(),
         *scalar_strides,
         T0, n_anchored, key_lo, blocks_per_split, num_splits, window_size or 0, scale * LOG2E,
         HG=HG, QPG=QPG, GPV=HG // H, T_Q=T_q, M=max(16, 1 << (rows - 1).bit_length()), K=K, V=V, C=C,
         HAS_SCALAR=g_scalar_cumsum is not None, HAS_WINDOW=window_size is not None,
+        POSITION_ON_DEVICE=position is not None,
         # three stages of a 64 x 128 fp32 key and value chunk would need 300 KB of shared memory
         num_warps=4, num_stages=1 if not q.is_cuda else 3 if k_tilde.element_size() <= 2 else 2,
     )
@@ -181,7 +210,7 @@ def _multiprocessors(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _default_num_splits(device, programs_per_split, n_blocks, rows_per_program):
+def default_num_splits(device, programs_per_split, n_blocks, rows_per_program):
     """Enough programs that one long sequence at batch 1 fills the GPU. Measured on an H100 (bench/results_decode.md,
     --sweep): programs of one query row run best about 4 per multiprocessor; programs of several rows (a query group
     under a shared gate) do that many times the arithmetic per cache byte and run best about one per multiprocessor
@@ -227,14 +256,24 @@ def _fold_chunk(s, values, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, m
 
 @triton.jit
 def wall_decode_split_kernel(
-    q, k_tilde, v, p_curr, p_tail, r_cache, scalar, o_part, lse_part,
+    q, k_tilde, v, p_curr, p_tail, r_cache, scalar, o_part, lse_part, position,
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, spb, spt, sph, spd,
     stb, stt, sth, std, srb, src, srh, srd, scb, sct, sch,
     T0, n_anchored, key_lo, blocks_per_split, n_splits, window_size, qk_scale,
     HG: tl.constexpr, QPG: tl.constexpr, GPV: tl.constexpr, T_Q: tl.constexpr, M: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    POSITION_ON_DEVICE: tl.constexpr,
 ):
     i_bg, i_s = tl.program_id(0), tl.program_id(1)
+    if POSITION_ON_DEVICE:
+        # One query row at the position a device tensor holds (a CUDA graph replays this launch unchanged): the
+        # cache is a streaming one whose closed chunks end at T0 // C * C and whose raw prefixes start there.
+        T0 = tl.load(position).to(tl.int32)
+        n_anchored = T0 // C * C
+        if HAS_WINDOW:
+            key_lo = tl.maximum(T0 - window_size + 1, 0)
+        blocks_per_split = tl.cdiv(tl.cdiv(T0, C) - key_lo // C, n_splits)
+        p_curr = p_tail + (T0 - n_anchored) * stt
     i_b, i_g = i_bg // HG, i_bg % HG
     # Rows are (query row t, query head of this gate head): row m = t * QPG + head offset.
     rows = tl.arange(0, M)

@@ -61,8 +61,9 @@ def reference(x, window_size=None):
                                window_size=window_size)
 
 
-def stream(x, start=0, window_size=None, cache=None, impl='triton'):
-    """Append one token and decode it, for every position from `start` (a fresh cache is prefilled up to it)."""
+def stream(x, start=0, window_size=None, cache=None, impl='triton', token_steps=False):
+    """Append one token and decode it, for every position from `start` (a fresh cache is prefilled up to it);
+    token_steps: through append_token and attend_token (device-side positions, what a CUDA graph replays)."""
     T = x['q'].shape[1]
     if cache is None:
         cache = new_cache(x, T, impl=impl)
@@ -70,8 +71,15 @@ def stream(x, start=0, window_size=None, cache=None, impl='triton'):
             append(cache, x, 0, start)
     outs = []
     for t in range(start, T):
-        append(cache, x, t, t + 1)
-        outs.append(attend(cache, x, t, t + 1, window_size)[0])
+        if token_steps:
+            gs, sink = x['g_scalar'], x['sink_bias']
+            cache.append_token(x['k'][:, t:t + 1].float(), x['v'][:, t:t + 1].float(), x['g'][:, t:t + 1],
+                               None if gs is None else gs[:, t:t + 1])
+            outs.append(cache.attend_token(x['q'][:, t:t + 1].float(), window_size=window_size,
+                                           sink_bias=None if sink is None else sink.float())[0])
+        else:
+            append(cache, x, t, t + 1)
+            outs.append(attend(cache, x, t, t + 1, window_size)[0])
     return torch.cat(outs, dim=1).double()
 
 
@@ -85,6 +93,15 @@ def test_streaming_matches_training_forward(shared_gate, options):
     heads = dict(HQ=options.pop('HQ', 4), H=options.pop('H', 2))
     x = make_inputs(1, 49, shared_gate=shared_gate, **heads, **options)
     torch.testing.assert_close(stream(x, window_size=window_size), reference(x, window_size), **TOL)
+
+
+@pytest.mark.parametrize('start', [0, 23, 32])
+@pytest.mark.parametrize('shared_gate', [False, True])
+def test_token_steps_stream_like_the_training_forward(shared_gate, start):
+    """Single-token steps with device-side positions, after prefills that end inside and at the end of a chunk."""
+    x = make_inputs(1, 53, HQ=4, H=2, shared_gate=shared_gate, gate='mixed', sink=True, scalar_gate=True)
+    expected = reference(x, window_size=21)[:, start:]
+    torch.testing.assert_close(stream(x, start, window_size=21, token_steps=True), expected, **TOL)
 
 
 @pytest.mark.parametrize('shared_gate', [False, True])

@@ -53,6 +53,19 @@ def test_cached_greedy_decoding_equals_greedy_by_full_forwards(name):
     assert len(set(expected.tolist())) > 5, 'a sequence that hardly changes would not test the cache'
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize('name', CONFIGS)
+def test_graph_replayed_decoding_equals_greedy_by_full_forwards_on_gpu(name):
+    """From its third step model.decode replays a CUDA graph: 45 of them cross the 16-token chunks three times."""
+    model = tiny_model(**CONFIGS[name])
+    prompt = torch.randint(0, 97, (1, 20), device='cuda')
+    expected = model.generate(prompt, 48, temperature=0)[0, 20:]
+    cache = KVCache(model, 1, 80, chunk_size=CACHE_CHUNK)
+    tokens = torch.cat(list(model.decode(model.prefill(prompt, cache), cache, 48, temperature=0)), dim=1)[0]
+    assert tokens.tolist() == expected.tolist()
+    assert cache.length == 67 and int(cache.position) == 67
+
+
 @pytest.mark.parametrize('name', ['wall', 'fox', 'rope'])
 def test_chunked_prefill_equals_one_forward(name):
     model = tiny_model(**CONFIGS[name])
