@@ -409,10 +409,11 @@ class GPT(nn.Module):
         return logits
 
     @torch.no_grad()
-    def decode(self, logits, cache, max_new_tokens, temperature=1.0, top_k=None):
+    def decode(self, logits, cache, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=True):
         """Yield max_new_tokens tokens [B, 1], sampled one at a time starting from `logits` (of the last cached
-        position, e.g. from prefill); each yielded token but the last is then appended to the cache."""
-        step = DecodeStep(self, cache)
+        position, e.g. from prefill); each yielded token but the last is then appended to the cache. On a GPU the
+        steps replay a CUDA graph unless cuda_graph=False."""
+        step = DecodeStep(self, cache, cuda_graph)
         for i in range(max_new_tokens):
             idx_next = sample_next(logits[:, -1, :], temperature, top_k)
             yield idx_next
@@ -429,8 +430,8 @@ class DecodeStep:
     device (KVCache.position), so one graph serves every step; the host's view is advanced after each replay.
     """
 
-    def __init__(self, model, cache):
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache, cuda_graph=True):
+        self.model, self.cache, self.cuda_graph = model, cache, cuda_graph
         self.graph, self.calls = None, 0
 
     def __call__(self, idx):
@@ -438,7 +439,7 @@ class DecodeStep:
             raise ValueError(f'{idx.shape[1]} new tokens after the {self.cache.length} cached exceed the cache '
                              f'(max_len={self.cache.max_len})')
         self.calls += 1
-        if not idx.is_cuda:
+        if not (idx.is_cuda and self.cuda_graph):
             return self.model(idx, cache=self.cache)[0]
         if self.calls == 1:  # warm up on a side stream, as CUDA graph capture asks
             side = torch.cuda.Stream()

@@ -100,6 +100,7 @@ def parse_args(argv):
     parser.add_argument('--dtype', choices=DTYPES, default='bfloat16' if torch.cuda.is_available() else 'float32')
     parser.add_argument('--prefill_chunk', type=int, default=65536, help='prompt tokens per prefill forward')
     parser.add_argument('--max_len', type=int, help='cache length (default: prompt + max_new_tokens)')
+    parser.add_argument('--eager', action='store_true', help='decode without CUDA graphs (GPU), e.g. to debug')
     args = parser.parse_args(argv)
     for name in ('num_samples', 'max_new_tokens', 'prefill_chunk'):
         if getattr(args, name) < 1:
@@ -146,7 +147,8 @@ def main(argv=None):
         t1 = time.perf_counter()
         print(text, end='', flush=True)
         stream, new_tokens = DecodeStream(skip_special_tokens=False), 0
-        for token in one_step_late(model.decode(logits, cache, args.max_new_tokens, args.temperature, top_k)):
+        for token in one_step_late(model.decode(logits, cache, args.max_new_tokens, args.temperature, top_k,
+                                                     cuda_graph=not args.eager)):
             new_tokens += 1
             if token == eot:
                 break

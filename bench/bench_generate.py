@@ -75,7 +75,8 @@ def bench(shape, attention, gate_per_kv_head, args, device):
     fill(cache, model, args.context, device)
     logits, _ = model(torch.zeros(1, 1, dtype=torch.long, device=device), cache=cache)
     # one decode loop throughout: its first steps (eager, then the CUDA graph's capture) are the warm-up
-    steps = model.decode(logits, cache, args.warmup + args.steps + 4 * args.profile, temperature=0)
+    steps = model.decode(logits, cache, args.warmup + args.steps + 4 * args.profile, temperature=0,
+                         cuda_graph=not args.eager)
     for _ in range(args.warmup):
         next(steps)
     sync(device)
@@ -107,6 +108,7 @@ def main():
     parser.add_argument('--steps', type=int, default=256, help='timed decode steps (smoke: 4)')
     parser.add_argument('--smoke', action='store_true', help='a tiny model on the CPU, to check the script runs')
     parser.add_argument('--profile', action='store_true', help='also print the torch profiler table of 4 steps')
+    parser.add_argument('--eager', action='store_true', help='decode without CUDA graphs')
     args = parser.parse_args()
     args.context = args.context or (40 if args.smoke else 32768)
     if args.smoke:
@@ -119,7 +121,8 @@ def main():
     lines = [f'# Decode tokens/s at batch 1, {name}, {datetime.date.today()}', '',
              f'Model {shape} ({"tiny" if args.smoke else CONFIG}), vocab {97 if args.smoke else VOCAB_SIZE}, '
              f'{"fp32" if args.smoke else "bf16"}; {args.context} cached tokens, then {args.steps} timed greedy '
-             f'steps through model.decode after {args.warmup} warm-up steps; torch {torch.__version__}, triton '
+             f'steps through model.decode ({"eager" if args.eager else "CUDA graph"} on a GPU) after {args.warmup} warm-up '
+             f'steps; torch {torch.__version__}, triton '
              f'{triton.__version__}.', '',
              '| attention | cache (MiB) | ms / token | tokens/s | vs RoPE |', '|---|---|---|---|---|']
     results = []

@@ -26,7 +26,9 @@ for part in $parts; do
               2>&1 | tee -a "$LOGS/attn.log" | grep -v '^|' ;;
     decode) timeout $(left) python3 bench/bench_decode.py --out "$LOGS/decode.md" 2>&1 | tee "$LOGS/decode.log" | grep -v '^|' ;;
     train)    timeout $(left) python3 bench/bench_train.py --out "$LOGS/train.md" 2>&1 | tee "$LOGS/train.log" | tail -20 ;;
-    generate) timeout $(left) python3 bench/bench_generate.py --out "$LOGS/generate.md" 2>&1 | tee "$LOGS/generate.log" | tail -20 ;;
+    generate) timeout $(left) python3 bench/bench_generate.py --out "$LOGS/generate.md" 2>&1 | tee "$LOGS/generate.log" | tail -20
+              timeout $(left) python3 bench/bench_generate.py --eager --out "$LOGS/generate_eager.md" 2>&1 \
+                | tee -a "$LOGS/generate.log" | tail -5 ;;
   esac
 done
 echo; cat "$LOGS"/*.md 2>/dev/null
