@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels import WallKVCache, build_wall_kv_cache, wall_attn_decode
+from kernels import WallKVCache, build_wall_kv_cache, decode, wall_attn_decode
 
 try:
     from fla.ops.wall_attn import build_wall_kv_cache as fla_build_wall_kv_cache
@@ -51,7 +51,19 @@ def copy_bandwidth():
     return 2 * nbytes(src) / (time_us(lambda: dst.copy_(src)) * 1e-6) / 1e9
 
 
-def candidates(B, T, split_counts=()):
+def with_launch(fn, num_warps, num_stages):
+    """fn run with the decode kernel launched as num_warps warps and num_stages pipeline stages."""
+    def run():
+        saved = decode.NUM_WARPS, decode.NUM_STAGES
+        decode.NUM_WARPS, decode.NUM_STAGES = num_warps, num_stages
+        try:
+            return fn()
+        finally:
+            decode.NUM_WARPS, decode.NUM_STAGES = saved
+    return run
+
+
+def candidates(B, T, split_counts=(), launches=()):
     """Yield (name, step function, cache bytes read)."""
     bf16 = dict(device='cuda', dtype=torch.bfloat16)
     q = torch.randn(B, 1, HQ, K, **bf16)
@@ -66,6 +78,9 @@ def candidates(B, T, split_counts=()):
         for n in split_counts:
             yield f'ours ({layout}), {n} splits', lambda n=n: wall_attn_decode(
                 q, v, p_curr, k_tilde, r_cache, scale=scale, num_splits=n), read
+        for w, s in launches:
+            yield f'ours ({layout}), {w} warps, {s} stages', with_launch(
+                lambda: wall_attn_decode(q, v, p_curr, k_tilde, r_cache, scale=scale), w, s), read
         if HG == HQ and fla_wall_attn_decode is not None:
             fla_k_tilde, fla_r_cache = fla_build_wall_kv_cache(k, P, C)
             yield 'fla Wall decode', lambda: fla_wall_attn_decode(
@@ -86,7 +101,7 @@ def candidates(B, T, split_counts=()):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default='bench/results_decode.md')
-    parser.add_argument('--sweep', action='store_true', help='also time our kernel over split counts')
+    parser.add_argument('--sweep', action='store_true', help='also time our kernel over split counts and launch shapes')
     args = parser.parse_args()
     name = torch.cuda.get_device_name()
     copy = copy_bandwidth()
@@ -99,7 +114,8 @@ def main():
              '|---|---|---|---|---|---|']
     for case in CASES:
         sweep = (32, 64, 128, 256, 512) if args.sweep and case['B'] == 1 else (2, 4, 8, 16, 32) if args.sweep else ()
-        for kernel, fn, read in candidates(**case, split_counts=sweep):
+        launches = ((2, 3), (8, 3), (4, 2), (4, 4), (8, 2)) if args.sweep else ()
+        for kernel, fn, read in candidates(**case, split_counts=sweep, launches=launches):
             fn()  # compile outside the timing
             t, tg = time_us(fn), graph_time_us(fn)
             row = (f"| B={case['B']}, {case['T']} | {kernel} | {t:.0f} | {tg:.0f} | {read / 2**20:.0f} | "

@@ -37,6 +37,10 @@ import triton.language as tl
 LOG2E = math.log2(math.e)
 LN2 = math.log(2)
 COMBINE_BLOCK_SPLITS = 16
+# Launch shape of the split kernel (bench/bench_decode.py --sweep times others). Three stages of 64 x 128 fp32 keys
+# and values would need 300 KB of shared memory: 4-byte caches take at most two.
+NUM_WARPS = 4
+NUM_STAGES = 3
 
 
 def build_wall_kv_cache(k, P, chunk_size=64, *, raw_tail=0, out_dtype=None):
@@ -174,8 +178,8 @@ def _launch(q, v, p_curr, p_tail, k_tilde, r_cache, g_scalar_cumsum, sink_bias, 
         HG=HG, QPG=QPG, GPV=HG // H, T_Q=T_q, M=max(16, 1 << (rows - 1).bit_length()), K=K, V=V, C=C,
         HAS_SCALAR=g_scalar_cumsum is not None, HAS_WINDOW=window_size is not None,
         POSITION_ON_DEVICE=position is not None,
-        # three stages of a 64 x 128 fp32 key and value chunk would need 300 KB of shared memory
-        num_warps=4, num_stages=1 if not q.is_cuda else 3 if k_tilde.element_size() <= 2 else 2,
+        num_warps=NUM_WARPS,
+        num_stages=1 if not q.is_cuda else NUM_STAGES if k_tilde.element_size() <= 2 else min(NUM_STAGES, 2),
     )
     o = torch.empty(B, T_q, HQ, V, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T_q, HQ, dtype=torch.float32, device=q.device)
