@@ -336,4 +336,8 @@ while True:
     iter_num += 1
 
 if ddp:
+    # Tear down together and only after DDP lets go of the group: a rank whose gloo group outlives it into
+    # interpreter shutdown (while another rank still writes the checkpoint) can abort there.
+    dist.barrier()
+    del train_model
     dist.destroy_process_group()
