@@ -331,9 +331,8 @@ class GPT(nn.Module):
         B, T = idx.shape
         assert cu_seqlens is None or B == 1, 'packed documents (cu_seqlens) need B == 1'
         assert cu_seqlens is None or cache is None, 'a cache holds one document per row: no cu_seqlens with it'
-        start = 0 if cache is None else cache.length
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f'{T} new tokens after the {start} cached exceed the cache (max_len={cache.max_len})')
+        if cache is not None:
+            cache.check_room(T)
         rope = None
         if self.config.attention == 'rope':  # positions restart at every document
             positions = torch.arange(T, device=idx.device)[None]
@@ -435,9 +434,7 @@ class DecodeStep:
         self.graph, self.calls = None, 0
 
     def __call__(self, idx):
-        if self.cache.length + idx.shape[1] > self.cache.max_len:
-            raise ValueError(f'{idx.shape[1]} new tokens after the {self.cache.length} cached exceed the cache '
-                             f'(max_len={self.cache.max_len})')
+        self.cache.check_room(idx.shape[1])  # a replay runs no Python of the model's: check here
         self.calls += 1
         if not (idx.is_cuda and self.cuda_graph):
             return self.model(idx, cache=self.cache)[0]
@@ -498,6 +495,16 @@ def take_rows(tensors, rows):
 DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def cached_sdpa(q, k, v, mask):
+    """SDPA of q [B, T_q, HQ, D] over cached k, v [B, T, H, D]. enable_gqa only under GQA: with it, a masked call on
+    the GPU falls back to the math backend. No cuDNN: it builds a new graph for every new cache length, milliseconds
+    per layer and step."""
+    with sdpa_kernel(DECODE_SDPA_BACKENDS):
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           enable_gqa=q.shape[2] != k.shape[2])
+    return y.transpose(1, 2)
+
+
 class StaticKVCache:
     """Keys and values of one RoPE layer in preallocated buffers [B, max_len, H, D], attended with SDPA."""
 
@@ -536,11 +543,7 @@ class StaticKVCache:
         visible = self._key_positions <= query
         if window_size is not None:
             visible &= query - self._key_positions < window_size
-        with sdpa_kernel(DECODE_SDPA_BACKENDS):
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), self.k.transpose(1, 2), self.v.transpose(1, 2),
-                                               attn_mask=visible.view(1, 1, 1, -1),
-                                               enable_gqa=q.shape[2] != self.k.shape[2])
-        return y.transpose(1, 2)
+        return cached_sdpa(q, self.k, self.v, visible.view(1, 1, 1, -1))
 
     def attend(self, q, window_size=None):
         """Attend the last T_q cached positions, q [B, T_q, HQ, D], causally to the cache."""
@@ -551,13 +554,7 @@ class StaticKVCache:
             i = torch.arange(end - T_q, end, device=q.device)[:, None]
             j = torch.arange(lo, end, device=q.device)[None, :]
             mask = (j <= i) & (i - j < (window_size or end))
-        # enable_gqa only under GQA: with it, a masked call on the GPU falls back to the math backend. No cuDNN:
-        # it builds a new graph for every new cache length, milliseconds per layer and step.
-        with sdpa_kernel(DECODE_SDPA_BACKENDS):
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[:, lo:end].transpose(1, 2),
-                                               self.v[:, lo:end].transpose(1, 2), attn_mask=mask,
-                                               enable_gqa=q.shape[2] != self.k.shape[2])
-        return y.transpose(1, 2)
+        return cached_sdpa(q, self.k[:, lo:end], self.v[:, lo:end], mask)
 
 
 class KVCache:
@@ -591,6 +588,10 @@ class KVCache:
     @property
     def length(self):
         return self.layers[0].length
+
+    def check_room(self, n):
+        if self.length + n > self.max_len:
+            raise ValueError(f'{n} new tokens after the {self.length} cached exceed the cache (max_len={self.max_len})')
 
     @property
     def position(self):
