@@ -128,7 +128,6 @@ def wall_attn_decode(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None,
         _check_tensor('sink_bias', sink_bias, 1, (HQ,), device=q.device)
     if window_size is not None and (not isinstance(window_size, int) or window_size < 1):
         raise ValueError(f'window_size must be a positive int or None, got {window_size!r}')
-    scale = K ** -0.5 if scale is None else scale
 
     T0 = T - T_q
     key_lo = 0 if window_size is None else max(0, T0 - window_size + 1)
@@ -153,7 +152,7 @@ def wall_attn_decode_at(q, v, k_tilde, r_cache, raw_prefix, position, num_splits
     T0 // C * C + i for i <= T0 % C; `num_splits` is fixed by the caller, splits without chunks contribute nothing.
     """
     return _launch(q, v, raw_prefix, raw_prefix, k_tilde, r_cache, g_scalar_cumsum, sink_bias,
-                   q.shape[3] ** -0.5 if scale is None else scale, cache_chunk_size, window_size, num_splits,
+                   scale, cache_chunk_size, window_size, num_splits,
                    0, 0, 0, 0, position=position)
 
 
@@ -161,6 +160,7 @@ def _launch(q, v, p_curr, p_tail, k_tilde, r_cache, g_scalar_cumsum, sink_bias, 
             T0, n_anchored, key_lo, blocks_per_split, position=None):
     B, T_q, HQ, K = q.shape
     H, V, HG = v.shape[2], v.shape[3], k_tilde.shape[2]
+    scale = K ** -0.5 if scale is None else scale
     QPG = HQ // HG
     rows = T_q * QPG
     o_part = torch.empty(B * HG, num_splits, rows, V, dtype=torch.float32, device=q.device)
