@@ -63,7 +63,7 @@ def fill(cache, model, context, device):
 
 def cache_bytes(cache):
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in vars(layer).values()
-               if isinstance(t, torch.Tensor))
+               if isinstance(t, torch.Tensor) and t.is_floating_point())  # not the position bookkeeping
 
 
 def bench(shape, attention, gate_per_kv_head, args, device):
