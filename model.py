@@ -68,7 +68,7 @@ def softmax_attention(q, k, v, cu_seqlens, window_size):
     if cu_seqlens is None:  # every row is one document: pack the rows
         cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
         q, k, v = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v))
-    if q.is_cuda:  # FlashAttention's varlen kernel: no mask in memory
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):  # FlashAttention's varlen kernel: no mask in memory
         from torch.nn.attention.varlen import varlen_attn
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         left = -1 if window_size is None else window_size - 1  # flash counts keys strictly left of the query
@@ -79,7 +79,7 @@ def softmax_attention(q, k, v, cu_seqlens, window_size):
             else:  # torch < 2.12 has no GQA flag here: widen the kv heads
                 k, v = (t.repeat_interleave(q.shape[2] // k.shape[2], dim=2) for t in (k, v))
         y = varlen_attn(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_len, max_len, window_size=(left, 0), **gqa)[None]
-    else:  # on CPU, a boolean mask built from the same rule
+    else:  # on CPU (or fp32, which FlashAttention refuses), a boolean mask built from the same rule
         i = torch.arange(q.shape[1], device=q.device)
         doc = document_ids(cu_seqlens, q.shape[1])
         visible = (i[None, :] <= i[:, None]) & (doc[None, :] == doc[:, None])
@@ -161,10 +161,9 @@ class Attention(nn.Module):
         q, k, v, g, g_scalar = self.project(x, rope)
         sink_bias = self.sink_bias if self.config.sink else None
         new = (k, v) if self.config.attention == 'rope' else (k, v, g, g_scalar)  # what the cache keeps
-        if cache is not None and cache.length and T == 1:  # a decode step: device-side positions only
+        if cache is not None and cache.length and T == 1 and self.config.attention != 'rope':  # a replayable step
             cache.append_token(*new)
-            y = (cache.attend_token(q, window_size=self.window_size) if self.config.attention == 'rope' else
-                 cache.attend_token(q, sink_bias=sink_bias, window_size=self.window_size)[0])
+            y = cache.attend_token(q, sink_bias=sink_bias, window_size=self.window_size)[0]
         elif cache is not None and cache.length:
             y = self.attend_cached(cache, q, new, sink_bias)
         else:
@@ -436,7 +435,7 @@ class DecodeStep:
     def __call__(self, idx):
         self.cache.check_room(idx.shape[1])  # a replay runs no Python of the model's: check here
         self.calls += 1
-        if not (idx.is_cuda and self.cuda_graph):
+        if not (idx.is_cuda and self.cuda_graph and self.cache.replayable):
             return self.model(idx, cache=self.cache)[0]
         if self.calls == 1:  # warm up on a side stream, as CUDA graph capture asks
             side = torch.cuda.Stream()
@@ -506,15 +505,16 @@ def cached_sdpa(q, k, v, mask):
 
 
 class StaticKVCache:
-    """Keys and values of one RoPE layer in preallocated buffers [B, max_len, H, D], attended with SDPA."""
+    """Keys and values of one RoPE layer in preallocated buffers [B, max_len, H, D], attended with SDPA.
+
+    Its steps are not replayed from a CUDA graph: SDPA's FlashAttention takes the cache length from the shape of the
+    keys it is given, and the kernels that could take it from the device (a mask over the whole buffer) ran 20x
+    slower on an H100 (1.36 ms against 64 us per layer and step at 32k tokens, torch 2.11)."""
 
     def __init__(self, batch_size, max_len, num_kv_heads, head_dim, dtype, device):
-        # zeros: single-token steps attend the whole buffer under a mask, and a masked-out NaN would still reach the
-        # output as a zero probability times NaN
-        self.k = torch.zeros(batch_size, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)  # `length` on the device, for CUDA graphs
-        self._key_positions = torch.arange(max_len, device=device)
+        self.k = torch.empty(batch_size, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # `length` on the device, for RoPE angles
         self.length = 0
 
     def reset(self):
@@ -526,24 +526,6 @@ class StaticKVCache:
         self.k[:, start:self.length] = k
         self.v[:, start:self.length] = v
         self.position.fill_(self.length)
-
-    def append_token(self, k, v):
-        """append() of one token, indexed on the device: a CUDA graph replays it at every position."""
-        self.k.index_copy_(1, self.position, k)
-        self.v.index_copy_(1, self.position, v)
-        self.position += 1
-        self.advance(1)
-
-    def advance(self, n):
-        self.length += n
-
-    def attend_token(self, q, window_size=None):
-        """attend() of the token append_token appended: the whole buffer under a mask built on the device."""
-        query = self.position - 1
-        visible = self._key_positions <= query
-        if window_size is not None:
-            visible &= query - self._key_positions < window_size
-        return cached_sdpa(q, self.k, self.v, visible.view(1, 1, 1, -1))
 
     def attend(self, q, window_size=None):
         """Attend the last T_q cached positions, q [B, T_q, HQ, D], causally to the cache."""
@@ -571,6 +553,7 @@ class KVCache:
         dtype = dtype or model.lm_head.weight.dtype
         device = device or model.lm_head.weight.device
         self.max_len = max_len
+        self.replayable = config.attention != 'rope'  # whether a decode step can replay from a CUDA graph
         if config.attention == 'rope':
             self.layers = [StaticKVCache(batch_size, max_len, config.n_kv_head, head_dim, dtype, device)
                            for _ in model.blocks]

@@ -90,6 +90,17 @@ def test_varlen(index_dtype):
     assert_close(run_both(inputs, cu_seqlens=cu, window_size=20), 3e-5)
 
 
+@pytest.mark.parametrize('steep_first', [False, True])
+def test_gentle_and_steep_blocks_side_by_side(steep_first):
+    """Blocks of 64 alternate between the one-dot diagonal and the steep path, so a program's two query blocks,
+    and a block and the keys before it, take different paths."""
+    inputs = make_inputs(T=300, HQ=2, H=1, gates=6.0, scalar_gate=True)
+    steep = (torch.arange(300, device=DEVICE) // 64 % 2 == 0) == steep_first
+    inputs['g'][:, steep] = -3 - 17 * torch.rand_like(inputs['g'][:, steep])
+    assert_close(run_both(inputs), 3e-5)
+    assert_close(run_both(inputs, window_size=70), 3e-5)
+
+
 def test_documents_do_not_see_each_other():
     cu = torch.tensor([0, 70, 150], device=DEVICE)
     inputs = make_inputs(T=150)
