@@ -136,19 +136,12 @@ def _steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_sc
 
 
 @triton.jit
-def _gate_ref(C_ptr, idx, hq, HQ: tl.constexpr, HAS_GS: tl.constexpr):
+def _gate_offset(Cl_ptr, Cs_ptr, idx, ok, id_block, id_ref, hq, HQ: tl.constexpr, HAS_GS: tl.constexpr):
+    """C[idx] - C[start of block id_ref] in float32 for tokens idx of block id_block (scalar-gate prefix, log2
+    units): their offsets inside their block plus one float64 difference of the two blocks' anchors."""
     if HAS_GS:
-        return tl.load(C_ptr + idx.to(tl.int64) * HQ + hq)
-    else:
-        return 0.0
-
-
-@triton.jit
-def _gate_offset(C_ptr, idx, ok, C_ref, hq, HQ: tl.constexpr, HAS_GS: tl.constexpr):
-    """(C[idx] - C_ref) in float32: the scalar-gate prefix relative to a nearby anchor (float64 difference)."""
-    if HAS_GS:
-        C = tl.load(C_ptr + idx.to(tl.int64) * HQ + hq, mask=ok, other=0.0)
-        return tl.where(ok, C - C_ref, 0.0).to(tl.float32)
+        base = (tl.load(Cs_ptr + id_block * HQ + hq) - tl.load(Cs_ptr + id_ref * HQ + hq)).to(tl.float32)
+        return tl.load(Cl_ptr + idx.to(tl.int64) * HQ + hq, mask=ok, other=0.0) + base
     else:
         return tl.zeros(idx.shape, dtype=tl.float32)
 
@@ -220,7 +213,7 @@ def _prep_kernel(g_ptr, k_ptr, q_ptr, Pl_ptr, kt_ptr, qh_ptr, blocks_ptr,
 
 @triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _fwd_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, C_ptr, L_ptr, sink_ptr, o_ptr, lse_ptr, blocks_ptr,
+def _fwd_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, L_ptr, sink_ptr, o_ptr, lse_ptr, blocks_ptr,
                 qk_scale, WINDOW,
                 HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
@@ -236,8 +229,7 @@ def _fwd_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, C_ptr, L_ptr, s
     q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
     Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
     q_hat = (q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype)
-    C_ref = _gate_ref(C_ptr, i0, hq, HQ, HAS_GS)
-    cq = _gate_offset(C_ptr, rows, row_ok, C_ref, hq, HQ, HAS_GS)
+    cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
 
     # Diagonal tile first: q and Pl are not needed after it.
     k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
@@ -259,10 +251,11 @@ def _fwd_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, C_ptr, L_ptr, s
 
     for j0 in range(_window_start(i0, bos, WINDOW, BLOCK, HAS_WINDOW), i0, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
-        f = _cross_block_factor(Pstart_ptr, Pl_ptr, id_m, id_m - (i0 - j0) // BLOCK, j0 + BLOCK - 1, hg, HG, K, KP)
+        id_n = id_m - (i0 - j0) // BLOCK
+        f = _cross_block_factor(Pstart_ptr, Pl_ptr, id_m, id_n, j0 + BLOCK - 1, hg, HG, K, KP)
         kt = _load_rows(kt_ptr, cols, cols < eos, hg, HG, K, KP)
         s = tl.dot((q_hat * f[None, :].to(q_hat.dtype)), tl.trans(kt)) * qk_scale
-        ck = _gate_offset(C_ptr, cols, cols < eos, C_ref, hq, HQ, HAS_GS)
+        ck = _gate_offset(Cl_ptr, Cs_ptr, cols, cols < eos, id_n, id_m, hq, HQ, HAS_GS)
         s = _gate_and_window(s, rows, cols, cq, ck, WINDOW, HAS_GS, HAS_WINDOW)
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, _load_rows(v_ptr, cols, cols < eos, hk, H, V, VP))
 
@@ -301,7 +294,7 @@ def _intra_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, blocks_ptr, qk_scale,
 
 @triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _bwd_dq_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, C_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr,
+def _bwd_dq_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr,
                    dq_ptr, dcq_ptr, blocks_ptr, qk_scale, scale, WINDOW,
                    HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
@@ -317,8 +310,7 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, C_ptr, L_ptr
     q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
     Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
     q_hat = (q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype)
-    C_ref = _gate_ref(C_ptr, i0, hq, HQ, HAS_GS)
-    cq = _gate_offset(C_ptr, rows, row_ok, C_ref, hq, HQ, HAS_GS)
+    cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
     do = _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
     lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=float('inf'))  # p = 0 past the end
     delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
@@ -328,10 +320,11 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, C_ptr, L_ptr
     dcq = tl.zeros([BLOCK], dtype=tl.float32)
     for j0 in range(_window_start(i0, bos, WINDOW, BLOCK, HAS_WINDOW), i0, BLOCK):
         cols = j0 + tl.arange(0, BLOCK)
-        f = _cross_block_factor(Pstart_ptr, Pl_ptr, id_m, id_m - (i0 - j0) // BLOCK, j0 + BLOCK - 1, hg, HG, K, KP)
+        id_n = id_m - (i0 - j0) // BLOCK
+        f = _cross_block_factor(Pstart_ptr, Pl_ptr, id_m, id_n, j0 + BLOCK - 1, hg, HG, K, KP)
         kt = _load_rows(kt_ptr, cols, cols < eos, hg, HG, K, KP)
         s = tl.dot((q_hat * f[None, :].to(q_hat.dtype)), tl.trans(kt)) * qk_scale
-        ck = _gate_offset(C_ptr, cols, cols < eos, C_ref, hq, HQ, HAS_GS)
+        ck = _gate_offset(Cl_ptr, Cs_ptr, cols, cols < eos, id_n, id_m, hq, HQ, HAS_GS)
         s = _gate_and_window(s, rows, cols, cq, ck, WINDOW, HAS_GS, HAS_WINDOW)
         p, ds = _probs_and_dscores(s, lse, delta, do, _load_rows(v_ptr, cols, cols < eos, hk, H, V, VP))
         dcq += tl.sum(ds, 1)
@@ -368,7 +361,7 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, C_ptr, L_ptr
 
 @triton.autotune(configs=DKV_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _bwd_dkv_kernel(q_ptr, qh_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, C_ptr, L_ptr, do_ptr, lse_ptr,
+def _bwd_dkv_kernel(q_ptr, qh_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr, lse_ptr,
                     delta_ptr, dk_ptr, dv_ptr, dck_ptr, blocks_ptr, num_blocks, qk_scale, scale, WINDOW,
                     HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                     KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
@@ -384,8 +377,7 @@ def _bwd_dkv_kernel(q_ptr, qh_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, C_p
 
     kt = _load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP)
     v = _load_rows(v_ptr, cols, col_ok, hk, H, V, VP)
-    C_ref = _gate_ref(C_ptr, j0, hq, HQ, HAS_GS)
-    ck = _gate_offset(C_ptr, cols, col_ok, C_ref, hq, HQ, HAS_GS)
+    ck = _gate_offset(Cl_ptr, Cs_ptr, cols, col_ok, id_n, id_n, hq, HQ, HAS_GS)
 
     # dk accumulates in the frame of kt: true dk = dk * 2^(Pl_end - Pl).
     dk = tl.zeros([BLOCK, KP], dtype=tl.float32)
@@ -397,11 +389,12 @@ def _bwd_dkv_kernel(q_ptr, qh_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, C_p
     for i0 in range(j0 + BLOCK, hi, BLOCK):
         rows = i0 + tl.arange(0, BLOCK)
         row_ok = rows < eos
-        f = _cross_block_factor(Pstart_ptr, Pl_ptr, id_n + (i0 - j0) // BLOCK, id_n, last, hg, HG, K, KP)
+        id_m = id_n + (i0 - j0) // BLOCK
+        f = _cross_block_factor(Pstart_ptr, Pl_ptr, id_m, id_n, last, hg, HG, K, KP)
         q_hat = _load_rows(qh_ptr, rows, row_ok, hq, HQ, K, KP)
         qf = q_hat * f[None, :].to(q_hat.dtype)
         s = tl.dot(qf, tl.trans(kt)) * qk_scale
-        cq = _gate_offset(C_ptr, rows, row_ok, C_ref, hq, HQ, HAS_GS)
+        cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_n, hq, HQ, HAS_GS)
         s = _gate_and_window(s, rows, cols, cq, ck, WINDOW, HAS_GS, HAS_WINDOW)
         do = _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
         lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=float('inf'))  # p = 0 past the end
@@ -451,7 +444,7 @@ def _bwd_dkv_kernel(q_ptr, qh_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, C_p
 
 
 @triton.jit
-def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, C_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr,
+def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr,
                       blocks_ptr, scale, WINDOW,
                       HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                       V: tl.constexpr, VP: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr,
@@ -473,8 +466,8 @@ def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, C_ptr, L_ptr, do_ptr, lse_ptr
                 visible &= (j[:, None] - j[None, :]) < WINDOW
             s = tl.load(L_ptr + (base * HQ + hq) * SUB + j[None, :], mask=visible, other=0.0)
             if HAS_GS:
-                C = tl.load(C_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-                s += (C[:, None] - C[None, :]).to(tl.float32)
+                C = tl.load(Cl_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+                s += C[:, None] - C[None, :]
             lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
             delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
             p, ds = _probs_and_dscores(s, lse, delta, _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP),
@@ -540,6 +533,13 @@ class _Layout:
         step = Pl[self.block_last[:-1]].double() + g[self.block_start[1:]].double() * LOG2E
         return torch.cat([step.new_zeros(1, *step.shape[1:]), torch.cumsum(step, dim=0)])
 
+    def scalar_prefix(self, g_scalar):
+        """The scalar gate's prefix C = cumsum(g_scalar) in log2 units as (C - C[own block start] in float32,
+        C[block starts] in float64): the kernels read float32 per token and one float64 pair per block."""
+        C = torch.cumsum(g_scalar.double(), dim=0) * LOG2E
+        Cs = C[self.block_start]
+        return (C - Cs[self.token_block]).float(), Cs
+
     def suffix_after_block(self, totals):
         """For each block, the sum of `totals` over the later blocks of its document (float64)."""
         R = torch.cumsum(totals.double().flip(0), dim=0).flip(0)
@@ -583,7 +583,7 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     HQ = dims['HQ']
     Pl, kt, _ = _prep(q, k, g, layout, dims, write_q_hat=False)
     Pstart = layout.block_prefix(Pl, g)
-    C = None if g_scalar is None else torch.cumsum(g_scalar.double(), dim=0).mul_(LOG2E)
+    Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
     qk_scale = scale * LOG2E
     grid = (layout.table.shape[0], HQ)
     L = torch.empty(q.shape[0], HQ, SUB, device=q.device, dtype=torch.float32)
@@ -591,8 +591,8 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
                             KP=dims['KP'], SUB=SUB, BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4)
     o = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], HQ, device=q.device, dtype=torch.float32)
-    _fwd_kernel[grid](q, kt, k, v, Pl, Pstart, Pstart if C is None else C, L, lse if sink_bias is None else sink_bias,
-                      o, lse, layout.table, qk_scale, window_size or 0, HAS_GS=C is not None,
+    _fwd_kernel[grid](q, kt, k, v, Pl, Pstart, Cl, Cs, L, lse if sink_bias is None else sink_bias,
+                      o, lse, layout.table, qk_scale, window_size or 0, HAS_GS=g_scalar is not None,
                       HAS_SINK=sink_bias is not None, HAS_WINDOW=window_size is not None, **dims)
     return o, lse, L
 
@@ -602,7 +602,7 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     HQ, H, HG = dims['HQ'], dims['H'], dims['HG']
     Pl, kt, q_hat = _prep(q, k, g, layout, dims, write_q_hat=True)
     Pstart = layout.block_prefix(Pl, g)
-    C = None if g_scalar is None else torch.cumsum(g_scalar.double(), dim=0).mul_(LOG2E)
+    Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1)
     dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
@@ -611,15 +611,14 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     dcq = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
     dck = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
     qk_scale = scale * LOG2E
-    flags = dict(HAS_GS=C is not None, HAS_WINDOW=window_size is not None)
-    C_arg = Pstart if C is None else C
+    flags = dict(HAS_GS=g_scalar is not None, HAS_WINDOW=window_size is not None)
     num_blocks = layout.table.shape[0]
     grid = (num_blocks, HQ)
-    _bwd_dq_kernel[grid](q, kt, k, v, Pl, Pstart, C_arg, L, do, lse, delta, dq, dcq, layout.table, qk_scale, scale,
+    _bwd_dq_kernel[grid](q, kt, k, v, Pl, Pstart, Cl, Cs, L, do, lse, delta, dq, dcq, layout.table, qk_scale, scale,
                          window_size or 0, **flags, **dims)
-    _bwd_dkv_kernel[grid](q, q_hat, kt, k, v, Pl, Pstart, C_arg, L, do, lse, delta, dk, dv, dck, layout.table,
+    _bwd_dkv_kernel[grid](q, q_hat, kt, k, v, Pl, Pstart, Cl, Cs, L, do, lse, delta, dk, dv, dck, layout.table,
                           num_blocks, qk_scale, scale, window_size or 0, **flags, **dims)
-    _intra_bwd_kernel[grid](q, k, v, Pl, C_arg, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0,
+    _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0,
                             HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], V=dims['V'], VP=dims['VP'], SUB=SUB,
                             BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4, **flags)
 
