@@ -531,18 +531,18 @@ class _Layout:
     def block_prefix(self, Pl, g):
         """Pstart[b] = P at the first token of block b, float64, one running sum over all blocks."""
         step = Pl[self.block_last[:-1]].double() + g[self.block_start[1:]].double() * LOG2E
-        return torch.cat([step.new_zeros(1, *step.shape[1:]), torch.cumsum(step, dim=0)])
+        return torch.cat([step.new_zeros(1, *step.shape[1:]), _cumsum_rows(step)])
 
     def scalar_prefix(self, g_scalar):
         """The scalar gate's prefix C = cumsum(g_scalar) in log2 units as (C - C[own block start] in float32,
         C[block starts] in float64): the kernels read float32 per token and one float64 pair per block."""
-        C = torch.cumsum(g_scalar.double(), dim=0) * LOG2E
+        C = _cumsum_rows(g_scalar.double()) * LOG2E
         Cs = C[self.block_start]
         return (C - Cs[self.token_block]).float(), Cs
 
     def suffix_after_block(self, totals):
         """For each block, the sum of `totals` over the later blocks of its document (float64)."""
-        R = torch.cumsum(totals.double().flip(0), dim=0).flip(0)
+        R = _cumsum_rows(totals.double().flip(0)).flip(0)
         R = torch.cat([R, R.new_zeros(1, *R.shape[1:])])
         ids = torch.arange(totals.shape[0], device=totals.device)
         return R[ids + 1] - R[self.block_stop]
@@ -554,9 +554,16 @@ def _layout(bounds, device, block):
     return _Layout(bounds, device, block)
 
 
+def _cumsum_rows(x):
+    """torch.cumsum(x, dim=0), scanned along the last axis: CUDA scans an outer axis with one thread per column,
+    sequentially (1.6 ms for the [16384, 16] scalar-gate prefix on an H100, most of that gate's cost), an inner one
+    in parallel."""
+    return x.reshape(x.shape[0], x.shape[1:].numel()).t().contiguous().cumsum(1).t().contiguous().view(x.shape)
+
+
 def _reverse_cumsum(x, doc_end):
     """sum over s >= t inside t's document, in float64: R[t] - R[document end]. For the small [T, HQ] gates."""
-    R = torch.cumsum(x.double().flip(0), dim=0).flip(0)
+    R = _cumsum_rows(x.double().flip(0)).flip(0)
     R = torch.cat([R, R.new_zeros(1, *R.shape[1:])])
     return R[:-1] - R[doc_end]
 
