@@ -1,4 +1,4 @@
-"""Where the time goes: CUDA kernel times of one forward and one forward+backward of `wall_attn`.
+"""Where the time goes: CUDA kernel times of forward+backward of `wall_attn`, and the PyTorch operators around them.
 
     python bench/profile_attn.py [--B 2 --T 8192 --HQ 16 --H 16 --K 128]
 """
@@ -21,8 +21,12 @@ do = torch.randn_like(q)
 for _ in range(3):
     wall_attn(q, k, v, g).backward(do)
 torch.cuda.synchronize()
-with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
     for _ in range(5):
         wall_attn(q, k, v, g).backward(do)
     torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=25, max_name_column_width=60))
+# kernels by their own time, then the PyTorch operators (with input shapes) that launched the non-Triton ones
+print(prof.key_averages().table(sort_by='self_cuda_time_total', row_limit=25, max_name_column_width=60))
+print(prof.key_averages(group_by_input_shape=True).table(sort_by='cuda_time_total', row_limit=40,
+                                                         max_name_column_width=40, max_shapes_column_width=70))

@@ -190,10 +190,11 @@ def _probs_and_dscores(s, lse, delta, do, v):
 
 
 @triton.jit
-def _prep_kernel(g_ptr, k_ptr, q_ptr, Pl_ptr, kt_ptr, qh_ptr, blocks_ptr,
+def _prep_kernel(g_ptr, k_ptr, q_ptr, do_ptr, o_ptr, Pl_ptr, kt_ptr, qh_ptr, delta_ptr, blocks_ptr,
                  HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BLOCK: tl.constexpr, WRITE_Q_HAT: tl.constexpr):
-    """Per block and gate head: the local prefix Pl, keys rescaled to the block end, (backward) queries to its start."""
+                 V: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
+    """Per block and gate head: the local prefix Pl, keys rescaled to the block end; for the backward also the
+    queries rescaled to its start and delta = rowsum(do * o) of the gate's query heads."""
     i0, _, eos, _ = _block(blocks_ptr, tl.program_id(0))
     hg = tl.program_id(1)
     rows = i0 + tl.arange(0, BLOCK)
@@ -205,10 +206,14 @@ def _prep_kernel(g_ptr, k_ptr, q_ptr, Pl_ptr, kt_ptr, qh_ptr, blocks_ptr,
     hk = hg // (HG // H)
     k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32)
     _store_rows(kt_ptr, k * tl.exp2(tl.minimum(Pl_end[None, :] - Pl, 0.0)), rows, row_ok, hg, HG, K, KP)
-    if WRITE_Q_HAT:
+    if BACKWARD:
         for h in range(HQ // HG):
-            q = _load_rows(q_ptr, rows, row_ok, hg * (HQ // HG) + h, HQ, K, KP).to(tl.float32)
-            _store_rows(qh_ptr, q * tl.exp2(Pl), rows, row_ok, hg * (HQ // HG) + h, HQ, K, KP)
+            hq = hg * (HQ // HG) + h
+            q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP).to(tl.float32)
+            _store_rows(qh_ptr, q * tl.exp2(Pl), rows, row_ok, hq, HQ, K, KP)
+            delta = tl.sum(_load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP).to(tl.float32)
+                           * _load_rows(o_ptr, rows, row_ok, hq, HQ, V, VP).to(tl.float32), 1)
+            tl.store(delta_ptr + rows.to(tl.int64) * HQ + hq, delta, mask=row_ok)
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
@@ -486,12 +491,12 @@ def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_pt
 
 
 @triton.jit
-def _decay_grad_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr, blocks_ptr,
+def _decay_grad_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr, suffix_ptr, blocks_ptr,
                        HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    """Inside each block: dg[t] = sum over s >= t of (q*dq - k*dk)[s], summed over the gate's query heads.
-
-    The block totals go to `totals`; the sums over later blocks are added from them afterwards, in float64."""
+                       BLOCK: tl.constexpr, FINAL: tl.constexpr):
+    """dg[t] = sum over s >= t in t's document of (q*dq - k*dk)[s], summed over the gate's query heads, in two
+    passes: the first writes each block's total, the second (FINAL) the sums inside the block plus `suffix`, the
+    float64 sum of the totals of the document's later blocks (summed in between by torch)."""
     i0, _, eos, block_id = _block(blocks_ptr, tl.program_id(0))
     hg = tl.program_id(1)
     rows = i0 + tl.arange(0, BLOCK)
@@ -505,9 +510,13 @@ def _decay_grad_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr, blocks_
         x -= _load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * _load_rows(dk_ptr, rows, row_ok, hq, HQ,
                                                                                        K, KP)
     total = tl.sum(x, 0)
-    _store_rows(dg_ptr, total[None, :] - tl.cumsum(x, 0) + x, rows, row_ok, hg, HG, K, KP)
-    cols = tl.arange(0, KP)
-    tl.store(totals_ptr + (block_id * HG + hg) * K + cols, total, mask=cols < K)
+    if FINAL:
+        inside = (total[None, :] - tl.cumsum(x, 0) + x).to(tl.float64)
+        _store_rows(dg_ptr, inside + _load_row(suffix_ptr, block_id, hg, HG, K, KP)[None, :], rows, row_ok, hg, HG,
+                    K, KP)
+    else:
+        cols = tl.arange(0, KP)
+        tl.store(totals_ptr + (block_id * HG + hg) * K + cols, total, mask=cols < K)
 
 
 class _Layout:
@@ -574,21 +583,25 @@ def _dims(q, k, v, g):
                 BLOCK=BLOCK, SUB=SUB, FAST_RANGE=FAST_RANGE[q.dtype])
 
 
-def _prep(q, k, g, layout, dims, write_q_hat):
+def _prep(q, k, g, layout, dims, do=None, o=None):
+    """Pl and kt; given do and o (the backward), also q_hat and delta."""
+    backward = do is not None
     Pl = torch.empty(g.shape, device=g.device, dtype=torch.float32)
     kt = torch.empty(q.shape[0], dims['HG'], dims['K'], device=q.device, dtype=q.dtype)
-    q_hat = torch.empty_like(q) if write_q_hat else kt
+    q_hat = torch.empty_like(q) if backward else None
+    delta = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32) if backward else None
     _prep_kernel[(layout.table.shape[0], dims['HG'])](
-        g, k, q, Pl, kt, q_hat, layout.table, HQ=dims['HQ'], H=dims['H'], HG=dims['HG'], K=dims['K'], KP=dims['KP'],
-        BLOCK=BLOCK, WRITE_Q_HAT=write_q_hat)
-    return Pl, kt, q_hat
+        g, k, q, do if backward else q, o if backward else q, Pl, kt, q_hat if backward else kt,
+        delta if backward else Pl, layout.table, HQ=dims['HQ'], H=dims['H'], HG=dims['HG'], K=dims['K'],
+        KP=dims['KP'], V=dims['V'], VP=dims['VP'], BLOCK=BLOCK, BACKWARD=backward)
+    return Pl, kt, q_hat, delta
 
 
 def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     """q, k, v, g flattened to [tokens, heads, dim]. Returns o, lse (log2 units) and what backward needs."""
     dims = _dims(q, k, v, g)
     HQ = dims['HQ']
-    Pl, kt, _ = _prep(q, k, g, layout, dims, write_q_hat=False)
+    Pl, kt, _, _ = _prep(q, k, g, layout, dims)
     Pstart = layout.block_prefix(Pl, g)
     Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
     qk_scale = scale * LOG2E
@@ -607,11 +620,9 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
 def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size, layout):
     dims = _dims(q, k, v, g)
     HQ, H, HG = dims['HQ'], dims['H'], dims['HG']
-    Pl, kt, q_hat = _prep(q, k, g, layout, dims, write_q_hat=True)
+    Pl, kt, q_hat, delta = _prep(q, k, g, layout, dims, do.contiguous(), o)
     Pstart = layout.block_prefix(Pl, g)
     Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
-    do = do.contiguous()
-    delta = (do.float() * o.float()).sum(-1)
     dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # per query head: dg needs it
     dv = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=torch.float32)
@@ -629,11 +640,12 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
                             HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], V=dims['V'], VP=dims['VP'], SUB=SUB,
                             BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4, **flags)
 
-    dg = torch.empty(g.shape, device=g.device, dtype=torch.float32)
+    dg = torch.empty(g.shape, device=g.device, dtype=g.dtype)
     totals = torch.empty(num_blocks, HG, dims['K'], device=g.device, dtype=torch.float32)
-    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, totals, layout.table, HQ=HQ, H=H, HG=HG, K=dims['K'],
-                                         KP=dims['KP'], BLOCK=BLOCK)
-    dg = (dg + layout.suffix_after_block(totals)[layout.token_block]).to(g.dtype)
+    shape = dict(HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], BLOCK=BLOCK)
+    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, totals, totals, layout.table, FINAL=False, **shape)
+    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, totals, layout.suffix_after_block(totals), layout.table,
+                                         FINAL=True, **shape)
     dg_scalar = None if g_scalar is None else _reverse_cumsum(dcq - dck, layout.doc_end).to(g_scalar.dtype)
     dsink = None
     if sink_bias is not None:
