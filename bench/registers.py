@@ -1,0 +1,51 @@
+"""Registers and spills of the training kernels, compiled for an H100 (sm_90a) on any machine, no GPU needed.
+
+    python bench/registers.py                      # forward, dq, dk/dv at K=V=128, their autotune configs
+    PYTHONPATH=/tmp/triton36 python bench/registers.py    # with another Triton (e.g. the GPU machine's 3.6)
+
+Spills cost these kernels their speed (bench/results_attn.md): this reads ptxas's own report of each compile.
+It loads kernels/parallel.py directly, so Triton compiles for the GPU instead of running its CPU interpreter.
+"""
+import contextlib
+import importlib.util
+import io
+import os
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+os.environ['TRITON_DUMP_PTXAS_LOG'] = '1'
+os.environ['TRITON_ALWAYS_COMPILE'] = '1'
+spec = importlib.util.spec_from_file_location('wall_parallel', os.path.join(os.path.dirname(__file__), '..',
+                                                                             'kernels', 'parallel.py'))
+parallel = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(parallel)
+
+SHAPE = dict(HQ=16, H=16, HG=16, K=128, V=128, KP=128, VP=128, BLOCK=64, SUB=16, FAST_RANGE=96.0, HAS_GS=False,
+             HAS_WINDOW=False)
+POINTERS = {'*bf16': ('q_ptr', 'kt_ptr', 'k_ptr', 'v_ptr', 'o_ptr', 'do_ptr', 'qh_ptr'),
+            '*fp64': ('Pstart_ptr', 'Cs_ptr'), '*i32': ('blocks_ptr',)}
+SCALARS = {'i32': ('WINDOW', 'num_blocks'), 'fp32': ('qk_scale', 'scale')}
+
+
+def report(kernel, constexprs, num_warps, num_stages):
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    types = {name: kind for kind, names in {**POINTERS, **SCALARS}.items() for name in names}
+    signature = {n: 'constexpr' if n in constexprs else types.get(n, '*fp32') for n in fn.arg_names}
+    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    regs = re.search(r'Used (\d+) registers', log.getvalue())
+    spills = re.search(r'(\d+) bytes spill stores', log.getvalue())
+    print(f'{fn.__name__:18s} {num_warps} warps x {num_stages} stages: {regs.group(1) if regs else "?"} registers, '
+          f'{spills.group(1) if spills else 0} bytes of spill stores')
+
+
+print('triton', triton.__version__)
+for kernel, extra in ((parallel._fwd_kernel, dict(HAS_SINK=False)), (parallel._bwd_dq_kernel, {}),
+                      (parallel._bwd_dkv_kernel, {})):
+    for config in kernel.configs:
+        report(kernel, {**SHAPE, **extra}, config.num_warps, config.num_stages)
