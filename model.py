@@ -409,8 +409,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def decode(self, logits, cache, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=True):
         """Yield max_new_tokens tokens [B, 1], sampled one at a time starting from `logits` (of the last cached
-        position, e.g. from prefill); each yielded token but the last is then appended to the cache. On a GPU the
-        steps replay a CUDA graph unless cuda_graph=False."""
+        position, e.g. from prefill); each yielded token but the last is then appended to the cache. On a GPU Wall
+        and FoX steps replay a CUDA graph unless cuda_graph=False."""
         step = DecodeStep(self, cache, cuda_graph)
         for i in range(max_new_tokens):
             idx_next = sample_next(logits[:, -1, :], temperature, top_k)
@@ -425,7 +425,8 @@ class DecodeStep:
     On a GPU the first call runs eagerly (compiling kernels, and bringing the cache to its steady state), the second
     captures the step in a CUDA graph, and every later call replays it: an eager step of a small model at batch 1 is
     bound by Python and kernel launches (bench/results_generate.md). Every position the step uses is read from the
-    device (KVCache.position), so one graph serves every step; the host's view is advanced after each replay.
+    device (KVCache.position), so one graph serves every step; the host's view is advanced after each replay. RoPE
+    steps run eagerly (StaticKVCache says why).
     """
 
     def __init__(self, model, cache, cuda_graph=True):
