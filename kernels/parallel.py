@@ -218,8 +218,8 @@ def _prep_kernel(g_ptr, k_ptr, q_ptr, do_ptr, o_ptr, Pl_ptr, kt_ptr, qh_ptr, del
 
 @triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _fwd_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, L_ptr, sink_ptr, o_ptr, lse_ptr, blocks_ptr,
-                qk_scale, WINDOW,
+def _fwd_kernel(q_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, L_ptr, sink_ptr, o_ptr, lse_ptr,
+                blocks_ptr, qk_scale, WINDOW,
                 HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
                 FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_WINDOW: tl.constexpr):
