@@ -551,10 +551,8 @@ class _Layout:
 
     def suffix_after_block(self, totals):
         """For each block, the sum of `totals` over the later blocks of its document (float64)."""
-        R = _cumsum_rows(totals.double().flip(0)).flip(0)
-        R = torch.cat([R, R.new_zeros(1, *R.shape[1:])])
-        ids = torch.arange(totals.shape[0], device=totals.device)
-        return R[ids + 1] - R[self.block_stop]
+        R = _suffix_sums(totals)
+        return R[1:] - R[self.block_stop]
 
 
 @functools.lru_cache(maxsize=16)
@@ -570,10 +568,15 @@ def _cumsum_rows(x):
     return x.reshape(x.shape[0], x.shape[1:].numel()).t().contiguous().cumsum(1).t().contiguous().view(x.shape)
 
 
+def _suffix_sums(x):
+    """R[t] = sum of x[t:] along dim 0 in float64, with R[len(x)] = 0 (one row more than x)."""
+    R = _cumsum_rows(x.double().flip(0)).flip(0)
+    return torch.cat([R, R.new_zeros(1, *R.shape[1:])])
+
+
 def _reverse_cumsum(x, doc_end):
     """sum over s >= t inside t's document, in float64: R[t] - R[document end]. For the small [T, HQ] gates."""
-    R = _cumsum_rows(x.double().flip(0)).flip(0)
-    R = torch.cat([R, R.new_zeros(1, *R.shape[1:])])
+    R = _suffix_sums(x)
     return R[:-1] - R[doc_end]
 
 
