@@ -334,9 +334,8 @@ class GPT(nn.Module):
             cache.check_room(T)
         rope = None
         if self.config.attention == 'rope':  # positions restart at every document
-            positions = torch.arange(T, device=idx.device)[None]
-            if cache is not None:  # from the device: a replayed decode step must not bake in its position
-                positions = positions + cache.position
+            start = 0 if cache is None else cache.length  # RoPE steps are never replayed from a graph
+            positions = torch.arange(start, start + T, device=idx.device)[None]
             if cu_seqlens is not None:
                 positions = positions - cu_seqlens.long()[document_ids(cu_seqlens, T)]
             rope = rotary(positions, self.config.n_embd // self.config.n_head, self.config.rope_base)
@@ -515,7 +514,7 @@ class StaticKVCache:
     def __init__(self, batch_size, max_len, num_kv_heads, head_dim, dtype, device):
         self.k = torch.empty(batch_size, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)  # `length` on the device, for RoPE angles
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # `length` on the device, as KVCache's
         self.length = 0
 
     def reset(self):

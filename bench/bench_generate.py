@@ -121,9 +121,8 @@ def main():
     lines = [f'# Decode tokens/s at batch 1, {name}, {datetime.date.today()}', '',
              f'Model {shape} ({"tiny" if args.smoke else CONFIG}), vocab {97 if args.smoke else VOCAB_SIZE}, '
              f'{"fp32" if args.smoke else "bf16"}; {args.context} cached tokens, then {args.steps} timed greedy '
-             f'steps through model.decode ({"eager" if args.eager else "CUDA graph"} on a GPU) after {args.warmup} warm-up '
-             f'steps; torch {torch.__version__}, triton '
-             f'{triton.__version__}.', '',
+             f'steps through model.decode (on a GPU {"eager" if args.eager else "a CUDA graph for Wall, eager RoPE"}) '
+             f'after {args.warmup} warm-up steps; torch {torch.__version__}, triton {triton.__version__}.', '',
              '| attention | cache (MiB) | ms / token | tokens/s | vs RoPE |', '|---|---|---|---|---|']
     results = []
     for label, attention, gate_per_kv_head in (('RoPE, static KV cache, SDPA', 'rope', False),
