@@ -26,6 +26,15 @@ def make_inputs(B=1, T=100, HQ=2, H=1, K=32, V=16, gate_heads=None, scalar_gate=
                 sink_bias=torch.randn(HQ, device=device) if sink else None)
 
 
+@pytest.fixture(autouse=True)
+def _small_anchor_groups(request, monkeypatch):
+    """CPU shapes are a few blocks long: groups of 2 blocks give them far groups as well as near blocks. GPU tests
+    keep the real group size."""
+    if 'gpu' not in request.keywords:
+        import kernels.parallel as parallel
+        monkeypatch.setattr(parallel, 'GROUP', 2)
+
+
 def rel(a, b):
     """Relative error; an all-zero expectation (e.g. dg with window 1) is compared absolutely."""
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1.0)).item()
@@ -99,6 +108,18 @@ def test_gentle_and_steep_blocks_side_by_side(steep_first):
     inputs['g'][:, steep] = -3 - 17 * torch.rand_like(inputs['g'][:, steep])
     assert_close(run_both(inputs), 3e-5)
     assert_close(run_both(inputs, window_size=70), 3e-5)
+
+
+@pytest.mark.parametrize('group', [1, 3])
+def test_anchor_group_sizes(group, monkeypatch):
+    """Every key block its own group (all keys far), and groups that documents and windows cut in odd places. Weak
+    gates (and no scalar gate) keep far keys in play, so an anchor frame off by one group shows."""
+    import kernels.parallel as parallel
+    monkeypatch.setattr(parallel, 'GROUP', group)
+    cu = torch.tensor([0, 20, 270, 400], device=DEVICE)
+    inputs = make_inputs(T=400, HQ=2, H=1, gates=6.0, sink=True)
+    assert_close(run_both(inputs, cu_seqlens=cu), 3e-5)
+    assert_close(run_both(inputs, cu_seqlens=cu, window_size=150), 3e-5)
 
 
 def test_documents_do_not_see_each_other():
