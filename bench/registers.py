@@ -3,8 +3,9 @@
     python bench/registers.py                      # forward, dq, dk/dv at K=V=128, their autotune configs
     PYTHONPATH=/tmp/triton36 python bench/registers.py    # with another Triton (e.g. the GPU machine's 3.6)
 
-Spills cost these kernels their speed (bench/results_attn.md): this reads ptxas's own report of each compile.
-It loads kernels/parallel.py directly, so Triton compiles for the GPU instead of running its CPU interpreter.
+This reads ptxas's own report of each compile, a check that costs no GPU time (whether a spill costs time is for
+the GPU to say: bench/results_attn.md has cases where it does not). It loads kernels/parallel.py directly, so Triton
+compiles for the GPU instead of running its CPU interpreter.
 """
 import contextlib
 import importlib.util
@@ -34,7 +35,11 @@ def report(kernel, constexprs, num_warps, num_stages):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     types = {name: kind for kind, names in {**POINTERS, **SCALARS}.items() for name in names}
     signature = {n: 'constexpr' if n in constexprs else types.get(n, '*fp32') for n in fn.arg_names}
-    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+    # as a launch specializes them: every tensor 16-byte aligned (torch's allocations are), so loads vectorize and
+    # pipeline; without this the compile is a different, slower program
+    aligned = {(i,): [['tt.divisibility', 16]] for i, n in enumerate(fn.arg_names) if signature[n].startswith('*')}
+    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()},
+                    attrs=aligned)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
