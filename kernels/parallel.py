@@ -192,9 +192,10 @@ def _window_start(i0, bos, WINDOW, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr
 
 
 @triton.jit
-def _id_before(t, i0, id_i, BLOCK: tl.constexpr):
-    """Id of the block holding token t, which precedes block i0 (id id_i) in the same document."""
-    return id_i - (i0 - t + BLOCK - 1) // BLOCK
+def _decay_to_block(Pstart_ptr, Pl_ptr, a, i0, id_i, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """log2 decay from token a to the start of the later block i0 (id id_i) of the same document, <= 0."""
+    return _decay_log2(Pstart_ptr, Pl_ptr, id_i, id_i - (i0 - a + BLOCK - 1) // BLOCK, a, hg, HG, K, KP)
 
 
 @triton.jit
@@ -364,15 +365,14 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
     # Keys of earlier groups anchor on their group's last token: the queries are rescaled once per group. (q_hat stays
     # live through the loops: reloading it per group measured no faster.)
     for g0 in range(lo - (lo - bos) % (GROUP * BLOCK), own_group, GROUP * BLOCK):
-        e = g0 + GROUP * BLOCK - 1
-        qf = _rescaled(q_hat, _decay_log2(Pstart_ptr, Pl_ptr, id_m, _id_before(e, i0, id_m, BLOCK), e, hg, HG, K, KP))
+        qf = _rescaled(q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, g0 + GROUP * BLOCK - 1, i0, id_m, hg, HG, K, KP,
+                                              BLOCK))
         for j0 in range(tl.maximum(g0, lo), g0 + GROUP * BLOCK, BLOCK):
             s, _, v = _offdiag_tile(qf, kg_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq, hk, hg, qk_scale,
                                     WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
             m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
     for j0 in range(tl.maximum(lo, own_group), i0, BLOCK):  # the query block's own group: per-block anchors
-        qf = _rescaled(q_hat, _decay_log2(Pstart_ptr, Pl_ptr, id_m, _id_before(j0, i0, id_m, BLOCK), j0 + BLOCK - 1, hg,
-                                          HG, K, KP))
+        qf = _rescaled(q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, j0 + BLOCK - 1, i0, id_m, hg, HG, K, KP, BLOCK))
         s, _, v = _offdiag_tile(qf, kt_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq, hk, hg, qk_scale,
                                 WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
@@ -442,15 +442,14 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
     lo = _window_start(i0, bos, WINDOW, BLOCK, HAS_WINDOW)
     own_group = _group_bounds(i0, bos, eos, BLOCK, GROUP)[0]
     for g0 in range(lo - (lo - bos) % (GROUP * BLOCK), own_group, GROUP * BLOCK):  # earlier groups, as in the forward
-        e = g0 + GROUP * BLOCK - 1
-        dq, lg, qf = _move_anchor(dq, lg, q_hat, _decay_log2(Pstart_ptr, Pl_ptr, id_m, _id_before(e, i0, id_m, BLOCK),
-                                                             e, hg, HG, K, KP))
+        dq, lg, qf = _move_anchor(dq, lg, q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, g0 + GROUP * BLOCK - 1, i0, id_m,
+                                                                 hg, HG, K, KP, BLOCK))
         for j0 in range(tl.maximum(g0, lo), g0 + GROUP * BLOCK, BLOCK):
             dq, dcq = _dq_tile(qf, kg_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, do, lse, delta, dq, dcq, i0, id_m, hq,
                                hk, hg, qk_scale, WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
     for j0 in range(tl.maximum(lo, own_group), i0, BLOCK):  # the query block's own group: per-block anchors
-        dq, lg, qf = _move_anchor(dq, lg, q_hat, _decay_log2(Pstart_ptr, Pl_ptr, id_m, _id_before(j0, i0, id_m, BLOCK),
-                                                             j0 + BLOCK - 1, hg, HG, K, KP))
+        dq, lg, qf = _move_anchor(dq, lg, q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, j0 + BLOCK - 1, i0, id_m, hg, HG,
+                                                                 K, KP, BLOCK))
         dq, dcq = _dq_tile(qf, kt_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, do, lse, delta, dq, dcq, i0, id_m, hq, hk,
                            hg, qk_scale, WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
     dq *= tl.exp2(lg)[None, :]
