@@ -1,6 +1,7 @@
 """Registers and spills of the training kernels, compiled for an H100 (sm_90a) on any machine, no GPU needed.
 
     python bench/registers.py                      # forward, dq, dk/dv at K=V=128, their autotune configs
+    python bench/registers.py path/to/parallel.py  # a variant of the file
     PYTHONPATH=/tmp/triton36 python bench/registers.py    # with another Triton (e.g. the GPU machine's 3.6)
 
 This reads ptxas's own report of each compile, a check that costs no GPU time (whether a spill costs time is for
@@ -12,6 +13,7 @@ import importlib.util
 import io
 import os
 import re
+import sys
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -19,14 +21,14 @@ from triton.compiler import ASTSource
 
 os.environ['TRITON_DUMP_PTXAS_LOG'] = '1'
 os.environ['TRITON_ALWAYS_COMPILE'] = '1'
-spec = importlib.util.spec_from_file_location('wall_parallel', os.path.join(os.path.dirname(__file__), '..',
-                                                                             'kernels', 'parallel.py'))
+path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), '..', 'kernels', 'parallel.py')
+spec = importlib.util.spec_from_file_location('wall_parallel', path)
 parallel = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(parallel)
 
 SHAPE = dict(HQ=16, H=16, HG=16, K=128, V=128, KP=128, VP=128, BLOCK=64, SUB=16, GROUP=parallel.GROUP, FAST_RANGE=96.0,
              HAS_GS=False, HAS_WINDOW=False)
-POINTERS = {'*bf16': ('q_ptr', 'kt_ptr', 'k_ptr', 'v_ptr', 'o_ptr', 'do_ptr', 'qh_ptr', 'kg_ptr', 'qg_ptr'),
+POINTERS = {'*bf16': ('q_ptr', 'kt_ptr', 'k_ptr', 'v_ptr', 'o_ptr', 'do_ptr', 'qh_ptr', 'kg_ptr', 'qg_ptr', 'qf_ptr'),
             '*fp64': ('Pstart_ptr', 'Cs_ptr'), '*i32': ('blocks_ptr',)}
 SCALARS = {'i32': ('WINDOW', 'num_blocks'), 'fp32': ('qk_scale', 'scale')}
 

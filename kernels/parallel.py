@@ -50,8 +50,10 @@ def _configs(*warps_stages):
 # Pruned from a sweep on an H100 at B=2 T=8192 H=16 K=128 (forward + backward, ms, each kernel's config varied alone
 # with the others at their best): forward 4 warps x 2 stages 15.87, 4 x 3 16.76, 8 x 2 18.02, 8 x 3 17.41; dq 4 x 1
 # 15.87, 8 x 2 16.74, 8 x 3 16.89, 8 x 1 24.40; dk/dv 4 x 2 15.88, 4 x 3 18.91, 8 x 2 23.83, 8 x 3 23.25. Every
-# config compiles for seconds at each new shape, so the losers stay out.
-FWD_CONFIGS = _configs((4, 2), (4, 3))
+# config compiles for seconds at each new shape, so the losers stay out. The anchor-group forward on an H200 (same
+# shape, kernel alone), with its own-group query operand computed in registers: 4 x 2 2.23 ms, 4 x 3 3.34; staged
+# through memory (_staged): 4 x 2 2.23, 4 x 3 2.04.
+FWD_CONFIGS = _configs((4, 3))
 # Triton 3.6 on an H100 miscompiles dq's sub-block diagonal with 4 warps and a pipelined loop (rows 32-63 of
 # steep blocks come out wrong; tests/test_parallel.py::test_steep_diagonal_path_bf16_gpu): those configs stay out.
 DQ_CONFIGS = _configs((4, 1))
@@ -79,6 +81,19 @@ def _load_row(ptr, row, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr
     cols = tl.arange(0, DP)
     row64 = tl.zeros([DP], dtype=tl.int64) + row  # `row` may be a plain int (a loop variable)
     return tl.load(ptr + (row64 * H + head) * D + cols, mask=cols < D, other=0.0)
+
+
+@triton.jit
+def _staged(x, buf_ptr, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    """x written to `buf` (this program's own rows) and read back. A dot operand computed in registers reaches the
+    tensor cores from registers, re-read from shared memory at every use; a loaded one is copied to shared memory
+    once and the tensor cores read it there. Measured on an H200 at B2 T8k H16 (kernel alone): forward 2.21 -> 2.04
+    ms with both of its loops staged and 4 warps x 3 stages (3.34 unstaged), dq 3.03 -> 2.94 with its
+    own-group loop staged; staging dq's far loop made it slower (3.06 -> 3.30), dk/dv's near loop gained nothing."""
+    tl.debug_barrier()  # every thread is done reading the previous tile
+    _store_rows(buf_ptr, x, rows, row_ok, head, H, D, DP)
+    tl.debug_barrier()  # the whole tile is written
+    return _load_rows(buf_ptr, rows, row_ok, head, H, D, DP)
 
 
 @triton.jit
@@ -325,7 +340,7 @@ def _rescale_kernel(k_ptr, q_ptr, Pl_ptr, Pstart_ptr, kt_ptr, kg_ptr, qh_ptr, qg
 @triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
 def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, L_ptr, sink_ptr, o_ptr,
-                lse_ptr, blocks_ptr, qk_scale, WINDOW,
+                lse_ptr, qf_ptr, blocks_ptr, qk_scale, WINDOW,
                 HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
                 FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_WINDOW: tl.constexpr):
@@ -365,14 +380,15 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
     # Keys of earlier groups anchor on their group's last token: the queries are rescaled once per group. (q_hat stays
     # live through the loops: reloading it per group measured no faster.)
     for g0 in range(lo - (lo - bos) % (GROUP * BLOCK), own_group, GROUP * BLOCK):
-        qf = _rescaled(q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, g0 + GROUP * BLOCK - 1, i0, id_m, hg, HG, K, KP,
-                                              BLOCK))
+        qf = _staged(_rescaled(q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, g0 + GROUP * BLOCK - 1, i0, id_m, hg, HG,
+                                                      K, KP, BLOCK)), qf_ptr, rows, row_ok, hq, HQ, K, KP)
         for j0 in range(tl.maximum(g0, lo), g0 + GROUP * BLOCK, BLOCK):
             s, _, v = _offdiag_tile(qf, kg_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq, hk, hg, qk_scale,
                                     WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
             m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
     for j0 in range(tl.maximum(lo, own_group), i0, BLOCK):  # the query block's own group: per-block anchors
-        qf = _rescaled(q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, j0 + BLOCK - 1, i0, id_m, hg, HG, K, KP, BLOCK))
+        qf = _staged(_rescaled(q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, j0 + BLOCK - 1, i0, id_m, hg, HG, K, KP,
+                                                      BLOCK)), qf_ptr, rows, row_ok, hq, HQ, K, KP)
         s, _, v = _offdiag_tile(qf, kt_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq, hk, hg, qk_scale,
                                 WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
         m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
@@ -413,7 +429,7 @@ def _intra_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, blocks_ptr, qk_scale,
 @triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
 @triton.jit
 def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr, lse_ptr,
-                   delta_ptr, dq_ptr, dcq_ptr, blocks_ptr, qk_scale, scale, WINDOW,
+                   delta_ptr, dq_ptr, dcq_ptr, qf_ptr, blocks_ptr, qk_scale, scale, WINDOW,
                    HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
                    FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
@@ -450,6 +466,7 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
     for j0 in range(tl.maximum(lo, own_group), i0, BLOCK):  # the query block's own group: per-block anchors
         dq, lg, qf = _move_anchor(dq, lg, q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, j0 + BLOCK - 1, i0, id_m, hg, HG,
                                                                  K, KP, BLOCK))
+        qf = _staged(qf, qf_ptr, rows, row_ok, hq, HQ, K, KP)
         dq, dcq = _dq_tile(qf, kt_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, do, lse, delta, dq, dcq, i0, id_m, hq, hk,
                            hg, qk_scale, WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
     dq *= tl.exp2(lg)[None, :]
@@ -742,8 +759,9 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     o = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], HQ, device=q.device, dtype=torch.float32)
     _fwd_kernel[grid](q, kt, kg, k, v, Pl, Pstart, Cl, Cs, L, lse if sink_bias is None else sink_bias,
-                      o, lse, layout.table, qk_scale, window_size or 0, HAS_GS=g_scalar is not None,
-                      HAS_SINK=sink_bias is not None, HAS_WINDOW=window_size is not None, **dims)
+                      o, lse, torch.empty_like(q), layout.table, qk_scale, window_size or 0,
+                      HAS_GS=g_scalar is not None, HAS_SINK=sink_bias is not None, HAS_WINDOW=window_size is not None,
+                      **dims)
     return o, lse, L
 
 
@@ -761,8 +779,8 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     flags = dict(HAS_GS=g_scalar is not None, HAS_WINDOW=window_size is not None)
     num_blocks = layout.table.shape[0]
     grid = (num_blocks, HQ)
-    _bwd_dq_kernel[grid](q, kt, kg, k, v, Pl, Pstart, Cl, Cs, L, do, lse, delta, dq, dcq, layout.table, qk_scale, scale,
-                         window_size or 0, **flags, **dims)
+    _bwd_dq_kernel[grid](q, kt, kg, k, v, Pl, Pstart, Cl, Cs, L, do, lse, delta, dq, dcq, torch.empty_like(q),
+                         layout.table, qk_scale, scale, window_size or 0, **flags, **dims)
     _bwd_dkv_kernel[grid](q, q_hat, qg, kt, k, v, Pl, Pstart, Cl, Cs, L, do, lse, delta, dk, dv, dck, layout.table,
                           num_blocks, qk_scale, scale, window_size or 0, **flags, **dims)
     _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0,
