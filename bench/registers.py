@@ -1,19 +1,19 @@
 """Registers and spills of the training kernels, compiled for an H100 (sm_90a) on any machine, no GPU needed.
 
-    python bench/registers.py                      # forward, dq, dk/dv at K=V=128, their autotune configs
-    python bench/registers.py path/to/parallel.py  # a variant of the file
-    PYTHONPATH=/tmp/triton36 python bench/registers.py    # with another Triton (e.g. the GPU machine's 3.6)
+    python bench/registers.py                        # forward, dq, dk/dv at K=V=128, their autotune configs
+    python bench/registers.py variant.py --ir out/   # a variant of kernels/parallel.py; also write each TTGIR
+    PYTHONPATH=/tmp/triton36 python bench/registers.py      # with another Triton (e.g. the GPU machine's 3.6)
 
 This reads ptxas's own report of each compile, a check that costs no GPU time (whether a spill costs time is for
 the GPU to say: bench/results_attn.md has cases where it does not). It loads kernels/parallel.py directly, so Triton
 compiles for the GPU instead of running its CPU interpreter.
 """
+import argparse
 import contextlib
 import importlib.util
 import io
 import os
 import re
-import sys
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -21,8 +21,11 @@ from triton.compiler import ASTSource
 
 os.environ['TRITON_DUMP_PTXAS_LOG'] = '1'
 os.environ['TRITON_ALWAYS_COMPILE'] = '1'
-path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), '..', 'kernels', 'parallel.py')
-spec = importlib.util.spec_from_file_location('wall_parallel', path)
+parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+parser.add_argument('path', nargs='?', default=os.path.join(os.path.dirname(__file__), '..', 'kernels', 'parallel.py'))
+parser.add_argument('--ir', metavar='DIR', help='also write each compile\'s TTGIR (layouts, shared-memory traffic)')
+args = parser.parse_args()
+spec = importlib.util.spec_from_file_location('wall_parallel', args.path)
 parallel = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(parallel)
 
@@ -44,7 +47,12 @@ def report(kernel, constexprs, num_warps, num_stages):
                     attrs=aligned)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+        compiled = triton.compile(src, target=GPUTarget('cuda', 90, 32),
+                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+    if args.ir:
+        os.makedirs(args.ir, exist_ok=True)
+        with open(os.path.join(args.ir, f'{fn.__name__}_{num_warps}x{num_stages}.ttgir'), 'w') as f:
+            f.write(compiled.asm['ttgir'])
     regs = re.search(r'Used (\d+) registers', log.getvalue())
     spills = re.search(r'(\d+) bytes spill stores', log.getvalue())
     print(f'{fn.__name__:18s} {num_warps} warps x {num_stages} stages: {regs.group(1) if regs else "?"} registers, '
