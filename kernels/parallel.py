@@ -22,7 +22,9 @@ How every exponent stays in range without a clamp that changes a result:
   cut into SUB-token sub-blocks: pairs in different sub-blocks factor through the key sub-block's end, pairs inside
   one sub-block (the "intra" pairs) are computed elementwise by small kernels of their own.
 
-Layout inside: every tensor is flattened to `[total_tokens, heads, dim]`; a batch of B rows is B documents.
+Layout inside: every tensor is flattened to `[total_tokens, heads, dim]`; a batch of B rows is B documents. Query
+tiles rescaled inside a loop pass through a q-sized scratch buffer (`_staged`), so that the tensor cores read them
+from shared memory like a loaded tile.
 """
 import functools
 import os
