@@ -155,6 +155,10 @@ def main(argv=None):
     args = parse_args(argv)
     config = read_config(args)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    # as train.py sets them: fp32 matmuls use TF32 tensor cores. Wall's gate projections run in fp32 under autocast,
+    # 2.8 TFLOP per 64k-token micro-batch of config/long.py, which without this ran on the CUDA cores
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     rows = {}
     for attention in args.attention:
         if device == 'cuda':
@@ -175,7 +179,8 @@ def main(argv=None):
               '',
               f'{where}, torch {torch.__version__}, triton {triton.__version__}, '
               f'{datetime.date.today().isoformat()}. {args.micro_batches} micro-batches per step, median of '
-              f'{args.steps} steps after {args.warmup} warm-up steps; vocab {args.vocab_size}; {shape}.',
+              f'{args.steps} steps after {args.warmup} warm-up steps; vocab {args.vocab_size}; TF32 matmuls as in '
+              f'train.py; {shape}.',
               ''] + table(rows, baseline)
     print('\n' + '\n'.join(report))
     if args.out:
