@@ -48,8 +48,8 @@ def kernel_times(wall_attn, repeats=3):
     return sorted(times.items(), key=lambda kv: -kv[1])
 
 
-def measure(path, reference):
-    spec = importlib.util.spec_from_file_location(f'variant{len(rows)}', path)
+def measure(index, path, reference):
+    spec = importlib.util.spec_from_file_location(f'variant{index}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     start = time.time()
@@ -68,9 +68,9 @@ def measure(path, reference):
 
 rows, reference = [], None
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, flush=True)
-for path in args.files:
+for index, path in enumerate(args.files):
     try:
-        row, reference = measure(path, reference)
+        row, reference = measure(index, path, reference)
     except Exception as e:  # a variant that does not compile must not cost the others their turn
         row = f'{path:32s} FAILED {type(e).__name__}: {str(e)[-300:]}'
     print(row, flush=True)

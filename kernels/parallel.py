@@ -381,7 +381,7 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
     own_group = _group_bounds(i0, bos, eos, BLOCK, GROUP)[0]
     # Keys of earlier groups anchor on their group's last token: the queries are rescaled once per group. (q_hat stays
     # live through the loops: reloading it per group measured no faster.)
-    for g0 in range(lo - (lo - bos) % (GROUP * BLOCK), own_group, GROUP * BLOCK):
+    for g0 in range(_group_bounds(lo, bos, eos, BLOCK, GROUP)[0], own_group, GROUP * BLOCK):
         qf = _staged(_rescaled(q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, g0 + GROUP * BLOCK - 1, i0, id_m, hg, HG,
                                                       K, KP, BLOCK)), qf_ptr, rows, row_ok, hq, HQ, K, KP)
         for j0 in range(tl.maximum(g0, lo), g0 + GROUP * BLOCK, BLOCK):
@@ -459,7 +459,8 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
     lg = tl.zeros([KP], dtype=tl.float32)
     lo = _window_start(i0, bos, WINDOW, BLOCK, HAS_WINDOW)
     own_group = _group_bounds(i0, bos, eos, BLOCK, GROUP)[0]
-    for g0 in range(lo - (lo - bos) % (GROUP * BLOCK), own_group, GROUP * BLOCK):  # earlier groups, as in the forward
+    # earlier groups, as in the forward
+    for g0 in range(_group_bounds(lo, bos, eos, BLOCK, GROUP)[0], own_group, GROUP * BLOCK):
         dq, lg, qf = _move_anchor(dq, lg, q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, g0 + GROUP * BLOCK - 1, i0, id_m,
                                                                  hg, HG, K, KP, BLOCK))
         for j0 in range(tl.maximum(g0, lo), g0 + GROUP * BLOCK, BLOCK):
