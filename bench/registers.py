@@ -31,7 +31,8 @@ spec.loader.exec_module(parallel)
 
 SHAPE = dict(HQ=16, H=16, HG=16, K=128, V=128, KP=128, VP=128, BLOCK=64, SUB=16, GROUP=parallel.GROUP, FAST_RANGE=96.0,
              HAS_GS=False, HAS_WINDOW=False)
-POINTERS = {'*bf16': ('q_ptr', 'kt_ptr', 'k_ptr', 'v_ptr', 'o_ptr', 'do_ptr', 'qh_ptr', 'kg_ptr', 'qg_ptr', 'qf_ptr'),
+POINTERS = {'*bf16': ('q_ptr', 'kt_ptr', 'k_ptr', 'v_ptr', 'o_ptr', 'do_ptr', 'qh_ptr', 'kg_ptr', 'qg_ptr', 'qf_ptr',
+                      'kf_ptr'),
             '*fp64': ('Pstart_ptr', 'Cs_ptr'), '*i32': ('blocks_ptr',)}
 SCALARS = {'i32': ('WINDOW', 'num_blocks'), 'fp32': ('qk_scale', 'scale')}
 

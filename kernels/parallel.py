@@ -276,19 +276,25 @@ def _group_bounds(i0, bos, eos, BLOCK: tl.constexpr, GROUP: tl.constexpr):
 def _dkv_tile(qf, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr, Cl_ptr, Cs_ptr, dk, dv, dck, hq,
               qk_scale, WINDOW, HQ: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr,
               HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Adds query block i0's contributions to the key block's dk (in the frame that qf and kf share), dv and dck."""
+    """Adds query block i0's contributions to the key block's dk (in the frame that qf and kf share), dv and dck.
+    Computed transposed, [keys, queries], so that p and dS are the left operands of the dv and dk dots as they come
+    out of the tensor cores, with no transpose through shared memory."""
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
-    s = tl.dot(qf, tl.trans(kf)) * qk_scale
-    cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_n + (i0 - j0) // BLOCK, id_n, hq, HQ, HAS_GS)
-    s = _gate_and_window(s, rows, cols, cq, ck, WINDOW, HAS_GS, HAS_WINDOW)
+    s_t = tl.dot(kf, tl.trans(qf)) * qk_scale
+    if HAS_GS:
+        cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_n + (i0 - j0) // BLOCK, id_n, hq, HQ, HAS_GS)
+        s_t += cq[None, :] - ck[:, None]
+    if HAS_WINDOW:
+        s_t = tl.where((rows[None, :] - cols[:, None]) < WINDOW, s_t, float('-inf'))
     do = _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
     lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=float('inf'))  # p = 0 past the end
     delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-    p, ds = _probs_and_dscores(s, lse, delta, do, v)
-    dv = tl.dot(tl.trans(p).to(do.dtype), do, dv)
-    dk = tl.dot(tl.trans(ds).to(qf.dtype), qf, dk)
-    return dk, dv, dck + tl.sum(ds, 0)
+    p_t = tl.exp2(s_t - lse[None, :])
+    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+    dv = tl.dot(p_t.to(do.dtype), do, dv)
+    dk = tl.dot(ds_t.to(qf.dtype), qf, dk)
+    return dk, dv, dck + tl.sum(ds_t, 1)
 
 
 @triton.jit
