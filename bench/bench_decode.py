@@ -51,15 +51,16 @@ def copy_bandwidth():
     return 2 * nbytes(src) / (time_us(lambda: dst.copy_(src)) * 1e-6) / 1e9
 
 
-def with_launch(fn, num_warps, num_stages):
-    """fn run with the decode kernel launched as num_warps warps and num_stages pipeline stages."""
+def with_launch(fn, num_warps, num_stages, chunks_per_step):
+    """fn run with the decode kernel launched as num_warps warps and num_stages pipeline stages, folding
+    chunks_per_step anchored chunks per loop iteration."""
     def run():
-        saved = decode.NUM_WARPS, decode.NUM_STAGES
-        decode.NUM_WARPS, decode.NUM_STAGES = num_warps, num_stages
+        saved = decode.NUM_WARPS, decode.NUM_STAGES, decode.CHUNKS_PER_STEP
+        decode.NUM_WARPS, decode.NUM_STAGES, decode.CHUNKS_PER_STEP = num_warps, num_stages, chunks_per_step
         try:
             return fn()
         finally:
-            decode.NUM_WARPS, decode.NUM_STAGES = saved
+            decode.NUM_WARPS, decode.NUM_STAGES, decode.CHUNKS_PER_STEP = saved
     return run
 
 
@@ -78,9 +79,9 @@ def candidates(B, T, split_counts=(), launches=()):
         for n in split_counts:
             yield f'ours ({layout}), {n} splits', lambda n=n: wall_attn_decode(
                 q, v, p_curr, k_tilde, r_cache, scale=scale, num_splits=n), read
-        for w, s in launches:
-            yield f'ours ({layout}), {w} warps, {s} stages', with_launch(
-                lambda: wall_attn_decode(q, v, p_curr, k_tilde, r_cache, scale=scale), w, s), read
+        for w, s, n in launches:
+            yield f'ours ({layout}), {w} warps, {s} stages, {n} chunks per step', with_launch(
+                lambda: wall_attn_decode(q, v, p_curr, k_tilde, r_cache, scale=scale), w, s, n), read
         if HG == HQ and fla_wall_attn_decode is not None:
             fla_k_tilde, fla_r_cache = fla_build_wall_kv_cache(k, P, C)
             yield 'fla Wall decode', lambda: fla_wall_attn_decode(
@@ -114,7 +115,7 @@ def main():
              '|---|---|---|---|---|---|']
     for case in CASES:
         sweep = (32, 64, 128, 256, 512) if args.sweep and case['B'] == 1 else (2, 4, 8, 16, 32) if args.sweep else ()
-        launches = ((2, 3), (8, 3), (4, 2), (4, 4), (8, 2)) if args.sweep else ()
+        launches = ((4, 3, 1), (4, 3, 2), (4, 2, 2), (8, 3, 2), (2, 3, 2)) if args.sweep else ()
         for kernel, fn, read in candidates(**case, split_counts=sweep, launches=launches):
             fn()  # compile outside the timing
             t, tg = time_us(fn), graph_time_us(fn)

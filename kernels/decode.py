@@ -41,6 +41,8 @@ COMBINE_BLOCK_SPLITS = 16
 # and values would need 300 KB of shared memory: 4-byte caches take at most two.
 NUM_WARPS = 4
 NUM_STAGES = 3
+# Anchored chunks folded per loop iteration: two give the loop two independent logit chains between softmax updates.
+CHUNKS_PER_STEP = 2
 
 
 def build_wall_kv_cache(k, P, chunk_size=64, *, raw_tail=0, out_dtype=None):
@@ -177,7 +179,7 @@ def _launch(q, v, p_curr, p_tail, k_tilde, r_cache, g_scalar_cumsum, sink_bias, 
         T0, n_anchored, key_lo, blocks_per_split, num_splits, window_size or 0, scale * LOG2E,
         HG=HG, QPG=QPG, GPV=HG // H, T_Q=T_q, M=max(16, 1 << (rows - 1).bit_length()), K=K, V=V, C=C,
         HAS_SCALAR=g_scalar_cumsum is not None, HAS_WINDOW=window_size is not None,
-        POSITION_ON_DEVICE=position is not None,
+        POSITION_ON_DEVICE=position is not None, CHUNKS=CHUNKS_PER_STEP,
         num_warps=NUM_WARPS,
         num_stages=1 if not q.is_cuda else NUM_STAGES if k_tilde.element_size() <= 2 else min(NUM_STAGES, 2),
     )
@@ -247,15 +249,50 @@ def _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, scb, sct, sch)
 
 
 @triton.jit
-def _fold_chunk(s, values, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, m_i, l_i, acc,
-                scalar, scb, sct, sch, window_size, HAS_WINDOW: tl.constexpr, HAS_SCALAR: tl.constexpr):
-    """Visibility (cache length, window) and the scalar gate for a chunk's logits, then its online-softmax step."""
+def _visible_logits(s, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, scalar, scb, sct, sch, window_size,
+                    HAS_WINDOW: tl.constexpr, HAS_SCALAR: tl.constexpr):
+    """A chunk's logits with the scalar gate added, -inf where a key is not visible (cache length, window)."""
     visible = row_ok[:, None] & key_ok[None, :]
     if HAS_WINDOW:
         visible = visible & (key_pos[None, :] > row_pos[:, None] - window_size)
     if HAS_SCALAR:
         s += _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, scb, sct, sch)
-    return _online_softmax_step(s, visible, m_i, l_i, acc, values)
+    return tl.where(visible, s, float('-inf'))
+
+
+@triton.jit
+def _fold_chunk(s, values, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, m_i, l_i, acc,
+                scalar, scb, sct, sch, window_size, HAS_WINDOW: tl.constexpr, HAS_SCALAR: tl.constexpr):
+    """Visibility (cache length, window) and the scalar gate for a chunk's logits, then its online-softmax step."""
+    s = _visible_logits(s, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, scalar, scb, sct, sch, window_size,
+                        HAS_WINDOW, HAS_SCALAR)
+    return _online_softmax_step(s, s > float('-inf'), m_i, l_i, acc, values)
+
+
+@triton.jit
+def _anchored_logits(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd, v, svt, svd, key_lo, n_anchored,
+                     d_k, d_v, offs_c, C: tl.constexpr):
+    """Logits of anchored chunk c (nothing visible when c >= stop), its values, key positions and key mask."""
+    key_pos = c * C + offs_c
+    key_ok = (key_pos >= key_lo) & (key_pos < tl.minimum(n_anchored, stop * C))
+    # a chunk past stop: anchor +inf, so its query factor is 0 (its logits are hidden anyway)
+    anchor = tl.load(r_cache + c * src + d_k * srd, mask=(tl.zeros_like(d_k) + c) < stop, other=float('inf'))
+    q_c = q_rows * tl.exp2((p_rows - anchor[None, :]).to(tl.float32))
+    keys = tl.load(k_tilde + key_pos[:, None] * skt + d_k[None, :] * skd, mask=key_ok[:, None], other=0.0)
+    values = tl.load(v + key_pos[:, None] * svt + d_v[None, :] * svd, mask=key_ok[:, None], other=0.0)
+    return tl.dot(q_c.to(keys.dtype), tl.trans(keys)), values, key_pos, key_ok
+
+
+@triton.jit
+def _fold_two_chunks(s1, v1, s2, v2, m_i, l_i, acc):
+    """_online_softmax_step over two chunks at once: one max and one rescale of the output for both."""
+    m_new = tl.maximum(m_i, tl.maximum(tl.max(s1, 1), tl.max(s2, 1)))
+    m_shift = tl.where(m_new == float('-inf'), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p1 = tl.exp2(s1 - m_shift[:, None])
+    p2 = tl.exp2(s2 - m_shift[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p1.to(v1.dtype), v1) + tl.dot(p2.to(v2.dtype), v2)
+    return m_new, l_i * alpha + tl.sum(p1, 1) + tl.sum(p2, 1), acc
 
 
 @triton.jit
@@ -266,7 +303,7 @@ def wall_decode_split_kernel(
     T0, n_anchored, key_lo, blocks_per_split, n_splits, window_size, qk_scale,
     HG: tl.constexpr, QPG: tl.constexpr, GPV: tl.constexpr, T_Q: tl.constexpr, M: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    POSITION_ON_DEVICE: tl.constexpr,
+    POSITION_ON_DEVICE: tl.constexpr, CHUNKS: tl.constexpr,
 ):
     i_bg, i_s = tl.program_id(0), tl.program_id(1)
     if POSITION_ON_DEVICE:
@@ -310,16 +347,21 @@ def wall_decode_split_kernel(
     last = tl.minimum(first + blocks_per_split, tl.cdiv(T0, C))
     first_raw = tl.cdiv(n_anchored, C)
     # Anchored chunks: the stored k_tilde, query side rescaled to the chunk's end anchor.
-    for c in tl.range(first, tl.minimum(last, first_raw)):
-        key_pos = c * C + offs_c
-        key_ok = (key_pos >= key_lo) & (key_pos < n_anchored)
-        anchor = tl.load(r_cache + c * src + d_k * srd)
-        q_c = q_rows * tl.exp2((p_rows - anchor[None, :]).to(tl.float32))
-        keys = tl.load(k_tilde + key_pos[:, None] * skt + d_k[None, :] * skd, mask=key_ok[:, None], other=0.0)
-        values = tl.load(v + key_pos[:, None] * svt + d_v[None, :] * svd, mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q_c.to(keys.dtype), tl.trans(keys))
-        m_i, l_i, acc = _fold_chunk(s, values, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, m_i, l_i, acc,
-                                    scalar, scb, sct, sch, window_size, HAS_WINDOW, HAS_SCALAR)
+    stop = tl.minimum(last, first_raw)
+    for c in tl.range(first, stop, CHUNKS):
+        s, values, key_pos, key_ok = _anchored_logits(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd,
+                                                      v, svt, svd, key_lo, n_anchored, d_k, d_v, offs_c, C)
+        s = _visible_logits(s, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, scalar, scb, sct, sch,
+                            window_size, HAS_WINDOW, HAS_SCALAR)
+        if CHUNKS == 2:
+            s2, values2, key_pos2, key_ok2 = _anchored_logits(c + 1, stop, q_rows, p_rows, r_cache, src, srd, k_tilde,
+                                                              skt, skd, v, svt, svd, key_lo, n_anchored, d_k, d_v,
+                                                              offs_c, C)
+            s2 = _visible_logits(s2, key_pos2, key_ok2, row_ok, row_pos, row_head, c_rows, scalar, scb, sct, sch,
+                                 window_size, HAS_WINDOW, HAS_SCALAR)
+            m_i, l_i, acc = _fold_two_chunks(s, values, s2, values2, m_i, l_i, acc)
+        else:
+            m_i, l_i, acc = _online_softmax_step(s, s > float('-inf'), m_i, l_i, acc, values)
 
     # Raw keys before the queries: anchor them on the fly at the first query row T0.
     anchor = tl.load(p_curr + d_k * spd)
