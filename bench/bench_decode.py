@@ -115,7 +115,7 @@ def main():
              '|---|---|---|---|---|---|']
     for case in CASES:
         sweep = (32, 64, 128, 256, 512) if args.sweep and case['B'] == 1 else (2, 4, 8, 16, 32) if args.sweep else ()
-        launches = ((4, 3, 1), (4, 3, 2), (4, 2, 2), (8, 3, 2), (2, 3, 2)) if args.sweep else ()
+        launches = ((4, 2, 2), (4, 3, 2), (4, 2, 1), (4, 1, 2), (8, 2, 2)) if args.sweep else ()
         for kernel, fn, read in candidates(**case, split_counts=sweep, launches=launches):
             fn()  # compile outside the timing
             t, tg = time_us(fn), graph_time_us(fn)

@@ -113,6 +113,13 @@ def _anchor_gap(Pstart_ptr, id_from, id_to, hg, HG: tl.constexpr, K: tl.constexp
 
 
 @triton.jit
+def _fall(Pstart_ptr, Pl_ptr, a, id_a, b, id_b, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+    """P[a] - P[b] >= 0 for tokens a <= b of blocks id_a, id_b: how far the prefix falls between them (log2)."""
+    return (_anchor_gap(Pstart_ptr, id_b, id_a, hg, HG, K, KP) + _load_row(Pl_ptr, a, hg, HG, K, KP)
+            - _load_row(Pl_ptr, b, hg, HG, K, KP))
+
+
+@triton.jit
 def _decay_log2(Pstart_ptr, Pl_ptr, id_a, id_b, b, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
     """P[first token of block id_a] - P[b] for a token b of an earlier block id_b: the log2 decay between them, <= 0."""
     return tl.minimum(_anchor_gap(Pstart_ptr, id_b, id_a, hg, HG, K, KP) - _load_row(Pl_ptr, b, hg, HG, K, KP), 0.0)
@@ -128,6 +135,13 @@ def _rescaled(x, log2_factor):
 def _is_gentle(Pl_ptr, last, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, FAST_RANGE: tl.constexpr):
     """Whether the block decays by less than FAST_RANGE in every channel (one-dot diagonal)."""
     return tl.max(-_load_row(Pl_ptr, last, hg, HG, K, KP)) < FAST_RANGE
+
+
+@triton.jit
+def _is_gentle_group(Pstart_ptr, Pl_ptr, first, id_first, last, id_last, hg, HG: tl.constexpr, K: tl.constexpr,
+                     KP: tl.constexpr, FAST_RANGE: tl.constexpr):
+    """Whether the prefix falls by less than FAST_RANGE in every channel from token first to token last."""
+    return tl.max(_fall(Pstart_ptr, Pl_ptr, first, id_first, last, id_last, hg, HG, K, KP)) < FAST_RANGE
 
 
 @triton.jit
@@ -384,7 +398,8 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
     m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
 
     lo = _window_start(i0, bos, WINDOW, BLOCK, HAS_WINDOW)
-    own_group = _group_bounds(i0, bos, eos, BLOCK, GROUP)[0]
+    own_group, own_last = _group_bounds(i0, bos, eos, BLOCK, GROUP)
+    id_own_last = id_m + (own_last - i0) // BLOCK
     # Keys of earlier groups anchor on their group's last token: the queries are rescaled once per group. (q_hat stays
     # live through the loops: reloading it per group measured no faster.)
     for g0 in range(_group_bounds(lo, bos, eos, BLOCK, GROUP)[0], own_group, GROUP * BLOCK):
@@ -394,12 +409,23 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
             s, _, v = _offdiag_tile(qf, kg_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq, hk, hg, qk_scale,
                                     WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
             m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
-    for j0 in range(tl.maximum(lo, own_group), i0, BLOCK):  # the query block's own group: per-block anchors
-        qf = _staged(_rescaled(q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, j0 + BLOCK - 1, i0, id_m, hg, HG, K, KP,
-                                                      BLOCK)), qf_ptr, rows, row_ok, hq, HQ, K, KP)
-        s, _, v = _offdiag_tile(qf, kt_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq, hk, hg, qk_scale,
-                                WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
-        m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
+    if _is_gentle_group(Pstart_ptr, Pl_ptr, own_group, id_m - (i0 - own_group) // BLOCK, own_last, id_own_last, hg,
+                        HG, K, KP, FAST_RANGE):
+        # The own group's keys anchor on its last token too (kg): the query factor 2^(P_m - P_last) >= 1 is below
+        # 2^FAST_RANGE, and the keys' factors above 2^-FAST_RANGE.
+        qf = _staged(_rescaled(q_hat, _fall(Pstart_ptr, Pl_ptr, i0, id_m, own_last, id_own_last, hg, HG, K, KP)),
+                     qf_ptr, rows, row_ok, hq, HQ, K, KP)
+        for j0 in range(tl.maximum(lo, own_group), i0, BLOCK):
+            s, _, v = _offdiag_tile(qf, kg_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq, hk, hg, qk_scale,
+                                    WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
+            m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
+    else:
+        for j0 in range(tl.maximum(lo, own_group), i0, BLOCK):  # per-block anchors
+            qf = _staged(_rescaled(q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, j0 + BLOCK - 1, i0, id_m, hg, HG, K, KP,
+                                                          BLOCK)), qf_ptr, rows, row_ok, hq, HQ, K, KP)
+            s, _, v = _offdiag_tile(qf, kt_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq, hk, hg, qk_scale,
+                                    WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
+            m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
 
     _store_rows(o_ptr, acc / l_i[:, None], rows, row_ok, hq, HQ, V, VP)
     tl.store(lse_ptr + rows.to(tl.int64) * HQ + hq, m_i + tl.log2(l_i), mask=row_ok)
