@@ -35,7 +35,8 @@ def outputs(wall_attn):
         x.grad = None
     o = wall_attn(q, k, v, g)
     o.backward(do)
-    return [o.detach().float()] + [x.grad.float() for x in leaves]
+    # a copy: g's grad is fp32 already, so .float() would return the tensor that later backward calls add into
+    return [o.detach().float()] + [x.grad.float().clone() for x in leaves]
 
 
 def kernel_times(wall_attn, repeats=3):

@@ -38,8 +38,8 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2)
 COMBINE_BLOCK_SPLITS = 16
 # Launch shape of the split kernel (bench/bench_decode.py --sweep times others; on an H200, two chunks per step with
-# two stages beat main's one chunk with three by 15-25% at the bf16 targets). Three stages of 64 x 128 fp32 keys and
-# values would need 300 KB of shared memory: 4-byte caches take at most two.
+# two stages beat one chunk with three by 19-27% at three of the four decode targets, bench/results_decode.md). Three
+# stages of 64 x 128 fp32 keys and values would need 300 KB of shared memory: 4-byte caches take at most two.
 NUM_WARPS = 4
 NUM_STAGES = 2
 # Anchored chunks folded per loop iteration: two give the loop two independent logit chains between softmax updates.
