@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .parallel import _raised_max, _softmax_step
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2)
 COMBINE_BLOCK_SPLITS = 16
@@ -230,19 +232,6 @@ def default_num_splits(device, programs_per_split, n_blocks, rows_per_program):
 
 
 @triton.jit
-def _online_softmax_step(s, visible, m_i, l_i, acc, values):
-    """Fold a [M, N] block of log2-domain logits and its [N, V] values into the running (max, sum, output)."""
-    s = tl.where(visible, s, float('-inf'))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row with nothing visible yet keeps max -inf: shift by 0 instead so no exp2 sees -inf - -inf.
-    m_shift = tl.where(m_new == float('-inf'), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_shift)
-    p = tl.exp2(s - m_shift[:, None])
-    acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
-    return m_new, l_i * alpha + tl.sum(p, 1), acc
-
-
-@triton.jit
 def _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, scb, sct, sch):
     """(C_i - C_j) log2(e) for the FoX scalar gate, differenced in the prefix dtype."""
     c_keys = tl.load(scalar + key_pos[None, :] * sct + row_head[:, None] * sch, mask=visible, other=0.0)
@@ -267,7 +256,7 @@ def _fold_chunk(s, values, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, m
     """Visibility (cache length, window) and the scalar gate for a chunk's logits, then its online-softmax step."""
     s = _visible_logits(s, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, scalar, scb, sct, sch, window_size,
                         HAS_WINDOW, HAS_SCALAR)
-    return _online_softmax_step(s, s > float('-inf'), m_i, l_i, acc, values)
+    return _softmax_step(s, m_i, l_i, acc, values)
 
 
 @triton.jit
@@ -286,10 +275,8 @@ def _anchored_logits(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, s
 
 @triton.jit
 def _fold_two_chunks(s1, v1, s2, v2, m_i, l_i, acc):
-    """_online_softmax_step over two chunks at once: one max and one rescale of the output for both."""
-    m_new = tl.maximum(m_i, tl.maximum(tl.max(s1, 1), tl.max(s2, 1)))
-    m_shift = tl.where(m_new == float('-inf'), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_shift)
+    """_softmax_step over two chunks at once: one max and one rescale of the output for both."""
+    m_new, m_shift, alpha = _raised_max(m_i, tl.maximum(tl.max(s1, 1), tl.max(s2, 1)))
     p1 = tl.exp2(s1 - m_shift[:, None])
     p2 = tl.exp2(s2 - m_shift[:, None])
     acc = acc * alpha[:, None] + tl.dot(p1.to(v1.dtype), v1) + tl.dot(p2.to(v2.dtype), v2)
@@ -362,7 +349,7 @@ def wall_decode_split_kernel(
                                  window_size, HAS_WINDOW, HAS_SCALAR)
             m_i, l_i, acc = _fold_two_chunks(s, values, s2, values2, m_i, l_i, acc)
         else:
-            m_i, l_i, acc = _online_softmax_step(s, s > float('-inf'), m_i, l_i, acc, values)
+            m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, values)
 
     # Raw keys before the queries: anchor them on the fly at the first query row T0.
     anchor = tl.load(p_curr + d_k * spd)

@@ -263,12 +263,21 @@ def _move_anchor(acc, lg, x, lg_new):
 
 
 @triton.jit
+def _raised_max(m_i, tile_max):
+    """The running max after a tile whose row maxima are tile_max, the shift its exponentials take, and the factor
+    2^(m_i - shift) that rescales the running sum and output."""
+    m_new = tl.maximum(m_i, tile_max)
+    # A row with nothing visible yet keeps max -inf: shift by 0 instead so no exp2 sees -inf - -inf.
+    m_shift = tl.where(m_new == float('-inf'), 0.0, m_new)
+    return m_new, m_shift, tl.exp2(m_i - m_shift)
+
+
+@triton.jit
 def _softmax_step(s, m_i, l_i, acc, v):
-    """One online-softmax step over a tile of logits (log2 units); fully masked rows stay at zero."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
+    """One online-softmax step over a tile of logits (log2 units, -inf where hidden); fully masked rows stay at
+    zero. The decode kernel takes it too."""
+    m_new, m_shift, alpha = _raised_max(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_shift[:, None])
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
