@@ -676,12 +676,13 @@ def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_pt
 
 
 @triton.jit
-def _decay_grad_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr, suffix_ptr, blocks_ptr,
-                       HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                       BLOCK: tl.constexpr, FINAL: tl.constexpr):
+def _decay_grad_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr, suffix_ptr, blocks_ptr, dq_out_ptr,
+                       dk_out_ptr, HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr,
+                       KP: tl.constexpr, BLOCK: tl.constexpr, FINAL: tl.constexpr, DK_OUT: tl.constexpr):
     """dg[t] = sum over s >= t in t's document of (q*dq - k*dk)[s], summed over the gate's query heads, in two
     passes: the first writes each block's total, the second (FINAL) the sums inside the block plus `suffix`, the
-    float64 sum of the totals of the document's later blocks (summed in between by torch)."""
+    float64 sum of the totals of the document's later blocks (summed in between by torch). The second pass also
+    writes dq, and dk when DK_OUT (no GQA sum to do), in the inputs' dtype: it reads them anyway."""
     i0, _, eos, block_id = _block(blocks_ptr, tl.program_id(0))
     hg = tl.program_id(1)
     rows = i0 + tl.arange(0, BLOCK)
@@ -690,10 +691,14 @@ def _decay_grad_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr, suffix_
     for h in range(HQ // HG):
         hq = hg * (HQ // HG) + h
         hk = hq // (HQ // H)
-        x += _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP).to(tl.float32) * _load_rows(dq_ptr, rows, row_ok, hq, HQ,
-                                                                                        K, KP)
-        x -= _load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * _load_rows(dk_ptr, rows, row_ok, hq, HQ,
-                                                                                       K, KP)
+        dq = _load_rows(dq_ptr, rows, row_ok, hq, HQ, K, KP)
+        dk = _load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP)
+        x += _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP).to(tl.float32) * dq
+        x -= _load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * dk
+        if FINAL:
+            _store_rows(dq_out_ptr, dq, rows, row_ok, hq, HQ, K, KP)
+            if DK_OUT:
+                _store_rows(dk_out_ptr, dk, rows, row_ok, hq, HQ, K, KP)
     total = tl.sum(x, 0)
     if FINAL:
         inside = (total[None, :] - tl.cumsum(x, 0) + x).to(tl.float64)
@@ -816,7 +821,8 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
     dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # per query head: dg needs it
-    dv = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=torch.float32)
+    # per query head; without GQA dv is final when the dk/dv kernel writes it
+    dv = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=v.dtype if HQ == H else torch.float32)
     dcq = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
     dck = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
     qk_scale = scale * LOG2E
@@ -833,17 +839,21 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
 
     dg = torch.empty(g.shape, device=g.device, dtype=g.dtype)
     totals = torch.empty(num_blocks, HG, dims['K'], device=g.device, dtype=torch.float32)
-    shape = dict(HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], BLOCK=BLOCK)
-    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, totals, totals, layout.table, FINAL=False, **shape)
+    dq_out = torch.empty_like(q)
+    dk_out = torch.empty_like(k) if HQ == H else dq_out
+    shape = dict(HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], BLOCK=BLOCK, DK_OUT=HQ == H)
+    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, totals, totals, layout.table, dq_out, dk_out, FINAL=False,
+                                         **shape)
     _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, totals, layout.suffix_after_block(totals), layout.table,
-                                         FINAL=True, **shape)
+                                         dq_out, dk_out, FINAL=True, **shape)
     dg_scalar = None if g_scalar is None else _reverse_cumsum(dcq - dck, layout.doc_end).to(g_scalar.dtype)
     dsink = None
     if sink_bias is not None:
         dsink = -(torch.exp2(sink_bias.float()[None, :] * LOG2E - lse) * delta).sum(0).to(sink_bias.dtype)
     if HQ != H:
-        dk, dv = dk.unflatten(1, (H, HQ // H)).sum(2), dv.unflatten(1, (H, HQ // H)).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dg_scalar, dsink
+        dk_out = dk.unflatten(1, (H, HQ // H)).sum(2).to(k.dtype)
+        dv = dv.unflatten(1, (H, HQ // H)).sum(2).to(v.dtype)
+    return dq_out, dk_out, dv, dg, dg_scalar, dsink
 
 
 class WallAttnFunction(torch.autograd.Function):
