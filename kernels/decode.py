@@ -40,9 +40,10 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2)
 COMBINE_BLOCK_SPLITS = 16
 # Launch shape of the split kernel (bench/bench_decode.py --sweep times others; on an H200, two chunks per step with
-# two stages beat one chunk with three by 19-27% at three of the four decode targets, bench/results_decode.md). Three
-# stages of 64 x 128 fp32 keys and values would need 300 KB of shared memory: 4-byte caches take at most two.
-NUM_WARPS = 4
+# two stages beat one chunk with three by 19-27% at three of the four decode targets, bench/results_decode.md).
+# NUM_WARPS None: default_num_warps decides. Three stages of 64 x 128 fp32 keys and values would need 300 KB of shared
+# memory: 4-byte caches take at most two.
+NUM_WARPS = None
 NUM_STAGES = 2
 # Anchored chunks folded per loop iteration: two give the loop two independent logit chains between softmax updates.
 CHUNKS_PER_STEP = 2
@@ -183,7 +184,7 @@ def _launch(q, v, p_curr, p_tail, k_tilde, r_cache, g_scalar_cumsum, sink_bias, 
         HG=HG, QPG=QPG, GPV=HG // H, T_Q=T_q, M=max(16, 1 << (rows - 1).bit_length()), K=K, V=V, C=C,
         HAS_SCALAR=g_scalar_cumsum is not None, HAS_WINDOW=window_size is not None,
         POSITION_ON_DEVICE=position is not None, CHUNKS=CHUNKS_PER_STEP,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS or default_num_warps(q.device, B * HG, rows),
         num_stages=1 if not q.is_cuda else NUM_STAGES if k_tilde.element_size() <= 2 else min(NUM_STAGES, 2),
     )
     o = torch.empty(B, T_q, HQ, V, dtype=q.dtype, device=q.device)
@@ -214,8 +215,12 @@ def _check_tensor(name, x, ndim, shape=None, dtypes=None, device=None):
         raise ValueError(f'{name} is on {x.device}, expected {device} (the device of q)')
 
 
+def _multiprocessors(device):
+    return _multiprocessors_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index):
+def _multiprocessors_of(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -226,9 +231,18 @@ def default_num_splits(device, programs_per_split, n_blocks, rows_per_program):
     (31 us instead of 46 at 32k cached tokens, 96 instead of 113 at 131k)."""
     if device.type != 'cuda':
         return min(n_blocks, 2)  # the CPU interpreter runs programs one by one
-    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _multiprocessors(device)
     programs = 4 * sms if rows_per_program == 1 else sms
     return max(1, min(n_blocks, _cdiv(programs, programs_per_split)))
+
+
+def default_num_warps(device, programs_per_split, rows_per_program):
+    """4 warps, or 2 for programs of one query row once the batch's gate heads reach a quarter of the multiprocessors.
+    H200, gate per query head (graph time): B=16 8k 195 us instead of 224, B=8 8k 116 instead of 132, B=4 32k 233
+    instead of 278; at batch 1, where the programs come from splits, two warps lose (131k: 239 against 222)."""
+    if device.type == 'cuda' and rows_per_program == 1 and 4 * programs_per_split >= _multiprocessors(device):
+        return 2
+    return 4
 
 
 @triton.jit
