@@ -817,7 +817,8 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
 def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size, layout):
     dims = _dims(q, k, v, g)
     HQ, H, HG = dims['HQ'], dims['H'], dims['HG']
-    Pl, Pstart, kt, kg, q_hat, qg, delta = _prep(q, k, g, layout, dims, do.contiguous(), o)
+    do = do.contiguous()  # o.sum().backward() passes a stride-0 do: every kernel below reads do as [tokens, HQ, V]
+    Pl, Pstart, kt, kg, q_hat, qg, delta = _prep(q, k, g, layout, dims, do, o)
     Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
     dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # per query head: dg needs it

@@ -259,6 +259,24 @@ def test_non_contiguous_inputs():
                                                                     for n, x in strided.items()}))
 
 
+def test_split_projection_and_summed_loss():
+    """q, k, v as the split views of one fused projection, and the loss o.sum(), whose gradient reaches the backward
+    as a stride-0 tensor (the kernels read it as [tokens, heads, dim]: all gradients were NaN before it was copied)."""
+    B, T, HQ, H, K = 2, 90, 4, 2, 32
+    x = torch.randn(B, T, (HQ + 2 * H) * K, device=DEVICE)
+    g = F.logsigmoid(3 * torch.randn(B, T, HQ, K, device=DEVICE))
+    results = []
+    for attend, dtype in ((wall_attn, torch.float32), (wall_attn_reference, torch.float64)):
+        xs, gs = (t.to(dtype).clone().requires_grad_() for t in (x, g))
+        q, k, v = (t.unflatten(-1, (-1, K)) for t in xs.split([HQ * K, H * K, H * K], dim=-1))
+        o = attend(q, k, v, gs)
+        o.sum().backward()
+        results.append((o, xs.grad, gs.grad))
+    for name, ours, ref in zip(('o', 'dqkv', 'dg'), *results):
+        assert torch.isfinite(ours).all(), name
+        assert rel(ours, ref) < 3e-5, name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize('case', ['plain', 'gqa-shared-gate', 'strong-gates'])
 @pytest.mark.parametrize('T', [1000, 2048])
