@@ -44,6 +44,8 @@ def parse_args(argv=None):
     parser.add_argument('--vocab_size', type=int,
                         help="the tokenizer's: default 32768 as config/long.py's, 512 with --smoke")
     parser.add_argument('--out', help='also write the markdown table to this file')
+    parser.add_argument('--profile', action='store_true',
+                        help='after timing, profile two more steps and print the kernels that take the most time')
     parser.add_argument('--smoke', action='store_true', help='tiny shapes, no compile: a quick check on any machine')
     parser.add_argument('overrides', nargs='*', help='config overrides after the config file, e.g. --n_layer=6')
     args, unknown = parser.parse_known_args(argv)
@@ -129,11 +131,28 @@ def bench(attention, config, args, device):
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
+    if args.profile:
+        print_top_kernels(attention, step, device)
     dt = statistics.median(times)
     tokens = args.micro_batches * config['tokens_per_batch']
     return {'params': model.get_num_params(), 'tokens': tokens, 'ms': dt * 1e3, 'tokens_s': tokens / dt,
             'mfu': model.estimate_mfu(flops, dt), 'warmup_s': warmup_s,
             'memory': torch.cuda.max_memory_allocated() / 2 ** 30 if device == 'cuda' else None}
+
+
+def print_top_kernels(attention, step, device, steps=2, top=24):
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device == 'cuda'
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    events = prof.key_averages()
+    time_of = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    print(f'{attention}: {"device" if cuda else "CPU"} time per step {sum(map(time_of, events)) / steps / 1e3:.1f} ms;'
+          f' the {top} longest kernels (ms per step, calls per step):')
+    for e in sorted(events, key=time_of, reverse=True)[:top]:
+        print(f'{time_of(e) / steps / 1e3:9.2f} {e.count // steps:5d}  {e.key[:110]}')
 
 
 def table(rows, baseline):
