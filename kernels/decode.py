@@ -274,9 +274,10 @@ def _fold_chunk(s, values, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, m
 
 
 @triton.jit
-def _anchored_logits(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd, v, svt, svd, key_lo, n_anchored,
-                     d_k, d_v, offs_c, C: tl.constexpr):
-    """Logits of anchored chunk c (nothing visible when c >= stop), its values, key positions and key mask."""
+def _anchored_chunk(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd, v, svt, svd, key_lo, n_anchored,
+                    d_k, d_v, offs_c, row_ok, row_pos, row_head, c_rows, scalar, scb, sct, sch, window_size,
+                    C: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALAR: tl.constexpr):
+    """Logits of anchored chunk c as _visible_logits leaves them (nothing visible when c >= stop), and its values."""
     key_pos = c * C + offs_c
     key_ok = (key_pos >= key_lo) & (key_pos < tl.minimum(n_anchored, stop * C))
     # a chunk past stop: anchor +inf, so its query factor is 0 (its logits are hidden anyway)
@@ -284,7 +285,9 @@ def _anchored_logits(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, s
     q_c = q_rows * tl.exp2((p_rows - anchor[None, :]).to(tl.float32))
     keys = tl.load(k_tilde + key_pos[:, None] * skt + d_k[None, :] * skd, mask=key_ok[:, None], other=0.0)
     values = tl.load(v + key_pos[:, None] * svt + d_v[None, :] * svd, mask=key_ok[:, None], other=0.0)
-    return tl.dot(q_c.to(keys.dtype), tl.trans(keys)), values, key_pos, key_ok
+    s = _visible_logits(tl.dot(q_c.to(keys.dtype), tl.trans(keys)), key_pos, key_ok, row_ok, row_pos, row_head,
+                        c_rows, scalar, scb, sct, sch, window_size, HAS_WINDOW, HAS_SCALAR)
+    return s, values
 
 
 @triton.jit
@@ -351,16 +354,13 @@ def wall_decode_split_kernel(
     # Anchored chunks: the stored k_tilde, query side rescaled to the chunk's end anchor.
     stop = tl.minimum(last, first_raw)
     for c in tl.range(first, stop, CHUNKS):
-        s, values, key_pos, key_ok = _anchored_logits(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd,
-                                                      v, svt, svd, key_lo, n_anchored, d_k, d_v, offs_c, C)
-        s = _visible_logits(s, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, scalar, scb, sct, sch,
-                            window_size, HAS_WINDOW, HAS_SCALAR)
+        s, values = _anchored_chunk(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd, v, svt, svd, key_lo,
+                                    n_anchored, d_k, d_v, offs_c, row_ok, row_pos, row_head, c_rows, scalar, scb, sct,
+                                    sch, window_size, C, HAS_WINDOW, HAS_SCALAR)
         if CHUNKS == 2:
-            s2, values2, key_pos2, key_ok2 = _anchored_logits(c + 1, stop, q_rows, p_rows, r_cache, src, srd, k_tilde,
-                                                              skt, skd, v, svt, svd, key_lo, n_anchored, d_k, d_v,
-                                                              offs_c, C)
-            s2 = _visible_logits(s2, key_pos2, key_ok2, row_ok, row_pos, row_head, c_rows, scalar, scb, sct, sch,
-                                 window_size, HAS_WINDOW, HAS_SCALAR)
+            s2, values2 = _anchored_chunk(c + 1, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd, v, svt,
+                                          svd, key_lo, n_anchored, d_k, d_v, offs_c, row_ok, row_pos, row_head, c_rows,
+                                          scalar, scb, sct, sch, window_size, C, HAS_WINDOW, HAS_SCALAR)
             m_i, l_i, acc = _fold_two_chunks(s, values, s2, values2, m_i, l_i, acc)
         else:
             m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, values)
