@@ -138,7 +138,10 @@ class Attention(nn.Module):
         for rope, q and k come rotated by rope = (cos, sin) and g is None.
         """
         B, T, _ = x.shape
-        q, k, v = self.c_attn(x).split([self.n_head * self.head_dim] + 2 * [self.n_kv_head * self.head_dim], dim=-1)
+        # one GEMM per row block of c_attn's weight: q, k and v come out contiguous, as the attention kernels read
+        # them; the split output of one GEMM would be strided views, copied once each (8 ms a step of config/long.py)
+        q, k, v = (F.linear(x, w) for w in self.c_attn.weight.split([self.n_head * self.head_dim] +
+                                                                    2 * [self.n_kv_head * self.head_dim]))
         q = q.view(B, T, self.n_head, self.head_dim)
         k, v = (t.view(B, T, self.n_kv_head, self.head_dim) for t in (k, v))
         if self.config.qk_norm:
