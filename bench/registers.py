@@ -29,8 +29,8 @@ spec = importlib.util.spec_from_file_location('wall_parallel', args.path)
 parallel = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(parallel)
 
-SHAPE = dict(HQ=16, H=16, HG=16, K=128, V=128, KP=128, VP=128, BLOCK=64, SUB=16, GROUP=parallel.GROUP, FAST_RANGE=96.0,
-             HAS_GS=False, HAS_WINDOW=False)
+SHAPE = dict(HQ=16, H=16, HG=16, K=128, V=128, KP=128, VP=128, BLOCK=64, SUB=16, FAST_RANGE=96.0, HAS_GS=False,
+             HAS_WINDOW=False)
 POINTERS = {'*bf16': ('q_ptr', 'kt_ptr', 'k_ptr', 'v_ptr', 'o_ptr', 'do_ptr', 'qh_ptr', 'kg_ptr', 'qg_ptr', 'qf_ptr',
                       'kf_ptr'),
             '*fp64': ('Pstart_ptr', 'Cs_ptr'), '*i32': ('blocks_ptr',)}
@@ -61,7 +61,8 @@ def report(kernel, constexprs, num_warps, num_stages):
 
 
 print('triton', triton.__version__)
-for kernel, extra in ((parallel._fwd_kernel, dict(HAS_SINK=False)), (parallel._bwd_dq_kernel, {}),
-                      (parallel._bwd_dkv_kernel, {})):
+for kernel, extra in ((parallel._fwd_kernel, dict(HAS_SINK=False, GROUP=parallel.GROUPS['fwd'])),
+                      (parallel._bwd_dq_kernel, dict(GROUP=parallel.GROUPS['dq'])),
+                      (parallel._bwd_dkv_kernel, dict(GROUP=parallel.GROUPS['dkv']))):
     for config in kernel.configs:
         report(kernel, {**SHAPE, **extra}, config.num_warps, config.num_stages)

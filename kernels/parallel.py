@@ -11,9 +11,9 @@ How every exponent stays in range without a clamp that changes a result:
   `2^(P_i - P_j) = 2^(P_i - P_m) * 2^(P_m - P_a) * 2^(P_a - P_j)` with P_m the query block's start. All three
   exponents are <= 0, so nothing overflows, and a factor that underflows only drops a term the full product
   would have made smaller still. Any anchor between the two works, so it is chosen to make the rescaling rare:
-  keys of an earlier GROUP-block group anchor on the group's last token (`kg`, rescaled once in a prep pass), and
-  the queries of a tile are rescaled once per such group, not once per key block; only keys of the query's own
-  group anchor on their own block's last token (`kt`). The backward's key-block loop does the mirror image:
+  keys of an earlier group of blocks (GROUPS) anchor on the group's last token (`kg`, rescaled once in a prep
+  pass), and the queries of a tile are rescaled once per such group, not once per key block; only keys of the
+  query's own group anchor on their own block's last token (`kt`). The backward's key-block loop does the mirror image:
   query groups after the key's group anchor on their first token (`qg`), and the resident keys are rescaled once
   per group. The gradient accumulators (dq, dk) run in the frame of the current anchor and shrink by the
   decay between consecutive anchors (a factor <= 1) when it moves.
@@ -35,9 +35,12 @@ import triton.language as tl
 
 BLOCK = 64   # query and key block; also the granularity of the decay anchors
 SUB = 16     # sub-block of the steep-diagonal path: pairs inside one are computed elementwise
-GROUP = 16   # blocks per anchor group: off-diagonal operands are rescaled once per group of keys or queries
-# (H200, B2 T8k H16, forward / forward+backward ms with groups of 4, 8, 16, 32 blocks: 2.42 / 10.01, 2.18 / 9.44,
-# 2.07 / 9.24, 2.00 / 9.42; larger groups rescale less often, but dq's own group, anchored per block, grows)
+# Blocks per anchor group, per kernel: off-diagonal operands are rescaled once per group of keys (forward, dq) or
+# queries (dk/dv). H200, B2 T8k H16, one size for all three kernels (forward / forward+backward ms; kernels forward,
+# dq, dk/dv): 4 blocks 2.42 / 10.01 (2.18, 2.99, 3.92), 8 blocks 2.18 / 9.44 (1.95, 2.94, 3.65), 16 blocks
+# 2.07 / 9.24 (1.83, 3.00, 3.53), 32 blocks 2.00 / 9.42 (1.77, 3.24, 3.54): larger groups rescale less often, but
+# dq's own group, anchored per block, grows with them. Each kernel at its best size (32, 8, 16): 1.99 / 9.11.
+GROUPS = dict(fwd=32, dq=8, dkv=16)
 LOG2E = 1.4426950408889634
 # Largest per-channel decay (log2 units) over a block for the one-dot diagonal: k * 2^FAST_RANGE must not
 # overflow the dot's input type (fp16 tops out at 2^16, bf16 and fp32 at 2^128).
@@ -345,16 +348,17 @@ def _prefix_kernel(g_ptr, do_ptr, o_ptr, Pl_ptr, delta_ptr, blocks_ptr,
 @triton.jit
 def _rescale_kernel(k_ptr, q_ptr, Pl_ptr, Pstart_ptr, kt_ptr, kg_ptr, qh_ptr, qg_ptr, blocks_ptr,
                     HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                    BLOCK: tl.constexpr, GROUP: tl.constexpr, BACKWARD: tl.constexpr):
+                    BLOCK: tl.constexpr, KEY_GROUP: tl.constexpr, QUERY_GROUP: tl.constexpr,
+                    BACKWARD: tl.constexpr):
     """Per block and gate head, the operands of off-diagonal tiles: keys rescaled to their block's last token (kt)
-    and to their group's last token (kg); for the backward also the queries rescaled from their block's first
-    token (q_hat) and from their group's first token (qg). Every exponent is <= 0."""
+    and to their KEY_GROUP-block group's last token (kg); for the backward also the queries rescaled from their
+    block's first token (q_hat) and from their QUERY_GROUP-block group's first token (qg). Every exponent is <= 0."""
     i0, bos, eos, id_i = _block(blocks_ptr, tl.program_id(0))
     hg = tl.program_id(1)
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
     Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
-    first, last = _group_bounds(i0, bos, eos, BLOCK, GROUP)
+    last = _group_bounds(i0, bos, eos, BLOCK, KEY_GROUP)[1]
     block_end = _load_row(Pl_ptr, tl.minimum(i0 + BLOCK, eos) - 1, hg, HG, K, KP)
     group_end = (_anchor_gap(Pstart_ptr, id_i, id_i + (last - i0) // BLOCK, hg, HG, K, KP)
                  + _load_row(Pl_ptr, last, hg, HG, K, KP))
@@ -362,6 +366,7 @@ def _rescale_kernel(k_ptr, q_ptr, Pl_ptr, Pstart_ptr, kt_ptr, kg_ptr, qh_ptr, qg
     _store_rows(kt_ptr, k * tl.exp2(tl.minimum(block_end[None, :] - Pl, 0.0)), rows, row_ok, hg, HG, K, KP)
     _store_rows(kg_ptr, k * tl.exp2(tl.minimum(group_end[None, :] - Pl, 0.0)), rows, row_ok, hg, HG, K, KP)
     if BACKWARD:
+        first = _group_bounds(i0, bos, eos, BLOCK, QUERY_GROUP)[0]
         from_group_start = Pl + _anchor_gap(Pstart_ptr, id_i - (i0 - first) // BLOCK, id_i, hg, HG, K, KP)[None, :]
         for h in range(HQ // HG):
             hq = hg * (HQ // HG) + h
@@ -775,7 +780,7 @@ def _reverse_cumsum(x, doc_end):
 def _dims(q, k, v, g):
     return dict(HQ=q.shape[1], H=k.shape[1], HG=g.shape[1], K=q.shape[2], V=v.shape[2],
                 KP=max(16, triton.next_power_of_2(q.shape[2])), VP=max(16, triton.next_power_of_2(v.shape[2])),
-                BLOCK=BLOCK, SUB=SUB, GROUP=GROUP, FAST_RANGE=FAST_RANGE[q.dtype])
+                BLOCK=BLOCK, SUB=SUB, FAST_RANGE=FAST_RANGE[q.dtype])
 
 
 def _prep(q, k, g, layout, dims, do=None, o=None):
@@ -792,7 +797,8 @@ def _prep(q, k, g, layout, dims, do=None, o=None):
     q_hat, qg = (torch.empty_like(q), torch.empty_like(q)) if backward else (None, None)
     _rescale_kernel[grid](k, q, Pl, Pstart, kt, kg, q_hat if backward else kt, qg if backward else kt, layout.table,
                           HQ=dims['HQ'], H=dims['H'], HG=dims['HG'], K=dims['K'], KP=dims['KP'], BLOCK=BLOCK,
-                          GROUP=dims['GROUP'], BACKWARD=backward)
+                          KEY_GROUP=GROUPS['dq' if backward else 'fwd'], QUERY_GROUP=GROUPS['dkv'],
+                          BACKWARD=backward)
     return Pl, Pstart, kt, kg, q_hat, qg, delta
 
 
@@ -812,7 +818,7 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     _fwd_kernel[grid](q, kt, kg, k, v, Pl, Pstart, Cl, Cs, L, lse if sink_bias is None else sink_bias,
                       o, lse, torch.empty_like(q), layout.table, qk_scale, window_size or 0,
                       HAS_GS=g_scalar is not None, HAS_SINK=sink_bias is not None, HAS_WINDOW=window_size is not None,
-                      **dims)
+                      GROUP=GROUPS['fwd'], **dims)
     return o, lse, L
 
 
@@ -833,9 +839,9 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     num_blocks = layout.table.shape[0]
     grid = (num_blocks, HQ)
     _bwd_dq_kernel[grid](q, kt, kg, k, v, Pl, Pstart, Cl, Cs, L, do, lse, delta, dq, dcq, torch.empty_like(q),
-                         layout.table, qk_scale, scale, window_size or 0, **flags, **dims)
+                         layout.table, qk_scale, scale, window_size or 0, GROUP=GROUPS['dq'], **flags, **dims)
     _bwd_dkv_kernel[grid](q, q_hat, qg, kt, k, v, Pl, Pstart, Cl, Cs, L, do, lse, delta, dk, dv, dck, layout.table,
-                          num_blocks, qk_scale, scale, window_size or 0, **flags, **dims)
+                          num_blocks, qk_scale, scale, window_size or 0, GROUP=GROUPS['dkv'], **flags, **dims)
     _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0,
                             HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], V=dims['V'], VP=dims['VP'], SUB=SUB,
                             BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4, **flags)

@@ -32,7 +32,7 @@ def _small_anchor_groups(request, monkeypatch):
     keep the real group size."""
     if 'gpu' not in request.keywords:
         import kernels.parallel as parallel
-        monkeypatch.setattr(parallel, 'GROUP', 2)
+        monkeypatch.setattr(parallel, 'GROUPS', dict(fwd=2, dq=2, dkv=2))
 
 
 def rel(a, b):
@@ -110,12 +110,13 @@ def test_gentle_and_steep_blocks_side_by_side(steep_first):
     assert_close(run_both(inputs, window_size=70), 3e-5)
 
 
-@pytest.mark.parametrize('group', [1, 3])
-def test_anchor_group_sizes(group, monkeypatch):
-    """Every key block its own group (all keys far), and groups that documents and windows cut in odd places. Weak
-    gates (and no scalar gate) keep far keys in play, so an anchor frame off by one group shows."""
+@pytest.mark.parametrize('groups', [(1, 1, 1), (3, 3, 3), (3, 1, 2)])
+def test_anchor_group_sizes(groups, monkeypatch):
+    """Every key block its own group (all keys far), groups that documents and windows cut in odd places, and a
+    different group size in each kernel (forward, dq, dk/dv). Weak gates (and no scalar gate) keep far keys in play,
+    so an anchor frame off by one group shows."""
     import kernels.parallel as parallel
-    monkeypatch.setattr(parallel, 'GROUP', group)
+    monkeypatch.setattr(parallel, 'GROUPS', dict(zip(('fwd', 'dq', 'dkv'), groups)))
     cu = torch.tensor([0, 20, 270, 400], device=DEVICE)
     inputs = make_inputs(T=400, HQ=2, H=1, gates=6.0, sink=True)
     assert_close(run_both(inputs, cu_seqlens=cu), 3e-5)
