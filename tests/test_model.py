@@ -58,6 +58,22 @@ def test_wall_with_open_gates_is_causal_attention_without_positions(monkeypatch,
     assert (barely_open - expected).abs().max() > 1e-3, 'the comparison should notice a real decay'
 
 
+@pytest.mark.parametrize('attention', ['wall', 'fox'])
+def test_attention_kernels_get_q_k_v_contiguous(attention, monkeypatch):
+    """The kernels read q, k and v as [tokens, heads, dim]: split views of one fused projection would be copied on
+    every call (three copies per layer, 8 ms a step of config/long.py on an H200)."""
+    seen, attend = [], model_module.wall_attention
+
+    def recording(impl, q, k, v, g, **kwargs):
+        seen.append([t.is_contiguous() for t in (q, k, v)])
+        return attend(impl, q, k, v, g, **kwargs)
+
+    monkeypatch.setattr(model_module, 'wall_attention', recording)
+    with torch.no_grad():  # without QK-norm, which would hand over new tensors anyway
+        tiny(attention, qk_norm=False).hidden_states(torch.randint(0, 97, (1, 24)))
+    assert seen == [[True, True, True]] * 2
+
+
 def test_chunked_loss_equals_cross_entropy_on_full_logits():
     torch.manual_seed(0)
     x = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
