@@ -123,6 +123,12 @@ def test_anchor_group_sizes(groups, monkeypatch):
     assert_close(run_both(inputs, cu_seqlens=cu, window_size=150), 3e-5)
 
 
+@pytest.mark.parametrize('scale', [-0.3, 0.0])
+def test_negative_and_zero_scale(scale):
+    """Any float scale is valid input, on far and near tiles alike."""
+    assert_close(run_both(make_inputs(T=300, gates=6.0), scale=scale), 3e-5)
+
+
 def test_documents_do_not_see_each_other():
     cu = torch.tensor([0, 70, 150], device=DEVICE)
     inputs = make_inputs(T=150)
