@@ -26,6 +26,7 @@ Layout inside: every tensor is flattened to `[total_tokens, heads, dim]`; a batc
 tiles rescaled inside a loop pass through a q-sized scratch buffer (`_staged`), so that the tensor cores read them
 from shared memory like a loaded tile.
 """
+import concurrent.futures
 import functools
 import os
 
@@ -826,26 +827,77 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     return o, lse, L
 
 
+def _dq_and_dkv_launches(t, num_blocks, scale, window_size):
+    """The dq and dk/dv kernels, each with its arguments taken from t (name -> tensor, or name -> dtype to compile it
+    ahead) and its anchor-group size."""
+    shared = (t['Pl'], t['Pstart'], t['Cl'], t['Cs'], t['L'], t['do'], t['lse'], t['delta'])
+    scalars = (scale * LOG2E, scale, window_size or 0)
+    return ((_bwd_dq_kernel, (t['q'], t['kt'], t['kg'], t['k'], t['v'], *shared, t['dq'], t['dcq'], t['qf'],
+                              t['table'], *scalars), GROUPS['dq']),
+            (_bwd_dkv_kernel, (t['q'], t['q_hat'], t['qg'], t['kt'], t['k'], t['v'], *shared, t['dk'], t['dv'],
+                               t['dck'], t['table'], num_blocks, *scalars), GROUPS['dkv']))
+
+
+_compiles_ahead = {}  # what the backward kernels were compiled ahead for -> their Futures
+_compile_threads = None
+
+
+def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, layout, dims):
+    """At a new specialization's first forward, compile the two largest backward kernels on other threads. Triton
+    releases the GIL while it compiles, so they overlap with the forward's own compiles: three kernels that took 28 s
+    one after another took 15 s from three threads (sm_90a, on two CPU cores)."""
+    global _compile_threads
+    flags = dict(HAS_GS=g_scalar is not None, HAS_WINDOW=window_size is not None)
+    num_blocks = layout.table.shape[0]
+    # what Triton specializes a launch on: dtypes, constexprs, and integers equal to 1 or divisible by 16
+    key = (q.device, q.dtype, v.dtype, tuple(dims.items()), tuple(flags.items()), window_size,
+           num_blocks == 1, num_blocks % 16 == 0)
+    if INTERPRET or key in _compiles_ahead:
+        return
+    f32, f64 = torch.float32, torch.float64
+    HQ, H = dims['HQ'], dims['H']
+    dtypes = dict(q=q.dtype, k=k.dtype, v=v.dtype, kt=q.dtype, kg=q.dtype, q_hat=q.dtype, qg=q.dtype, qf=q.dtype,
+                  Pl=f32, Pstart=f64, Cl=f64 if g_scalar is None else f32, Cs=f64, L=f32, do=q.dtype, lse=f32,
+                  delta=f32, dq=f32, dcq=f32, dk=f32, dv=v.dtype if HQ == H else f32, dck=f32, table=torch.int32)
+
+    def compile_ahead(kernel, args, group):
+        with torch.cuda.device(q.device):
+            kernel.warmup(*args, grid=(num_blocks, HQ), GROUP=group, **flags, **dims)
+
+    _compile_threads = _compile_threads or concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    _compiles_ahead[key] = [_compile_threads.submit(compile_ahead, *launch)
+                            for launch in _dq_and_dkv_launches(dtypes, num_blocks, scale, window_size)]
+
+
+def _wait_for_compiles_ahead():
+    """The backward launches only after every compile ahead has finished: a launch would otherwise compile the same
+    kernel a second time, or share its autotuner with a compiling thread. A failed compile ahead is left to the
+    launch, which compiles again and raises its error where it belongs."""
+    for futures in list(_compiles_ahead.values()):
+        concurrent.futures.wait(futures)
+
+
 def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size, layout):
     dims = _dims(q, k, v, g)
     HQ, H, HG = dims['HQ'], dims['H'], dims['HG']
     do = do.contiguous()  # o.sum().backward() passes a stride-0 do: every kernel below reads do as [tokens, HQ, V]
     Pl, Pstart, kt, kg, q_hat, qg, delta = _prep(q, k, g, layout, dims, do, o)
     Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
+    _wait_for_compiles_ahead()
     dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # per query head: dg needs it
     # per query head; without GQA dv is final when the dk/dv kernel writes it
     dv = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=v.dtype if HQ == H else torch.float32)
     dcq = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
     dck = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
-    qk_scale = scale * LOG2E
     flags = dict(HAS_GS=g_scalar is not None, HAS_WINDOW=window_size is not None)
     num_blocks = layout.table.shape[0]
     grid = (num_blocks, HQ)
-    _bwd_dq_kernel[grid](q, kt, kg, k, v, Pl, Pstart, Cl, Cs, L, do, lse, delta, dq, dcq, torch.empty_like(q),
-                         layout.table, qk_scale, scale, window_size or 0, GROUP=GROUPS['dq'], **flags, **dims)
-    _bwd_dkv_kernel[grid](q, q_hat, qg, kt, k, v, Pl, Pstart, Cl, Cs, L, do, lse, delta, dk, dv, dck, layout.table,
-                          num_blocks, qk_scale, scale, window_size or 0, GROUP=GROUPS['dkv'], **flags, **dims)
+    tensors = dict(q=q, k=k, v=v, kt=kt, kg=kg, q_hat=q_hat, qg=qg, qf=torch.empty_like(q), Pl=Pl, Pstart=Pstart,
+                   Cl=Cl, Cs=Cs, L=L, do=do, lse=lse, delta=delta, dq=dq, dcq=dcq, dk=dk, dv=dv, dck=dck,
+                   table=layout.table)
+    for kernel, args, group in _dq_and_dkv_launches(tensors, num_blocks, scale, window_size):
+        kernel[grid](*args, GROUP=group, **flags, **dims)
     _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0,
                             HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], V=dims['V'], VP=dims['VP'], SUB=SUB,
                             BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4, **flags)
@@ -874,6 +926,8 @@ class WallAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, g_scalar, sink_bias, scale, window_size, bounds):
         layout = _layout(tuple(bounds), q.device, BLOCK)
+        if any(ctx.needs_input_grad[:6]):
+            _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, layout, _dims(q, k, v, g))
         o, lse, L = _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout)
         ctx.save_for_backward(q, k, v, g, g_scalar, sink_bias, o, lse, L)
         ctx.scale, ctx.window_size, ctx.layout = scale, window_size, layout
