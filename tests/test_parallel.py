@@ -301,6 +301,22 @@ def test_varlen_window_sink_bf16_gpu():
     assert_close(run_both(make_inputs(T=1500, HQ=4, H=4, K=64, V=64)), 1e-4)  # fp32 (IEEE dots) on GPU
 
 
+@pytest.mark.gpu
+def test_backward_launches_the_kernels_compiled_ahead():
+    """The first forward at a new specialization compiles dq and dk/dv on other threads; the backward must launch
+    those compiles: each kernel's cache grows by one entry. A compile ahead that Triton specialized otherwise than
+    the launch would leave two (and cost the compile time twice)."""
+    import kernels.parallel as parallel
+    device = torch.cuda.current_device()
+    entries = lambda: [len(kernel.fn.device_caches[device][0])
+                       for kernel in (parallel._bwd_dq_kernel, parallel._bwd_dkv_kernel)]
+    before, specializations = entries(), len(parallel._compiles_ahead)
+    inputs = make_inputs(T=300, HQ=2, H=2, K=72, V=72, dtype=torch.bfloat16)  # a head dim no other test compiles
+    assert_close(run_both(inputs), 2e-2)
+    assert len(parallel._compiles_ahead) == specializations + 1
+    assert entries() == [n + 1 for n in before]
+
+
 @pytest.mark.parametrize('case', ['gqa-shared-gate', 'scalar-gate-sink', 'weak-gates'])
 def test_steep_diagonal_path_everywhere(case, monkeypatch):
     """Force every diagonal tile through the sub-block path that steep gates take, on all features."""
