@@ -28,6 +28,7 @@ from shared memory like a loaded tile.
 """
 import concurrent.futures
 import functools
+import math
 import os
 
 import torch
@@ -969,6 +970,8 @@ def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlen
         raise ValueError(f'head dims up to 256 are supported, got K={K} (`q`, `k`) and V={V} (`v`)')
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f'`scale` must be a float, got {type(scale).__name__}')
+    if not math.isfinite(scale):
+        raise ValueError(f'`scale` must be finite, got {scale}')
     if g_scalar is not None:
         if not isinstance(g_scalar, torch.Tensor) or g_scalar.shape != (B, T, HQ):
             raise ValueError(f'`g_scalar` must be a tensor [{B}, {T}, {HQ}], got '

@@ -231,6 +231,7 @@ def _error_for(**changes):
      'up to 256'),
     (dict(sink_bias=torch.randn(2)), ValueError, '`sink_bias`'),
     (dict(g_scalar=torch.randn(1, 8, 2)), ValueError, '`g_scalar`'),
+    (dict(scale=float('nan')), ValueError, '`scale`'),
     (dict(window_size=0), ValueError, '`window_size`'),
     (dict(window_size=2.5), ValueError, '`window_size`'),
     (dict(cu_seqlens=torch.tensor([0, 4, 9])), ValueError, 'end at T'),
