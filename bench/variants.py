@@ -1,6 +1,7 @@
 """Time whole-file variants of kernels/parallel.py side by side, in one GPU call.
 
     python bench/variants.py kernels/parallel.py /tmp/variant_a.py /tmp/variant_b.py [--B 2 --T 8192 --H 16 --K 128]
+                             [--gate_bias 4]   (gates logsigmoid(gate_bias + randn); -2 makes every block steep)
 
 Each file is loaded as its own module (its own Triton kernels and autotune cache) and runs `wall_attn` on the same
 random bf16 inputs: first call (compile + autotune), forward and forward+backward medians of `triton.testing.do_bench`,
@@ -20,12 +21,13 @@ parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
 parser.add_argument('files', nargs='+')
 for name, default in (('B', 2), ('T', 8192), ('H', 16), ('K', 128)):
     parser.add_argument(f'--{name}', type=int, default=default)
+parser.add_argument('--gate_bias', type=float, default=4.0)
 args = parser.parse_args()
 
 torch.manual_seed(0)
 bf16 = dict(device='cuda', dtype=torch.bfloat16)
 q, k, v = (torch.randn(args.B, args.T, args.H, args.K, **bf16).requires_grad_() for _ in range(3))
-g = F.logsigmoid(4 + torch.randn(args.B, args.T, args.H, args.K, device='cuda')).requires_grad_()
+g = F.logsigmoid(args.gate_bias + torch.randn(args.B, args.T, args.H, args.K, device='cuda')).requires_grad_()
 do = torch.randn(args.B, args.T, args.H, args.K, **bf16)
 leaves = (q, k, v, g)
 
