@@ -138,11 +138,14 @@ class Attention(nn.Module):
         for rope, q and k come rotated by rope = (cos, sin) and g is None.
         """
         B, T, _ = x.shape
+        # Training and prefill: one GEMM per row block of c_attn's weight, so q, k and v come out contiguous, as the
+        # training kernels read them (the split output of one GEMM is strided views, copied once each: 8 ms a step of
+        # config/long.py). A decoding step keeps the one GEMM: the decode kernels read its strided split, and the
+        # three GEMMs cost more there (H200: 2.09 against 1.99 ms/token).
         sizes = [self.n_head * self.head_dim] + 2 * [self.n_kv_head * self.head_dim]
-        if T == 1:  # a decoding step: one GEMM; the decode kernels read its strided split (H200: 1.99 ms/token
-            q, k, v = self.c_attn(x).split(sizes, dim=-1)  # against 2.09 with the three GEMMs below)
-        else:  # one GEMM per row block of c_attn's weight: q, k and v come out contiguous, as the training kernels
-            # read them; the split output of one GEMM is strided views, copied once each (8 ms a step of config/long.py)
+        if T == 1:
+            q, k, v = self.c_attn(x).split(sizes, dim=-1)
+        else:
             q, k, v = (F.linear(x, w) for w in self.c_attn.weight.split(sizes))
         q = q.view(B, T, self.n_head, self.head_dim)
         k, v = (t.view(B, T, self.n_kv_head, self.head_dim) for t in (k, v))
