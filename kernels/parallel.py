@@ -379,7 +379,7 @@ def _rescale_kernel(k_ptr, q_ptr, Pl_ptr, Pstart_ptr, kt_ptr, kg_ptr, qh_ptr, qg
 
 @triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, L_ptr, sink_ptr, o_ptr,
+def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, S_ptr, sink_ptr, o_ptr,
                 lse_ptr, qf_ptr, blocks_ptr, qk_scale, WINDOW,
                 HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
@@ -401,9 +401,8 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
     k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
     if _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
         s = tl.dot(q_hat, tl.trans((k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype))) * qk_scale
-    else:
-        s = _steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG, K, KP, BLOCK,
-                          SUB)
+    else:  # computed by _steep_fwd_kernel, which keeps this kernel's registers for the common case
+        s = _load_rows(S_ptr, rows, row_ok, hq, HQ, BLOCK, BLOCK)
     s = _mask_and_gate(s, rows, rows, row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS,
                        HAS_WINDOW)
     if HAS_SINK:
@@ -454,10 +453,12 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
 
 
 @triton.jit
-def _intra_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, blocks_ptr, qk_scale,
+def _steep_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
                       HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                       SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr, FAST_RANGE: tl.constexpr):
-    """Exact logits of the pairs inside each SUB-token sub-block of steep blocks: L[i, hq, j - sub start]."""
+    """Diagonal-tile logits of steep blocks: the exact logits of the pairs inside each SUB-token sub-block,
+    elementwise, L[i, hq, j - sub start] (the backward keeps them), and the whole tile with the other pairs from
+    sub-block dots, S[i, hq, j - block start], which the forward kernel loads."""
     i0, _, eos, _ = _block(blocks_ptr, tl.program_id(0))
     hq = tl.program_id(1)
     hk = hq // (HQ // H)
@@ -480,6 +481,13 @@ def _intra_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, blocks_ptr, qk_scale,
                 s += tl.sum(q[:, None, :] * k[None, :, :] * decay, 2)
             tl.store(L_ptr + (base * HQ + hq) * SUB + j[None, :], tl.where(j[None, :] <= j[:, None], s * qk_scale, 0.0),
                      mask=row_ok[:, None])
+        tl.debug_barrier()  # other threads read L back
+        rows = i0 + tl.arange(0, BLOCK)
+        row_ok = rows < eos
+        s = _steep_logits(_load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP), _load_rows(k_ptr, rows, row_ok, hk, H, K, KP),
+                          _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP), Pl_ptr, L_ptr, rows, row_ok, i0, last, hq,
+                          hg, qk_scale, HQ, HG, K, KP, BLOCK, SUB)
+        _store_rows(S_ptr, s, rows, row_ok, hq, HQ, BLOCK, BLOCK)
 
 
 @triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
@@ -817,11 +825,12 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     qk_scale = scale * LOG2E
     grid = (layout.table.shape[0], HQ)
     L = torch.empty(q.shape[0], HQ, SUB, device=q.device, dtype=torch.float32)
-    _intra_fwd_kernel[grid](q, k, Pl, L, layout.table, qk_scale, HQ=HQ, H=dims['H'], HG=dims['HG'], K=dims['K'],
+    S = torch.empty(q.shape[0], HQ, BLOCK, device=q.device, dtype=torch.float32)  # written for steep blocks only
+    _steep_fwd_kernel[grid](q, k, Pl, L, S, layout.table, qk_scale, HQ=HQ, H=dims['H'], HG=dims['HG'], K=dims['K'],
                             KP=dims['KP'], SUB=SUB, BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4)
     o = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], HQ, device=q.device, dtype=torch.float32)
-    _fwd_kernel[grid](q, kt, kg, k, v, Pl, Pstart, Cl, Cs, L, lse if sink_bias is None else sink_bias,
+    _fwd_kernel[grid](q, kt, kg, k, v, Pl, Pstart, Cl, Cs, S, lse if sink_bias is None else sink_bias,
                       o, lse, torch.empty_like(q), layout.table, qk_scale, window_size or 0,
                       HAS_GS=g_scalar is not None, HAS_SINK=sink_bias is not None, HAS_WINDOW=window_size is not None,
                       GROUP=GROUPS['fwd'], **dims)
