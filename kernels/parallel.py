@@ -86,6 +86,13 @@ def _store_rows(ptr, x, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP
 
 
 @triton.jit
+def _add_to_rows(ptr, x, rows, row_ok, head, H: tl.constexpr):
+    """Adds x to rows `rows` of head `head` of a contiguous [tokens, H] tensor."""
+    offs = rows.to(tl.int64) * H + head
+    tl.store(ptr + offs, tl.load(ptr + offs, mask=row_ok) + x, mask=row_ok)
+
+
+@triton.jit
 def _load_row(ptr, row, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
     cols = tl.arange(0, DP)
     row64 = tl.zeros([DP], dtype=tl.int64) + row  # `row` may be a plain int (a loop variable)
@@ -492,7 +499,7 @@ def _steep_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
 
 @triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr, lse_ptr,
+def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, do_ptr, lse_ptr,
                    delta_ptr, dq_ptr, dcq_ptr, qf_ptr, blocks_ptr, qk_scale, scale, WINDOW,
                    HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
@@ -536,30 +543,14 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
                            hg, qk_scale, WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
     dq *= tl.exp2(lg)[None, :]
 
-    k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
-    gentle = _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE)
-    if gentle:
-        k_hat = (k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype)
-        s = tl.dot(q_hat, tl.trans(k_hat)) * qk_scale
-    else:
-        s = _steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG, K, KP, BLOCK,
-                          SUB)
-    s = _mask_and_gate(s, rows, rows, row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS,
-                       HAS_WINDOW)
-    p, ds = _probs_and_dscores(s, lse, delta, do, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
-    dcq += tl.sum(ds, 1)
-    if gentle:
-        dq += tl.dot(ds.to(k.dtype), (k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype))
-        dq *= tl.exp2(Pl)
-    else:
-        ds_outer = tl.where(_intra_mask(BLOCK, SUB), 0.0, ds)  # intra pairs: added by the intra backward kernel
-        kb = _steep_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB).to(k.dtype)
-        key_sub = (tl.arange(0, BLOCK) // SUB)[None, :]
-        dq_steep = tl.zeros([BLOCK, KP], dtype=tl.float32)
-        for sb in tl.static_range(BLOCK // SUB):
-            part = tl.dot(tl.where(key_sub == sb, ds_outer, 0.0).to(k.dtype), kb)
-            dq_steep += part * _steep_query_factor(Pl, Pl_ptr, i0, last, sb, hg, HG, K, KP, SUB)
-        dq = dq * tl.exp2(Pl) + dq_steep
+    if _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
+        k_hat = (_load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * tl.exp2(-Pl)).to(q.dtype)
+        s = _mask_and_gate(tl.dot(q_hat, tl.trans(k_hat)) * qk_scale, rows, rows,
+                           row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS, HAS_WINDOW)
+        p, ds = _probs_and_dscores(s, lse, delta, do, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+        dcq += tl.sum(ds, 1)
+        dq += tl.dot(ds.to(k_hat.dtype), k_hat)
+    dq *= tl.exp2(Pl)  # a steep block's diagonal tile: _steep_bwd_kernel adds it afterwards
 
     _store_rows(dq_ptr, dq * scale, rows, row_ok, hq, HQ, K, KP)
     tl.store(dcq_ptr + rows.to(tl.int64) * HQ + hq, dcq, mask=row_ok)
@@ -567,8 +558,8 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
 
 @triton.autotune(configs=DKV_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _bwd_dkv_kernel(q_ptr, qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr,
-                    lse_ptr, delta_ptr, dk_ptr, dv_ptr, dck_ptr, blocks_ptr, num_blocks, qk_scale, scale, WINDOW,
+def _bwd_dkv_kernel(q_ptr, qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, do_ptr,
+                    lse_ptr, delta_ptr, dk_ptr, dv_ptr, dck_ptr, dv_part_ptr, blocks_ptr, num_blocks, qk_scale, scale, WINDOW,
                     HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                     KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
                     FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
@@ -618,82 +609,118 @@ def _bwd_dkv_kernel(q_ptr, qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_
     # Diagonal tile: queries are the key rows themselves.
     Pl = _load_rows(Pl_ptr, cols, col_ok, hg, HG, K, KP)
     Pl_end = _load_row(Pl_ptr, last, hg, HG, K, KP)
-    q = _load_rows(q_ptr, cols, col_ok, hq, HQ, K, KP)
-    k = _load_rows(k_ptr, cols, col_ok, hk, H, K, KP)
-    q_hat = _load_rows(qh_ptr, cols, col_ok, hq, HQ, K, KP)
     gentle = _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE)
-    if gentle:
-        s = tl.dot(q_hat, tl.trans((k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype))) * qk_scale
-    else:
-        s = _steep_logits(q, k, Pl, Pl_ptr, L_ptr, cols, col_ok, j0, last, hq, hg, qk_scale, HQ, HG, K, KP, BLOCK,
-                          SUB)
-    s = _mask_and_gate(s, cols, cols, col_ok[:, None] & (cols[None, :] <= cols[:, None]), ck, ck, WINDOW, HAS_GS,
-                       HAS_WINDOW)
-    do = _load_rows(do_ptr, cols, col_ok, hq, HQ, V, VP)
-    lse = tl.load(lse_ptr + cols.to(tl.int64) * HQ + hq, mask=col_ok, other=0.0)
-    delta = tl.load(delta_ptr + cols.to(tl.int64) * HQ + hq, mask=col_ok, other=0.0)
-    p, ds = _probs_and_dscores(s, lse, delta, do, v)
-    dv += tl.dot(tl.trans(p).to(do.dtype), do)
-    dck += tl.sum(ds, 0)
-    if gentle:
+    if gentle:  # a steep block's diagonal tile: _steep_bwd_kernel adds it afterwards
+        q_hat = _load_rows(qh_ptr, cols, col_ok, hq, HQ, K, KP)
+        k_hat = (_load_rows(k_ptr, cols, col_ok, hk, H, K, KP).to(tl.float32) * tl.exp2(-Pl)).to(q_hat.dtype)
+        s = _mask_and_gate(tl.dot(q_hat, tl.trans(k_hat)) * qk_scale, cols, cols,
+                           col_ok[:, None] & (cols[None, :] <= cols[:, None]), ck, ck, WINDOW, HAS_GS, HAS_WINDOW)
+        do = _load_rows(do_ptr, cols, col_ok, hq, HQ, V, VP)
+        lse = tl.load(lse_ptr + cols.to(tl.int64) * HQ + hq, mask=col_ok, other=float('inf'))
+        delta = tl.load(delta_ptr + cols.to(tl.int64) * HQ + hq, mask=col_ok, other=0.0)
+        p, ds = _probs_and_dscores(s, lse, delta, do, v)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do)
+        dck += tl.sum(ds, 0)
         # 2^(P_i - P_j) = 2^(Pl_end - Pl_j) * 2^(-Pl_end) * 2^(Pl_i): the middle factor is <= 2^FAST_RANGE.
         dk += tl.dot(tl.trans(ds).to(q_hat.dtype), q_hat) * tl.exp2(-Pl_end)[None, :]
-        dk *= tl.exp2(tl.minimum(Pl_end[None, :] - Pl, 0.0))
-    else:
-        dk *= tl.exp2(tl.minimum(Pl_end[None, :] - Pl, 0.0))
-        ds_t = tl.trans(tl.where(_intra_mask(BLOCK, SUB), 0.0, ds))  # [keys, queries]; intra pairs excluded
-        key_sub = (tl.arange(0, BLOCK) // SUB)[:, None]
-        dk_steep = tl.zeros([BLOCK, KP], dtype=tl.float32)
-        for sb in tl.static_range(BLOCK // SUB):
-            qs = (q.to(tl.float32) * _steep_query_factor(Pl, Pl_ptr, j0, last, sb, hg, HG, K, KP, SUB)).to(q.dtype)
-            dk_steep += tl.dot(tl.where(key_sub == sb, ds_t, 0.0).to(q.dtype), qs)
-        dk += _steep_key_factor(dk_steep, Pl, Pl_ptr, cols, j0, last, hg, HG, K, KP, SUB)
+    dk *= tl.exp2(tl.minimum(Pl_end[None, :] - Pl, 0.0))
 
     _store_rows(dk_ptr, dk * scale, cols, col_ok, hq, HQ, K, KP)
-    _store_rows(dv_ptr, dv, cols, col_ok, hq, HQ, V, VP)
+    # a steep block's dv is not final yet: it waits in fp32 for its diagonal tile (two masked stores, not a branch,
+    # which made the compiler spill more)
+    _store_rows(dv_ptr, dv, cols, tl.where(gentle, col_ok, False), hq, HQ, V, VP)
+    _store_rows(dv_part_ptr, dv, cols, tl.where(gentle, False, col_ok), hq, HQ, V, VP)
     tl.store(dck_ptr + cols.to(tl.int64) * HQ + hq, dck, mask=col_ok)
 
 
 @triton.jit
-def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr,
-                      blocks_ptr, scale, WINDOW,
+def _add_intra_pair_grads(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, i0,
+                          last, eos, hq, hk, hg, scale, WINDOW, HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr,
+                          K: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, SUB: tl.constexpr, DK: tl.constexpr,
+                          HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Adds the exact dq and dk of the pairs inside each SUB-token sub-block of a steep block, elementwise."""
+    j = tl.arange(0, SUB)
+    for r0 in range(i0, last + 1, SUB):
+        rows = r0 + j
+        row_ok = rows < eos
+        base = rows.to(tl.int64)[:, None]
+        visible = row_ok[:, None] & (j[None, :] <= j[:, None])
+        if HAS_WINDOW:
+            visible &= (j[:, None] - j[None, :]) < WINDOW
+        s = tl.load(L_ptr + (base * HQ + hq) * SUB + j[None, :], mask=visible, other=0.0)
+        if HAS_GS:
+            C = tl.load(Cl_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+            s += C[:, None] - C[None, :]
+        lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+        p, ds = _probs_and_dscores(s, lse, delta, _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP),
+                                   _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+        ds = tl.where(visible, ds, 0.0) * scale
+        for d0 in range(0, K, DK):
+            cols = d0 + tl.arange(0, DK)
+            ok = row_ok[:, None] & (cols[None, :] < K)
+            q = tl.load(q_ptr + (base * HQ + hq) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + (base * H + hk) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            P = tl.load(Pl_ptr + (base * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
+            w = ds[:, :, None] * tl.exp2(tl.minimum(P[:, None, :] - P[None, :, :], 0.0))
+            offs = (base * HQ + hq) * K + cols[None, :]
+            tl.store(dq_ptr + offs, tl.load(dq_ptr + offs, mask=ok) + tl.sum(w * k[None, :, :], 1), mask=ok)
+            tl.store(dk_ptr + offs, tl.load(dk_ptr + offs, mask=ok) + tl.sum(w * q[:, None, :], 0), mask=ok)
+
+
+@triton.jit
+def _steep_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr,
+                      dv_part_ptr, dv_ptr, dcq_ptr, dck_ptr, blocks_ptr, qk_scale, scale, WINDOW,
                       HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                       V: tl.constexpr, VP: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr,
                       FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Adds the intra-sub-block pairs' exact contributions to dq and dk (read-modify-write: never autotune)."""
-    i0, _, eos, _ = _block(blocks_ptr, tl.program_id(0))
+    """The diagonal tiles of steep blocks, whole, after the dq and dk/dv kernels, which leave them out so that the
+    sub-block path stays out of their registers: adds their shares to dq, dk, dcq and dck, and writes dv from the
+    fp32 part the dk/dv kernel left in dv_part. Pairs in different sub-blocks go through sub-block dots, pairs
+    inside one elementwise."""
+    i0, _, eos, id_m = _block(blocks_ptr, tl.program_id(0))
     hq = tl.program_id(1)
     hk = hq // (HQ // H)
     hg = hq // (HQ // HG)
     last = tl.minimum(i0 + BLOCK, eos) - 1
     if not _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
-        j = tl.arange(0, SUB)
-        for r0 in range(i0, last + 1, SUB):
-            rows = r0 + j
-            row_ok = rows < eos
-            base = rows.to(tl.int64)[:, None]
-            visible = row_ok[:, None] & (j[None, :] <= j[:, None])
-            if HAS_WINDOW:
-                visible &= (j[:, None] - j[None, :]) < WINDOW
-            s = tl.load(L_ptr + (base * HQ + hq) * SUB + j[None, :], mask=visible, other=0.0)
-            if HAS_GS:
-                C = tl.load(Cl_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-                s += C[:, None] - C[None, :]
-            lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-            delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-            p, ds = _probs_and_dscores(s, lse, delta, _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP),
-                                       _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
-            ds = tl.where(visible, ds, 0.0) * scale
-            for d0 in range(0, K, DK):
-                cols = d0 + tl.arange(0, DK)
-                ok = row_ok[:, None] & (cols[None, :] < K)
-                q = tl.load(q_ptr + (base * HQ + hq) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                k = tl.load(k_ptr + (base * H + hk) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                P = tl.load(Pl_ptr + (base * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
-                w = ds[:, :, None] * tl.exp2(tl.minimum(P[:, None, :] - P[None, :, :], 0.0))
-                offs = (base * HQ + hq) * K + cols[None, :]
-                tl.store(dq_ptr + offs, tl.load(dq_ptr + offs, mask=ok) + tl.sum(w * k[None, :, :], 1), mask=ok)
-                tl.store(dk_ptr + offs, tl.load(dk_ptr + offs, mask=ok) + tl.sum(w * q[:, None, :], 0), mask=ok)
+        rows = i0 + tl.arange(0, BLOCK)
+        row_ok = rows < eos
+        q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
+        k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
+        Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+        cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
+        s = _mask_and_gate(_steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG,
+                                         K, KP, BLOCK, SUB),
+                           rows, rows, row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS,
+                           HAS_WINDOW)
+        do = _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
+        lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=float('inf'))  # p = 0 past the end
+        delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+        p, ds = _probs_and_dscores(s, lse, delta, do, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, _load_rows(dv_part_ptr, rows, row_ok, hq, HQ, V, VP))
+        _store_rows(dv_ptr, dv, rows, row_ok, hq, HQ, V, VP)
+        _add_to_rows(dcq_ptr, tl.sum(ds, 1), rows, row_ok, hq, HQ)
+        _add_to_rows(dck_ptr, tl.sum(ds, 0), rows, row_ok, hq, HQ)
+        ds *= scale
+        # pairs in different sub-blocks factor through the key sub-block's end
+        ds_outer = tl.where(_intra_mask(BLOCK, SUB), 0.0, ds)
+        kb = _steep_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB).to(k.dtype)
+        key_sub = (tl.arange(0, BLOCK) // SUB)[None, :]
+        dq = tl.zeros([BLOCK, KP], dtype=tl.float32)
+        dk = tl.zeros([BLOCK, KP], dtype=tl.float32)
+        for sb in tl.static_range(BLOCK // SUB):
+            ds_sb = tl.where(key_sub == sb, ds_outer, 0.0).to(q.dtype)
+            factor = _steep_query_factor(Pl, Pl_ptr, i0, last, sb, hg, HG, K, KP, SUB)
+            dq += tl.dot(ds_sb, kb) * factor
+            dk += tl.dot(tl.trans(ds_sb), (q.to(tl.float32) * factor).to(q.dtype))
+        _store_rows(dq_ptr, _load_rows(dq_ptr, rows, row_ok, hq, HQ, K, KP) + dq, rows, row_ok, hq, HQ, K, KP)
+        _store_rows(dk_ptr, _load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP)
+                    + _steep_key_factor(dk, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB), rows, row_ok, hq, HQ, K, KP)
+        tl.debug_barrier()  # the pairs inside each sub-block add to dq and dk, row by row
+        _add_intra_pair_grads(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, i0,
+                              last, eos, hq, hk, hg, scale, WINDOW, HQ, H, HG, K, V, VP, SUB, DK, HAS_GS,
+                              HAS_WINDOW)
 
 
 @triton.jit
@@ -840,12 +867,12 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
 def _dq_and_dkv_launches(t, num_blocks, scale, window_size):
     """The dq and dk/dv kernels, each with its arguments taken from t (name -> tensor, or name -> dtype to compile it
     ahead) and its anchor-group size."""
-    shared = (t['Pl'], t['Pstart'], t['Cl'], t['Cs'], t['L'], t['do'], t['lse'], t['delta'])
+    shared = (t['Pl'], t['Pstart'], t['Cl'], t['Cs'], t['do'], t['lse'], t['delta'])
     scalars = (scale * LOG2E, scale, window_size or 0)
     return ((_bwd_dq_kernel, (t['q'], t['kt'], t['kg'], t['k'], t['v'], *shared, t['dq'], t['dcq'], t['qf'],
                               t['table'], *scalars), GROUPS['dq']),
             (_bwd_dkv_kernel, (t['q'], t['q_hat'], t['qg'], t['kt'], t['k'], t['v'], *shared, t['dk'], t['dv'],
-                               t['dck'], t['table'], num_blocks, *scalars), GROUPS['dkv']))
+                               t['dck'], t['dv_part'], t['table'], num_blocks, *scalars), GROUPS['dkv']))
 
 
 _compiles_ahead = {}  # what the backward kernels were compiled ahead for -> their Futures
@@ -867,8 +894,9 @@ def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, layout, dims)
     f32, f64 = torch.float32, torch.float64
     HQ, H = dims['HQ'], dims['H']
     dtypes = dict(q=q.dtype, k=k.dtype, v=v.dtype, kt=q.dtype, kg=q.dtype, q_hat=q.dtype, qg=q.dtype, qf=q.dtype,
-                  Pl=f32, Pstart=f64, Cl=f64 if g_scalar is None else f32, Cs=f64, L=f32, do=q.dtype, lse=f32,
-                  delta=f32, dq=f32, dcq=f32, dk=f32, dv=v.dtype if HQ == H else f32, dck=f32, table=torch.int32)
+                  Pl=f32, Pstart=f64, Cl=f64 if g_scalar is None else f32, Cs=f64, do=q.dtype, lse=f32,
+                  delta=f32, dq=f32, dcq=f32, dk=f32, dv=v.dtype if HQ == H else f32, dck=f32, dv_part=f32,
+                  table=torch.int32)
 
     def compile_ahead(kernel, args, group):
         with torch.cuda.device(q.device):
@@ -903,14 +931,17 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     flags = dict(HAS_GS=g_scalar is not None, HAS_WINDOW=window_size is not None)
     num_blocks = layout.table.shape[0]
     grid = (num_blocks, HQ)
+    # a steep block's dv waits in fp32 for its diagonal tile (written for steep blocks only)
+    dv_part = dv if dv.dtype == torch.float32 else torch.empty_like(dv, dtype=torch.float32)
     tensors = dict(q=q, k=k, v=v, kt=kt, kg=kg, q_hat=q_hat, qg=qg, qf=torch.empty_like(q), Pl=Pl, Pstart=Pstart,
-                   Cl=Cl, Cs=Cs, L=L, do=do, lse=lse, delta=delta, dq=dq, dcq=dcq, dk=dk, dv=dv, dck=dck,
+                   Cl=Cl, Cs=Cs, do=do, lse=lse, delta=delta, dq=dq, dcq=dcq, dk=dk, dv=dv, dck=dck, dv_part=dv_part,
                    table=layout.table)
     for kernel, args, group in _dq_and_dkv_launches(tensors, num_blocks, scale, window_size):
         kernel[grid](*args, GROUP=group, **flags, **dims)
-    _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0,
-                            HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], V=dims['V'], VP=dims['VP'], SUB=SUB,
-                            BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4, **flags)
+    _steep_bwd_kernel[grid](q, k, v, Pl, Cl, Cs, L, do, lse, delta, dq, dk, dv_part, dv, dcq, dck, layout.table,
+                            scale * LOG2E, scale, window_size or 0, HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'],
+                            V=dims['V'], VP=dims['VP'], SUB=SUB, BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'],
+                            num_warps=4, num_stages=1, **flags)
 
     dg = torch.empty(g.shape, device=g.device, dtype=g.dtype)
     totals = torch.empty(num_blocks, HG, dims['K'], device=g.device, dtype=torch.float32)
