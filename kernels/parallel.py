@@ -20,7 +20,8 @@ How every exponent stays in range without a clamp that changes a result:
 - Diagonal tiles whose decay over the block stays under FAST_RANGE (in log2 units, per channel) factor through
   the block start: `q * 2^(Pl_i)` and `k * 2^(-Pl_j) <= |k| 2^FAST_RANGE`, exact and in range. Steeper blocks are
   cut into SUB-token sub-blocks: pairs in different sub-blocks factor through the key sub-block's end, pairs inside
-  one sub-block (the "intra" pairs) are computed elementwise by small kernels of their own.
+  one sub-block (the "intra" pairs) are computed elementwise. Their diagonal tiles have kernels of their own
+  (`_steep_fwd_kernel`, `_steep_bwd_kernel`), which keeps the main kernels' registers for the common case.
 
 Layout inside: every tensor is flattened to `[total_tokens, heads, dim]`; a batch of B rows is B documents. Query
 tiles rescaled inside a loop pass through a q-sized scratch buffer (`_staged`), so that the tensor cores read them
@@ -491,9 +492,10 @@ def _steep_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
         tl.debug_barrier()  # other threads read L back
         rows = i0 + tl.arange(0, BLOCK)
         row_ok = rows < eos
-        s = _steep_logits(_load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP), _load_rows(k_ptr, rows, row_ok, hk, H, K, KP),
-                          _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP), Pl_ptr, L_ptr, rows, row_ok, i0, last, hq,
-                          hg, qk_scale, HQ, HG, K, KP, BLOCK, SUB)
+        q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
+        k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
+        s = _steep_logits(q, k, _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP), Pl_ptr, L_ptr, rows, row_ok, i0, last,
+                          hq, hg, qk_scale, HQ, HG, K, KP, BLOCK, SUB)
         _store_rows(S_ptr, s, rows, row_ok, hq, HQ, BLOCK, BLOCK)
 
 
@@ -559,7 +561,8 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
 @triton.autotune(configs=DKV_CONFIGS, key=TUNE_KEY)
 @triton.jit
 def _bwd_dkv_kernel(q_ptr, qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, do_ptr,
-                    lse_ptr, delta_ptr, dk_ptr, dv_ptr, dck_ptr, dv_part_ptr, blocks_ptr, num_blocks, qk_scale, scale, WINDOW,
+                    lse_ptr, delta_ptr, dk_ptr, dv_ptr, dck_ptr, dv_part_ptr, blocks_ptr, num_blocks, qk_scale, scale,
+                    WINDOW,
                     HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                     KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
                     FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
@@ -941,7 +944,7 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     _steep_bwd_kernel[grid](q, k, v, Pl, Cl, Cs, L, do, lse, delta, dq, dk, dv_part, dv, dcq, dck, layout.table,
                             scale * LOG2E, scale, window_size or 0, HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'],
                             V=dims['V'], VP=dims['VP'], SUB=SUB, BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'],
-                            num_warps=4, num_stages=1, **flags)
+                            num_warps=8, num_stages=1, **flags)  # 4 warps spill 6 KB, 8 warps 1.5 KB
 
     dg = torch.empty(g.shape, device=g.device, dtype=g.dtype)
     totals = torch.empty(num_blocks, HG, dims['K'], device=g.device, dtype=torch.float32)
