@@ -21,7 +21,7 @@ How every exponent stays in range without a clamp that changes a result:
   the block start: `q * 2^(Pl_i)` and `k * 2^(-Pl_j) <= |k| 2^FAST_RANGE`, exact and in range. Steeper blocks are
   cut into SUB-token sub-blocks: pairs in different sub-blocks factor through the key sub-block's end, pairs inside
   one sub-block (the "intra" pairs) are computed elementwise. Their diagonal tiles have kernels of their own
-  (`_steep_fwd_kernel`, `_steep_bwd_kernel`), which keeps the main kernels' registers for the common case.
+  (`_diag_fwd_kernel`, `_steep_bwd_kernel`), which keeps the main kernels' registers for the common case.
 
 Layout inside: every tensor is flattened to `[total_tokens, heads, dim]`; a batch of B rows is B documents. Query
 tiles rescaled inside a loop pass through a q-sized scratch buffer (`_staged`), so that the tensor cores read them
@@ -405,14 +405,9 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
     q_hat = (q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype)
     cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
 
-    # Diagonal tile first: q and Pl are not needed after it.
-    k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
-    if _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
-        s = tl.dot(q_hat, tl.trans((k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype))) * qk_scale
-    else:  # computed by _steep_fwd_kernel, which keeps this kernel's registers for the common case
-        s = _load_rows(S_ptr, rows, row_ok, hq, HQ, BLOCK, BLOCK)
-    s = _mask_and_gate(s, rows, rows, row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS,
-                       HAS_WINDOW)
+    # Diagonal tile first, its logits from _diag_fwd_kernel
+    s = _mask_and_gate(_load_rows(S_ptr, rows, row_ok, hq, HQ, BLOCK, BLOCK), rows, rows,
+                       row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS, HAS_WINDOW)
     if HAS_SINK:
         m_i = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(sink_ptr + hq).to(tl.float32) * 1.4426950408889634
         l_i = tl.full([BLOCK], 1.0, dtype=tl.float32)
@@ -461,42 +456,55 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
 
 
 @triton.jit
-def _steep_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
-                      HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                      SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr, FAST_RANGE: tl.constexpr):
-    """Diagonal-tile logits of steep blocks: the exact logits of the pairs inside each SUB-token sub-block,
-    elementwise, L[i, hq, j - sub start] (the backward keeps them), and the whole tile with the other pairs from
-    sub-block dots, S[i, hq, j - block start], which the forward kernel loads."""
+def _store_intra_logits(q_ptr, k_ptr, Pl_ptr, L_ptr, i0, last, eos, hq, hk, hg, qk_scale, HQ: tl.constexpr,
+                        H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr, DK: tl.constexpr):
+    """Exact logits of the pairs inside each SUB-token sub-block of a steep block, elementwise:
+    L[i, hq, j - sub start]."""
+    j = tl.arange(0, SUB)
+    for r0 in range(i0, last + 1, SUB):
+        rows = r0 + j
+        row_ok = rows < eos
+        base = rows.to(tl.int64)[:, None]
+        s = tl.zeros([SUB, SUB], dtype=tl.float32)
+        for d0 in range(0, K, DK):
+            cols = d0 + tl.arange(0, DK)
+            ok = row_ok[:, None] & (cols[None, :] < K)
+            q = tl.load(q_ptr + (base * HQ + hq) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + (base * H + hk) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            P = tl.load(Pl_ptr + (base * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
+            decay = tl.exp2(tl.minimum(P[:, None, :] - P[None, :, :], 0.0))
+            s += tl.sum(q[:, None, :] * k[None, :, :] * decay, 2)
+        tl.store(L_ptr + (base * HQ + hq) * SUB + j[None, :], tl.where(j[None, :] <= j[:, None], s * qk_scale, 0.0),
+                 mask=row_ok[:, None])
+
+
+@triton.jit
+def _diag_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
+                     HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                     SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr, FAST_RANGE: tl.constexpr):
+    """Logits of every block's diagonal tile, S[i, hq, j - block start], for the forward kernel to load: computed
+    there, they cost it registers (spills 216 -> 8 bytes, Triton 3.6, sm_90a). A gentle block's take one dot
+    through the block start; a steep block's pairs inside a SUB-token sub-block are exact elementwise logits (L, which
+    the backward keeps), its other pairs come from sub-block dots."""
     i0, _, eos, _ = _block(blocks_ptr, tl.program_id(0))
     hq = tl.program_id(1)
     hk = hq // (HQ // H)
     hg = hq // (HQ // HG)
+    rows = i0 + tl.arange(0, BLOCK)
+    row_ok = rows < eos
     last = tl.minimum(i0 + BLOCK, eos) - 1
-    if not _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
-        j = tl.arange(0, SUB)
-        for r0 in range(i0, last + 1, SUB):
-            rows = r0 + j
-            row_ok = rows < eos
-            base = rows.to(tl.int64)[:, None]
-            s = tl.zeros([SUB, SUB], dtype=tl.float32)
-            for d0 in range(0, K, DK):
-                cols = d0 + tl.arange(0, DK)
-                ok = row_ok[:, None] & (cols[None, :] < K)
-                q = tl.load(q_ptr + (base * HQ + hq) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                k = tl.load(k_ptr + (base * H + hk) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                P = tl.load(Pl_ptr + (base * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
-                decay = tl.exp2(tl.minimum(P[:, None, :] - P[None, :, :], 0.0))
-                s += tl.sum(q[:, None, :] * k[None, :, :] * decay, 2)
-            tl.store(L_ptr + (base * HQ + hq) * SUB + j[None, :], tl.where(j[None, :] <= j[:, None], s * qk_scale, 0.0),
-                     mask=row_ok[:, None])
+    q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
+    k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
+    Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+    if _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
+        k_hat = (k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype)
+        s = tl.dot((q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype), tl.trans(k_hat)) * qk_scale
+    else:
+        _store_intra_logits(q_ptr, k_ptr, Pl_ptr, L_ptr, i0, last, eos, hq, hk, hg, qk_scale, HQ, H, HG, K, SUB, DK)
         tl.debug_barrier()  # other threads read L back
-        rows = i0 + tl.arange(0, BLOCK)
-        row_ok = rows < eos
-        q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
-        k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
-        s = _steep_logits(q, k, _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP), Pl_ptr, L_ptr, rows, row_ok, i0, last,
-                          hq, hg, qk_scale, HQ, HG, K, KP, BLOCK, SUB)
-        _store_rows(S_ptr, s, rows, row_ok, hq, HQ, BLOCK, BLOCK)
+        s = _steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG, K, KP, BLOCK,
+                          SUB)
+    _store_rows(S_ptr, s, rows, row_ok, hq, HQ, BLOCK, BLOCK)
 
 
 @triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
@@ -718,11 +726,11 @@ def _steep_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr
             dq += tl.dot(ds_sb, kb) * factor
             dk += tl.dot(tl.trans(ds_sb), (q.to(tl.float32) * factor).to(q.dtype))
         _store_rows(dq_ptr, _load_rows(dq_ptr, rows, row_ok, hq, HQ, K, KP) + dq, rows, row_ok, hq, HQ, K, KP)
-        _store_rows(dk_ptr, _load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP)
-                    + _steep_key_factor(dk, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB), rows, row_ok, hq, HQ, K, KP)
+        dk = _steep_key_factor(dk, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB)
+        _store_rows(dk_ptr, _load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP) + dk, rows, row_ok, hq, HQ, K, KP)
         tl.debug_barrier()  # the pairs inside each sub-block add to dq and dk, row by row
-        _add_intra_pair_grads(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, i0,
-                              last, eos, hq, hk, hg, scale, WINDOW, HQ, H, HG, K, V, VP, SUB, DK, HAS_GS,
+        _add_intra_pair_grads(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr,
+                              i0, last, eos, hq, hk, hg, scale, WINDOW, HQ, H, HG, K, V, VP, SUB, DK, HAS_GS,
                               HAS_WINDOW)
 
 
@@ -855,8 +863,8 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     qk_scale = scale * LOG2E
     grid = (layout.table.shape[0], HQ)
     L = torch.empty(q.shape[0], HQ, SUB, device=q.device, dtype=torch.float32)
-    S = torch.empty(q.shape[0], HQ, BLOCK, device=q.device, dtype=torch.float32)  # written for steep blocks only
-    _steep_fwd_kernel[grid](q, k, Pl, L, S, layout.table, qk_scale, HQ=HQ, H=dims['H'], HG=dims['HG'], K=dims['K'],
+    S = torch.empty(q.shape[0], HQ, BLOCK, device=q.device, dtype=torch.float32)
+    _diag_fwd_kernel[grid](q, k, Pl, L, S, layout.table, qk_scale, HQ=HQ, H=dims['H'], HG=dims['HG'], K=dims['K'],
                             KP=dims['KP'], SUB=SUB, BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4)
     o = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], HQ, device=q.device, dtype=torch.float32)
