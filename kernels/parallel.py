@@ -456,6 +456,19 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
 
 
 @triton.jit
+def _intra_channels(q_ptr, k_ptr, Pl_ptr, base, row_ok, d0, hq, hk, hg, HQ: tl.constexpr, H: tl.constexpr,
+                    HG: tl.constexpr, K: tl.constexpr, DK: tl.constexpr):
+    """Channels d0 .. d0 + DK of a sub-block's rows `base`: q and k in fp32, the decay 2^(P_i - P_j) of every pair
+    [SUB, SUB, DK] (clamped at 1 where j > i, pairs the callers mask), the mask and the offsets of those elements."""
+    cols = d0 + tl.arange(0, DK)
+    ok = row_ok[:, None] & (cols[None, :] < K)
+    q = tl.load(q_ptr + (base * HQ + hq) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + (base * H + hk) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    P = tl.load(Pl_ptr + (base * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
+    return q, k, tl.exp2(tl.minimum(P[:, None, :] - P[None, :, :], 0.0)), ok, (base * HQ + hq) * K + cols[None, :]
+
+
+@triton.jit
 def _store_intra_logits(q_ptr, k_ptr, Pl_ptr, L_ptr, i0, last, eos, hq, hk, hg, qk_scale, HQ: tl.constexpr,
                         H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr, DK: tl.constexpr):
     """Exact logits of the pairs inside each SUB-token sub-block of a steep block, elementwise:
@@ -467,12 +480,7 @@ def _store_intra_logits(q_ptr, k_ptr, Pl_ptr, L_ptr, i0, last, eos, hq, hk, hg, 
         base = rows.to(tl.int64)[:, None]
         s = tl.zeros([SUB, SUB], dtype=tl.float32)
         for d0 in range(0, K, DK):
-            cols = d0 + tl.arange(0, DK)
-            ok = row_ok[:, None] & (cols[None, :] < K)
-            q = tl.load(q_ptr + (base * HQ + hq) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            k = tl.load(k_ptr + (base * H + hk) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            P = tl.load(Pl_ptr + (base * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
-            decay = tl.exp2(tl.minimum(P[:, None, :] - P[None, :, :], 0.0))
+            q, k, decay, _, _ = _intra_channels(q_ptr, k_ptr, Pl_ptr, base, row_ok, d0, hq, hk, hg, HQ, H, HG, K, DK)
             s += tl.sum(q[:, None, :] * k[None, :, :] * decay, 2)
         tl.store(L_ptr + (base * HQ + hq) * SUB + j[None, :], tl.where(j[None, :] <= j[:, None], s * qk_scale, 0.0),
                  mask=row_ok[:, None])
@@ -668,13 +676,9 @@ def _add_intra_pair_grads(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, ls
                                    _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
         ds = tl.where(visible, ds, 0.0) * scale
         for d0 in range(0, K, DK):
-            cols = d0 + tl.arange(0, DK)
-            ok = row_ok[:, None] & (cols[None, :] < K)
-            q = tl.load(q_ptr + (base * HQ + hq) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            k = tl.load(k_ptr + (base * H + hk) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            P = tl.load(Pl_ptr + (base * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
-            w = ds[:, :, None] * tl.exp2(tl.minimum(P[:, None, :] - P[None, :, :], 0.0))
-            offs = (base * HQ + hq) * K + cols[None, :]
+            q, k, decay, ok, offs = _intra_channels(q_ptr, k_ptr, Pl_ptr, base, row_ok, d0, hq, hk, hg, HQ, H, HG, K,
+                                                    DK)
+            w = ds[:, :, None] * decay
             tl.store(dq_ptr + offs, tl.load(dq_ptr + offs, mask=ok) + tl.sum(w * k[None, :, :], 1), mask=ok)
             tl.store(dk_ptr + offs, tl.load(dk_ptr + offs, mask=ok) + tl.sum(w * q[:, None, :], 0), mask=ok)
 
