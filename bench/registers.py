@@ -70,4 +70,5 @@ for kernel, extra in ((parallel._fwd_kernel, dict(HAS_SINK=False, GROUP=parallel
 steep = {n: v for n, v in SHAPE.items() if n not in ('HAS_GS', 'HAS_WINDOW')}
 report(parallel._diag_fwd_kernel, {**{n: steep[n] for n in ('HQ', 'H', 'HG', 'K', 'KP', 'SUB', 'BLOCK', 'FAST_RANGE')},
                                     'DK': 16}, 4, 3)
-report(parallel._steep_bwd_kernel, {**SHAPE, 'DK': 16}, 8, 1)
+report(parallel._steep_bwd_kernel, SHAPE, 8, 1)
+report(parallel._intra_bwd_kernel, {**SHAPE, 'DK': 16}, 4, 1)

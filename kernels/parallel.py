@@ -38,6 +38,9 @@ import triton.language as tl
 
 BLOCK = 64   # query and key block; also the granularity of the decay anchors
 SUB = 16     # sub-block of the steep-diagonal path: pairs inside one are computed elementwise
+# dk/dv's query tiles: half a block keeps the transposed logits' registers for the resident key block
+# (H200, B2 T8k H16: dk/dv kernel 4.42 -> 3.42 ms; spills 1468 -> 808 bytes, Triton 3.6, sm_90a)
+DKV_QUERY_ROWS = tl.constexpr(32)
 # Blocks per anchor group, per kernel: off-diagonal operands are rescaled once per group of keys (forward, dq) or
 # queries (dk/dv). H200, B2 T8k H16, one size for all three kernels (forward / forward+backward ms; kernels forward,
 # dq, dk/dv): 4 blocks 2.42 / 10.01 (2.18, 2.99, 3.92), 8 blocks 2.18 / 9.44 (1.95, 2.94, 3.65), 16 blocks
@@ -64,10 +67,10 @@ def _configs(*warps_stages):
 # shape, kernel alone), with its own-group query operand computed in registers: 4 x 2 2.23 ms, 4 x 3 3.34; staged
 # through memory (_staged): 4 x 2 2.23, 4 x 3 2.04.
 FWD_CONFIGS = _configs((4, 3))
-# Triton 3.6 on an H100 miscompiles dq's sub-block diagonal with 4 warps and a pipelined loop (rows 32-63 of
-# steep blocks come out wrong; tests/test_parallel.py::test_steep_diagonal_path_bf16_gpu): those configs stay out.
-DQ_CONFIGS = _configs((4, 1))
-DKV_CONFIGS = _configs((4, 2))
+# Once the steep blocks' diagonal left dq and dk/dv (H200, same shape, kernel alone): dq 4 x 1 2.74 ms, 4 x 2 2.30;
+# dk/dv with 32-query tiles 4 x 1 4.12, 4 x 2 3.40, 4 x 3 3.24.
+DQ_CONFIGS = _configs((4, 2))
+DKV_CONFIGS = _configs((4, 3))
 TUNE_KEY = ['K', 'V', 'HAS_GS', 'HAS_WINDOW']
 
 
@@ -317,7 +320,7 @@ def _dkv_tile(qf, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr
     """Adds query block i0's contributions to the key block's dk (in the frame that qf and kf share), dv and dck.
     Computed transposed, [keys, queries], so that p and dS are the left operands of the dv and dk dots as they come
     out of the tensor cores, with no transpose through shared memory."""
-    rows = i0 + tl.arange(0, BLOCK)
+    rows = i0 + tl.arange(0, DKV_QUERY_ROWS)
     row_ok = rows < eos
     s_t = tl.dot(kf, tl.trans(qf)) * qk_scale
     if HAS_GS:
@@ -611,15 +614,15 @@ def _bwd_dkv_kernel(q_ptr, qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_
         # kt is reloaded, not kept live through the loop: this kernel 6.9 -> 4.1 ms at B2 T8k H16 (H200)
         lh_new = _decay_log2(Pstart_ptr, Pl_ptr, id_n + (first - j0) // BLOCK, id_n, last, hg, HG, K, KP)
         dk, lh, kf = _move_anchor(dk, lh, _load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP), lh_new)
-        for i0 in range(first, tl.minimum(first + GROUP * BLOCK, hi), BLOCK):
-            rows = i0 + tl.arange(0, BLOCK)
+        for i0 in range(first, tl.minimum(first + GROUP * BLOCK, hi), DKV_QUERY_ROWS):
+            rows = i0 + tl.arange(0, DKV_QUERY_ROWS)
             qg = _load_rows(qg_ptr, rows, rows < eos, hq, HQ, K, KP)
             dk, dv, dck = _dkv_tile(qg, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr, Cl_ptr, Cs_ptr,
                                     dk, dv, dck, hq, qk_scale, WINDOW, HQ, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
     dk *= tl.exp2(lh)[None, :]
     kt = _load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP)
-    for i0 in range(j0 + BLOCK, tl.minimum(near_end, hi), BLOCK):  # queries of the key block's own group
-        rows = i0 + tl.arange(0, BLOCK)
+    for i0 in range(j0 + BLOCK, tl.minimum(near_end, hi), DKV_QUERY_ROWS):  # queries of the key block's own group
+        rows = i0 + tl.arange(0, DKV_QUERY_ROWS)
         qf = _rescaled(_load_rows(qh_ptr, rows, rows < eos, hq, HQ, K, KP),
                        _decay_log2(Pstart_ptr, Pl_ptr, id_n + (i0 - j0) // BLOCK, id_n, last, hg, HG, K, KP))
         dk, dv, dck = _dkv_tile(qf, kt, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr, Cl_ptr, Cs_ptr,
@@ -653,46 +656,55 @@ def _bwd_dkv_kernel(q_ptr, qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_
 
 
 @triton.jit
-def _add_intra_pair_grads(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, i0,
-                          last, eos, hq, hk, hg, scale, WINDOW, HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr,
-                          K: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, SUB: tl.constexpr, DK: tl.constexpr,
-                          HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Adds the exact dq and dk of the pairs inside each SUB-token sub-block of a steep block, elementwise."""
-    j = tl.arange(0, SUB)
-    for r0 in range(i0, last + 1, SUB):
-        rows = r0 + j
-        row_ok = rows < eos
-        base = rows.to(tl.int64)[:, None]
-        visible = row_ok[:, None] & (j[None, :] <= j[:, None])
-        if HAS_WINDOW:
-            visible &= (j[:, None] - j[None, :]) < WINDOW
-        s = tl.load(L_ptr + (base * HQ + hq) * SUB + j[None, :], mask=visible, other=0.0)
-        if HAS_GS:
-            C = tl.load(Cl_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-            s += C[:, None] - C[None, :]
-        lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-        delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-        p, ds = _probs_and_dscores(s, lse, delta, _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP),
-                                   _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
-        ds = tl.where(visible, ds, 0.0) * scale
-        for d0 in range(0, K, DK):
-            q, k, decay, ok, offs = _intra_channels(q_ptr, k_ptr, Pl_ptr, base, row_ok, d0, hq, hk, hg, HQ, H, HG, K,
-                                                    DK)
-            w = ds[:, :, None] * decay
-            tl.store(dq_ptr + offs, tl.load(dq_ptr + offs, mask=ok) + tl.sum(w * k[None, :, :], 1), mask=ok)
-            tl.store(dk_ptr + offs, tl.load(dk_ptr + offs, mask=ok) + tl.sum(w * q[:, None, :], 0), mask=ok)
+def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr,
+                      blocks_ptr, scale, WINDOW,
+                      HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                      V: tl.constexpr, VP: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr,
+                      FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Adds the exact dq and dk of the pairs inside each SUB-token sub-block of a steep block, elementwise, after
+    _steep_bwd_kernel (read-modify-write: never autotune). Its own kernel, at 4 warps: inside _steep_bwd_kernel's 8
+    warps and registers it took 5.4 ms instead of 1.7 + 2.0 with every block steep (H200, B2 T8k H16)."""
+    i0, _, eos, _ = _block(blocks_ptr, tl.program_id(0))
+    hq = tl.program_id(1)
+    hk = hq // (HQ // H)
+    hg = hq // (HQ // HG)
+    last = tl.minimum(i0 + BLOCK, eos) - 1
+    if not _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
+        j = tl.arange(0, SUB)
+        for r0 in range(i0, last + 1, SUB):
+            rows = r0 + j
+            row_ok = rows < eos
+            base = rows.to(tl.int64)[:, None]
+            visible = row_ok[:, None] & (j[None, :] <= j[:, None])
+            if HAS_WINDOW:
+                visible &= (j[:, None] - j[None, :]) < WINDOW
+            s = tl.load(L_ptr + (base * HQ + hq) * SUB + j[None, :], mask=visible, other=0.0)
+            if HAS_GS:
+                C = tl.load(Cl_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+                s += C[:, None] - C[None, :]
+            lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+            delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+            p, ds = _probs_and_dscores(s, lse, delta, _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP),
+                                       _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+            ds = tl.where(visible, ds, 0.0) * scale
+            for d0 in range(0, K, DK):
+                q, k, decay, ok, offs = _intra_channels(q_ptr, k_ptr, Pl_ptr, base, row_ok, d0, hq, hk, hg, HQ, H, HG,
+                                                        K, DK)
+                w = ds[:, :, None] * decay
+                tl.store(dq_ptr + offs, tl.load(dq_ptr + offs, mask=ok) + tl.sum(w * k[None, :, :], 1), mask=ok)
+                tl.store(dk_ptr + offs, tl.load(dk_ptr + offs, mask=ok) + tl.sum(w * q[:, None, :], 0), mask=ok)
 
 
 @triton.jit
 def _steep_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr,
                       dv_part_ptr, dv_ptr, dcq_ptr, dck_ptr, blocks_ptr, qk_scale, scale, WINDOW,
                       HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                      V: tl.constexpr, VP: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr,
+                      V: tl.constexpr, VP: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr,
                       FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """The diagonal tiles of steep blocks, whole, after the dq and dk/dv kernels, which leave them out so that the
     sub-block path stays out of their registers: adds their shares to dq, dk, dcq and dck, and writes dv from the
-    fp32 part the dk/dv kernel left in dv_part. Pairs in different sub-blocks go through sub-block dots, pairs
-    inside one elementwise."""
+    fp32 part the dk/dv kernel left in dv_part. Pairs in different sub-blocks go through sub-block dots; the pairs
+    inside one are _intra_bwd_kernel's."""
     i0, _, eos, id_m = _block(blocks_ptr, tl.program_id(0))
     hq = tl.program_id(1)
     hk = hq // (HQ // H)
@@ -732,10 +744,6 @@ def _steep_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr
         _store_rows(dq_ptr, _load_rows(dq_ptr, rows, row_ok, hq, HQ, K, KP) + dq, rows, row_ok, hq, HQ, K, KP)
         dk = _steep_key_factor(dk, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB)
         _store_rows(dk_ptr, _load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP) + dk, rows, row_ok, hq, HQ, K, KP)
-        tl.debug_barrier()  # the pairs inside each sub-block add to dq and dk, row by row
-        _add_intra_pair_grads(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr,
-                              i0, last, eos, hq, hk, hg, scale, WINDOW, HQ, H, HG, K, V, VP, SUB, DK, HAS_GS,
-                              HAS_WINDOW)
 
 
 @triton.jit
@@ -955,8 +963,11 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
         kernel[grid](*args, GROUP=group, **flags, **dims)
     _steep_bwd_kernel[grid](q, k, v, Pl, Cl, Cs, L, do, lse, delta, dq, dk, dv_part, dv, dcq, dck, layout.table,
                             scale * LOG2E, scale, window_size or 0, HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'],
-                            V=dims['V'], VP=dims['VP'], SUB=SUB, BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'],
-                            num_warps=8, num_stages=1, **flags)  # 4 warps spill 6 KB, 8 warps 1.5 KB
+                            V=dims['V'], VP=dims['VP'], SUB=SUB, BLOCK=BLOCK, FAST_RANGE=dims['FAST_RANGE'],
+                            num_warps=8, num_stages=1, **flags)  # 4 warps spill 6 KB, 8 warps 2.3 KB
+    _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0,
+                            HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], V=dims['V'], VP=dims['VP'], SUB=SUB,
+                            BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4, **flags)
 
     dg = torch.empty(g.shape, device=g.device, dtype=g.dtype)
     totals = torch.empty(num_blocks, HG, dims['K'], device=g.device, dtype=torch.float32)
