@@ -20,7 +20,8 @@ How every exponent stays in range without a clamp that changes a result:
 - Diagonal tiles whose decay over the block stays under FAST_RANGE (in log2 units, per channel) factor through
   the block start: `q * 2^(Pl_i)` and `k * 2^(-Pl_j) <= |k| 2^FAST_RANGE`, exact and in range. Steeper blocks are
   cut into SUB-token sub-blocks: pairs in different sub-blocks factor through the key sub-block's end, pairs inside
-  one sub-block (the "intra" pairs) are computed elementwise by small kernels of their own.
+  one sub-block (the "intra" pairs) are computed elementwise. Their diagonal tiles have kernels of their own
+  (`_diag_fwd_kernel`, `_steep_bwd_kernel`), which keeps the main kernels' registers for the common case.
 
 Layout inside: every tensor is flattened to `[total_tokens, heads, dim]`; a batch of B rows is B documents. Query
 tiles rescaled inside a loop pass through a q-sized scratch buffer (`_staged`), so that the tensor cores read them
@@ -37,6 +38,9 @@ import triton.language as tl
 
 BLOCK = 64   # query and key block; also the granularity of the decay anchors
 SUB = 16     # sub-block of the steep-diagonal path: pairs inside one are computed elementwise
+# dk/dv's query tiles: half a block keeps the transposed logits' registers for the resident key block
+# (H200, B2 T8k H16: dk/dv kernel 4.42 -> 3.42 ms; spills 1468 -> 808 bytes, Triton 3.6, sm_90a)
+DKV_QUERY_ROWS = tl.constexpr(32)
 # Blocks per anchor group, per kernel: off-diagonal operands are rescaled once per group of keys (forward, dq) or
 # queries (dk/dv). H200, B2 T8k H16, one size for all three kernels (forward / forward+backward ms; kernels forward,
 # dq, dk/dv): 4 blocks 2.42 / 10.01 (2.18, 2.99, 3.92), 8 blocks 2.18 / 9.44 (1.95, 2.94, 3.65), 16 blocks
@@ -63,10 +67,10 @@ def _configs(*warps_stages):
 # shape, kernel alone), with its own-group query operand computed in registers: 4 x 2 2.23 ms, 4 x 3 3.34; staged
 # through memory (_staged): 4 x 2 2.23, 4 x 3 2.04.
 FWD_CONFIGS = _configs((4, 3))
-# Triton 3.6 on an H100 miscompiles dq's sub-block diagonal with 4 warps and a pipelined loop (rows 32-63 of
-# steep blocks come out wrong; tests/test_parallel.py::test_steep_diagonal_path_bf16_gpu): those configs stay out.
-DQ_CONFIGS = _configs((4, 1))
-DKV_CONFIGS = _configs((4, 2))
+# Once the steep blocks' diagonal left dq and dk/dv (H200, same shape, kernel alone): dq 4 x 1 2.74 ms, 4 x 2 2.30;
+# dk/dv with 32-query tiles 4 x 1 4.12, 4 x 2 3.40, 4 x 3 3.24.
+DQ_CONFIGS = _configs((4, 2))
+DKV_CONFIGS = _configs((4, 3))
 TUNE_KEY = ['K', 'V', 'HAS_GS', 'HAS_WINDOW']
 
 
@@ -83,6 +87,13 @@ def _store_rows(ptr, x, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP
     cols = tl.arange(0, DP)
     offs = (rows.to(tl.int64)[:, None] * H + head) * D + cols[None, :]
     tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < D))
+
+
+@triton.jit
+def _add_to_rows(ptr, x, rows, row_ok, head, H: tl.constexpr):
+    """Adds x to rows `rows` of head `head` of a contiguous [tokens, H] tensor."""
+    offs = rows.to(tl.int64) * H + head
+    tl.store(ptr + offs, tl.load(ptr + offs, mask=row_ok) + x, mask=row_ok)
 
 
 @triton.jit
@@ -309,7 +320,7 @@ def _dkv_tile(qf, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr
     """Adds query block i0's contributions to the key block's dk (in the frame that qf and kf share), dv and dck.
     Computed transposed, [keys, queries], so that p and dS are the left operands of the dv and dk dots as they come
     out of the tensor cores, with no transpose through shared memory."""
-    rows = i0 + tl.arange(0, BLOCK)
+    rows = i0 + tl.arange(0, DKV_QUERY_ROWS)
     row_ok = rows < eos
     s_t = tl.dot(kf, tl.trans(qf)) * qk_scale
     if HAS_GS:
@@ -379,7 +390,7 @@ def _rescale_kernel(k_ptr, q_ptr, Pl_ptr, Pstart_ptr, kt_ptr, kg_ptr, qh_ptr, qg
 
 @triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, L_ptr, sink_ptr, o_ptr,
+def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, S_ptr, sink_ptr, o_ptr,
                 lse_ptr, qf_ptr, blocks_ptr, qk_scale, WINDOW,
                 HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
@@ -397,15 +408,9 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
     q_hat = (q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype)
     cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
 
-    # Diagonal tile first: q and Pl are not needed after it.
-    k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
-    if _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
-        s = tl.dot(q_hat, tl.trans((k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype))) * qk_scale
-    else:
-        s = _steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG, K, KP, BLOCK,
-                          SUB)
-    s = _mask_and_gate(s, rows, rows, row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS,
-                       HAS_WINDOW)
+    # Diagonal tile first, its logits from _diag_fwd_kernel
+    s = _mask_and_gate(_load_rows(S_ptr, rows, row_ok, hq, HQ, BLOCK, BLOCK), rows, rows,
+                       row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS, HAS_WINDOW)
     if HAS_SINK:
         m_i = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(sink_ptr + hq).to(tl.float32) * 1.4426950408889634
         l_i = tl.full([BLOCK], 1.0, dtype=tl.float32)
@@ -454,37 +459,68 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
 
 
 @triton.jit
-def _intra_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, blocks_ptr, qk_scale,
-                      HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                      SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr, FAST_RANGE: tl.constexpr):
-    """Exact logits of the pairs inside each SUB-token sub-block of steep blocks: L[i, hq, j - sub start]."""
+def _intra_channels(q_ptr, k_ptr, Pl_ptr, base, row_ok, d0, hq, hk, hg, HQ: tl.constexpr, H: tl.constexpr,
+                    HG: tl.constexpr, K: tl.constexpr, DK: tl.constexpr):
+    """Channels d0 .. d0 + DK of a sub-block's rows `base`: q and k in fp32, the decay 2^(P_i - P_j) of every pair
+    [SUB, SUB, DK] (clamped at 1 where j > i, pairs the callers mask), the mask and the offsets of those elements."""
+    cols = d0 + tl.arange(0, DK)
+    ok = row_ok[:, None] & (cols[None, :] < K)
+    q = tl.load(q_ptr + (base * HQ + hq) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + (base * H + hk) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    P = tl.load(Pl_ptr + (base * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
+    return q, k, tl.exp2(tl.minimum(P[:, None, :] - P[None, :, :], 0.0)), ok, (base * HQ + hq) * K + cols[None, :]
+
+
+@triton.jit
+def _store_intra_logits(q_ptr, k_ptr, Pl_ptr, L_ptr, i0, last, eos, hq, hk, hg, qk_scale, HQ: tl.constexpr,
+                        H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr, DK: tl.constexpr):
+    """Exact logits of the pairs inside each SUB-token sub-block of a steep block, elementwise:
+    L[i, hq, j - sub start]."""
+    j = tl.arange(0, SUB)
+    for r0 in range(i0, last + 1, SUB):
+        rows = r0 + j
+        row_ok = rows < eos
+        base = rows.to(tl.int64)[:, None]
+        s = tl.zeros([SUB, SUB], dtype=tl.float32)
+        for d0 in range(0, K, DK):
+            q, k, decay, _, _ = _intra_channels(q_ptr, k_ptr, Pl_ptr, base, row_ok, d0, hq, hk, hg, HQ, H, HG, K, DK)
+            s += tl.sum(q[:, None, :] * k[None, :, :] * decay, 2)
+        tl.store(L_ptr + (base * HQ + hq) * SUB + j[None, :], tl.where(j[None, :] <= j[:, None], s * qk_scale, 0.0),
+                 mask=row_ok[:, None])
+
+
+@triton.jit
+def _diag_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
+                     HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                     SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr, FAST_RANGE: tl.constexpr):
+    """Logits of every block's diagonal tile, S[i, hq, j - block start], for the forward kernel to load: computed
+    there, they cost it registers (spills 216 -> 8 bytes, Triton 3.6, sm_90a). A gentle block's take one dot
+    through the block start; a steep block's pairs inside a SUB-token sub-block are exact elementwise logits (L, which
+    the backward keeps), its other pairs come from sub-block dots."""
     i0, _, eos, _ = _block(blocks_ptr, tl.program_id(0))
     hq = tl.program_id(1)
     hk = hq // (HQ // H)
     hg = hq // (HQ // HG)
+    rows = i0 + tl.arange(0, BLOCK)
+    row_ok = rows < eos
     last = tl.minimum(i0 + BLOCK, eos) - 1
-    if not _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
-        j = tl.arange(0, SUB)
-        for r0 in range(i0, last + 1, SUB):
-            rows = r0 + j
-            row_ok = rows < eos
-            base = rows.to(tl.int64)[:, None]
-            s = tl.zeros([SUB, SUB], dtype=tl.float32)
-            for d0 in range(0, K, DK):
-                cols = d0 + tl.arange(0, DK)
-                ok = row_ok[:, None] & (cols[None, :] < K)
-                q = tl.load(q_ptr + (base * HQ + hq) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                k = tl.load(k_ptr + (base * H + hk) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                P = tl.load(Pl_ptr + (base * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
-                decay = tl.exp2(tl.minimum(P[:, None, :] - P[None, :, :], 0.0))
-                s += tl.sum(q[:, None, :] * k[None, :, :] * decay, 2)
-            tl.store(L_ptr + (base * HQ + hq) * SUB + j[None, :], tl.where(j[None, :] <= j[:, None], s * qk_scale, 0.0),
-                     mask=row_ok[:, None])
+    q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
+    k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
+    Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+    if _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
+        k_hat = (k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype)
+        s = tl.dot((q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype), tl.trans(k_hat)) * qk_scale
+    else:
+        _store_intra_logits(q_ptr, k_ptr, Pl_ptr, L_ptr, i0, last, eos, hq, hk, hg, qk_scale, HQ, H, HG, K, SUB, DK)
+        tl.debug_barrier()  # other threads read L back
+        s = _steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG, K, KP, BLOCK,
+                          SUB)
+    _store_rows(S_ptr, s, rows, row_ok, hq, HQ, BLOCK, BLOCK)
 
 
 @triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr, lse_ptr,
+def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, do_ptr, lse_ptr,
                    delta_ptr, dq_ptr, dcq_ptr, qf_ptr, blocks_ptr, qk_scale, scale, WINDOW,
                    HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
@@ -528,30 +564,14 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
                            hg, qk_scale, WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
     dq *= tl.exp2(lg)[None, :]
 
-    k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
-    gentle = _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE)
-    if gentle:
-        k_hat = (k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype)
-        s = tl.dot(q_hat, tl.trans(k_hat)) * qk_scale
-    else:
-        s = _steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG, K, KP, BLOCK,
-                          SUB)
-    s = _mask_and_gate(s, rows, rows, row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS,
-                       HAS_WINDOW)
-    p, ds = _probs_and_dscores(s, lse, delta, do, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
-    dcq += tl.sum(ds, 1)
-    if gentle:
-        dq += tl.dot(ds.to(k.dtype), (k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype))
-        dq *= tl.exp2(Pl)
-    else:
-        ds_outer = tl.where(_intra_mask(BLOCK, SUB), 0.0, ds)  # intra pairs: added by the intra backward kernel
-        kb = _steep_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB).to(k.dtype)
-        key_sub = (tl.arange(0, BLOCK) // SUB)[None, :]
-        dq_steep = tl.zeros([BLOCK, KP], dtype=tl.float32)
-        for sb in tl.static_range(BLOCK // SUB):
-            part = tl.dot(tl.where(key_sub == sb, ds_outer, 0.0).to(k.dtype), kb)
-            dq_steep += part * _steep_query_factor(Pl, Pl_ptr, i0, last, sb, hg, HG, K, KP, SUB)
-        dq = dq * tl.exp2(Pl) + dq_steep
+    if _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
+        k_hat = (_load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * tl.exp2(-Pl)).to(q.dtype)
+        s = _mask_and_gate(tl.dot(q_hat, tl.trans(k_hat)) * qk_scale, rows, rows,
+                           row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS, HAS_WINDOW)
+        p, ds = _probs_and_dscores(s, lse, delta, do, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+        dcq += tl.sum(ds, 1)
+        dq += tl.dot(ds.to(k_hat.dtype), k_hat)
+    dq *= tl.exp2(Pl)  # a steep block's diagonal tile: _steep_bwd_kernel adds it afterwards
 
     _store_rows(dq_ptr, dq * scale, rows, row_ok, hq, HQ, K, KP)
     tl.store(dcq_ptr + rows.to(tl.int64) * HQ + hq, dcq, mask=row_ok)
@@ -559,8 +579,9 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
 
 @triton.autotune(configs=DKV_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _bwd_dkv_kernel(q_ptr, qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr,
-                    lse_ptr, delta_ptr, dk_ptr, dv_ptr, dck_ptr, blocks_ptr, num_blocks, qk_scale, scale, WINDOW,
+def _bwd_dkv_kernel(q_ptr, qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, do_ptr,
+                    lse_ptr, delta_ptr, dk_ptr, dv_ptr, dck_ptr, dv_part_ptr, blocks_ptr, num_blocks, qk_scale, scale,
+                    WINDOW,
                     HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                     KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
                     FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
@@ -593,15 +614,15 @@ def _bwd_dkv_kernel(q_ptr, qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_
         # kt is reloaded, not kept live through the loop: this kernel 6.9 -> 4.1 ms at B2 T8k H16 (H200)
         lh_new = _decay_log2(Pstart_ptr, Pl_ptr, id_n + (first - j0) // BLOCK, id_n, last, hg, HG, K, KP)
         dk, lh, kf = _move_anchor(dk, lh, _load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP), lh_new)
-        for i0 in range(first, tl.minimum(first + GROUP * BLOCK, hi), BLOCK):
-            rows = i0 + tl.arange(0, BLOCK)
+        for i0 in range(first, tl.minimum(first + GROUP * BLOCK, hi), DKV_QUERY_ROWS):
+            rows = i0 + tl.arange(0, DKV_QUERY_ROWS)
             qg = _load_rows(qg_ptr, rows, rows < eos, hq, HQ, K, KP)
             dk, dv, dck = _dkv_tile(qg, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr, Cl_ptr, Cs_ptr,
                                     dk, dv, dck, hq, qk_scale, WINDOW, HQ, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
     dk *= tl.exp2(lh)[None, :]
     kt = _load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP)
-    for i0 in range(j0 + BLOCK, tl.minimum(near_end, hi), BLOCK):  # queries of the key block's own group
-        rows = i0 + tl.arange(0, BLOCK)
+    for i0 in range(j0 + BLOCK, tl.minimum(near_end, hi), DKV_QUERY_ROWS):  # queries of the key block's own group
+        rows = i0 + tl.arange(0, DKV_QUERY_ROWS)
         qf = _rescaled(_load_rows(qh_ptr, rows, rows < eos, hq, HQ, K, KP),
                        _decay_log2(Pstart_ptr, Pl_ptr, id_n + (i0 - j0) // BLOCK, id_n, last, hg, HG, K, KP))
         dk, dv, dck = _dkv_tile(qf, kt, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr, Cl_ptr, Cs_ptr,
@@ -610,39 +631,27 @@ def _bwd_dkv_kernel(q_ptr, qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_
     # Diagonal tile: queries are the key rows themselves.
     Pl = _load_rows(Pl_ptr, cols, col_ok, hg, HG, K, KP)
     Pl_end = _load_row(Pl_ptr, last, hg, HG, K, KP)
-    q = _load_rows(q_ptr, cols, col_ok, hq, HQ, K, KP)
-    k = _load_rows(k_ptr, cols, col_ok, hk, H, K, KP)
-    q_hat = _load_rows(qh_ptr, cols, col_ok, hq, HQ, K, KP)
     gentle = _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE)
-    if gentle:
-        s = tl.dot(q_hat, tl.trans((k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype))) * qk_scale
-    else:
-        s = _steep_logits(q, k, Pl, Pl_ptr, L_ptr, cols, col_ok, j0, last, hq, hg, qk_scale, HQ, HG, K, KP, BLOCK,
-                          SUB)
-    s = _mask_and_gate(s, cols, cols, col_ok[:, None] & (cols[None, :] <= cols[:, None]), ck, ck, WINDOW, HAS_GS,
-                       HAS_WINDOW)
-    do = _load_rows(do_ptr, cols, col_ok, hq, HQ, V, VP)
-    lse = tl.load(lse_ptr + cols.to(tl.int64) * HQ + hq, mask=col_ok, other=0.0)
-    delta = tl.load(delta_ptr + cols.to(tl.int64) * HQ + hq, mask=col_ok, other=0.0)
-    p, ds = _probs_and_dscores(s, lse, delta, do, v)
-    dv += tl.dot(tl.trans(p).to(do.dtype), do)
-    dck += tl.sum(ds, 0)
-    if gentle:
+    if gentle:  # a steep block's diagonal tile: _steep_bwd_kernel adds it afterwards
+        q_hat = _load_rows(qh_ptr, cols, col_ok, hq, HQ, K, KP)
+        k_hat = (_load_rows(k_ptr, cols, col_ok, hk, H, K, KP).to(tl.float32) * tl.exp2(-Pl)).to(q_hat.dtype)
+        s = _mask_and_gate(tl.dot(q_hat, tl.trans(k_hat)) * qk_scale, cols, cols,
+                           col_ok[:, None] & (cols[None, :] <= cols[:, None]), ck, ck, WINDOW, HAS_GS, HAS_WINDOW)
+        do = _load_rows(do_ptr, cols, col_ok, hq, HQ, V, VP)
+        lse = tl.load(lse_ptr + cols.to(tl.int64) * HQ + hq, mask=col_ok, other=float('inf'))
+        delta = tl.load(delta_ptr + cols.to(tl.int64) * HQ + hq, mask=col_ok, other=0.0)
+        p, ds = _probs_and_dscores(s, lse, delta, do, v)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do)
+        dck += tl.sum(ds, 0)
         # 2^(P_i - P_j) = 2^(Pl_end - Pl_j) * 2^(-Pl_end) * 2^(Pl_i): the middle factor is <= 2^FAST_RANGE.
         dk += tl.dot(tl.trans(ds).to(q_hat.dtype), q_hat) * tl.exp2(-Pl_end)[None, :]
-        dk *= tl.exp2(tl.minimum(Pl_end[None, :] - Pl, 0.0))
-    else:
-        dk *= tl.exp2(tl.minimum(Pl_end[None, :] - Pl, 0.0))
-        ds_t = tl.trans(tl.where(_intra_mask(BLOCK, SUB), 0.0, ds))  # [keys, queries]; intra pairs excluded
-        key_sub = (tl.arange(0, BLOCK) // SUB)[:, None]
-        dk_steep = tl.zeros([BLOCK, KP], dtype=tl.float32)
-        for sb in tl.static_range(BLOCK // SUB):
-            qs = (q.to(tl.float32) * _steep_query_factor(Pl, Pl_ptr, j0, last, sb, hg, HG, K, KP, SUB)).to(q.dtype)
-            dk_steep += tl.dot(tl.where(key_sub == sb, ds_t, 0.0).to(q.dtype), qs)
-        dk += _steep_key_factor(dk_steep, Pl, Pl_ptr, cols, j0, last, hg, HG, K, KP, SUB)
+    dk *= tl.exp2(tl.minimum(Pl_end[None, :] - Pl, 0.0))
 
     _store_rows(dk_ptr, dk * scale, cols, col_ok, hq, HQ, K, KP)
-    _store_rows(dv_ptr, dv, cols, col_ok, hq, HQ, V, VP)
+    # a steep block's dv is not final yet: it waits in fp32 for its diagonal tile (two masked stores, not a branch,
+    # which made the compiler spill more)
+    _store_rows(dv_ptr, dv, cols, tl.where(gentle, col_ok, False), hq, HQ, V, VP)
+    _store_rows(dv_part_ptr, dv, cols, tl.where(gentle, False, col_ok), hq, HQ, V, VP)
     tl.store(dck_ptr + cols.to(tl.int64) * HQ + hq, dck, mask=col_ok)
 
 
@@ -652,7 +661,9 @@ def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_pt
                       HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                       V: tl.constexpr, VP: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr,
                       FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Adds the intra-sub-block pairs' exact contributions to dq and dk (read-modify-write: never autotune)."""
+    """Adds the exact dq and dk of the pairs inside each SUB-token sub-block of a steep block, elementwise, after
+    _steep_bwd_kernel (read-modify-write: never autotune). Its own kernel, at 4 warps: inside _steep_bwd_kernel's 8
+    warps and registers it took 5.4 ms instead of 1.7 + 2.0 with every block steep (H200, B2 T8k H16)."""
     i0, _, eos, _ = _block(blocks_ptr, tl.program_id(0))
     hq = tl.program_id(1)
     hk = hq // (HQ // H)
@@ -677,15 +688,62 @@ def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_pt
                                        _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
             ds = tl.where(visible, ds, 0.0) * scale
             for d0 in range(0, K, DK):
-                cols = d0 + tl.arange(0, DK)
-                ok = row_ok[:, None] & (cols[None, :] < K)
-                q = tl.load(q_ptr + (base * HQ + hq) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                k = tl.load(k_ptr + (base * H + hk) * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                P = tl.load(Pl_ptr + (base * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
-                w = ds[:, :, None] * tl.exp2(tl.minimum(P[:, None, :] - P[None, :, :], 0.0))
-                offs = (base * HQ + hq) * K + cols[None, :]
+                q, k, decay, ok, offs = _intra_channels(q_ptr, k_ptr, Pl_ptr, base, row_ok, d0, hq, hk, hg, HQ, H, HG,
+                                                        K, DK)
+                w = ds[:, :, None] * decay
                 tl.store(dq_ptr + offs, tl.load(dq_ptr + offs, mask=ok) + tl.sum(w * k[None, :, :], 1), mask=ok)
                 tl.store(dk_ptr + offs, tl.load(dk_ptr + offs, mask=ok) + tl.sum(w * q[:, None, :], 0), mask=ok)
+
+
+@triton.jit
+def _steep_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr,
+                      dv_part_ptr, dv_ptr, dcq_ptr, dck_ptr, blocks_ptr, qk_scale, scale, WINDOW,
+                      HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                      V: tl.constexpr, VP: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr,
+                      FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The diagonal tiles of steep blocks, whole, after the dq and dk/dv kernels, which leave them out so that the
+    sub-block path stays out of their registers: adds their shares to dq, dk, dcq and dck, and writes dv from the
+    fp32 part the dk/dv kernel left in dv_part. Pairs in different sub-blocks go through sub-block dots; the pairs
+    inside one are _intra_bwd_kernel's."""
+    i0, _, eos, id_m = _block(blocks_ptr, tl.program_id(0))
+    hq = tl.program_id(1)
+    hk = hq // (HQ // H)
+    hg = hq // (HQ // HG)
+    last = tl.minimum(i0 + BLOCK, eos) - 1
+    if not _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
+        rows = i0 + tl.arange(0, BLOCK)
+        row_ok = rows < eos
+        q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
+        k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
+        Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+        cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
+        s = _mask_and_gate(_steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG,
+                                         K, KP, BLOCK, SUB),
+                           rows, rows, row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS,
+                           HAS_WINDOW)
+        do = _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
+        lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=float('inf'))  # p = 0 past the end
+        delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+        p, ds = _probs_and_dscores(s, lse, delta, do, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, _load_rows(dv_part_ptr, rows, row_ok, hq, HQ, V, VP))
+        _store_rows(dv_ptr, dv, rows, row_ok, hq, HQ, V, VP)
+        _add_to_rows(dcq_ptr, tl.sum(ds, 1), rows, row_ok, hq, HQ)
+        _add_to_rows(dck_ptr, tl.sum(ds, 0), rows, row_ok, hq, HQ)
+        ds *= scale
+        # pairs in different sub-blocks factor through the key sub-block's end
+        ds_outer = tl.where(_intra_mask(BLOCK, SUB), 0.0, ds)
+        kb = _steep_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB).to(k.dtype)
+        key_sub = (tl.arange(0, BLOCK) // SUB)[None, :]
+        dq = tl.zeros([BLOCK, KP], dtype=tl.float32)
+        dk = tl.zeros([BLOCK, KP], dtype=tl.float32)
+        for sb in tl.static_range(BLOCK // SUB):
+            ds_sb = tl.where(key_sub == sb, ds_outer, 0.0).to(q.dtype)
+            factor = _steep_query_factor(Pl, Pl_ptr, i0, last, sb, hg, HG, K, KP, SUB)
+            dq += tl.dot(ds_sb, kb) * factor
+            dk += tl.dot(tl.trans(ds_sb), (q.to(tl.float32) * factor).to(q.dtype))
+        _store_rows(dq_ptr, _load_rows(dq_ptr, rows, row_ok, hq, HQ, K, KP) + dq, rows, row_ok, hq, HQ, K, KP)
+        dk = _steep_key_factor(dk, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB)
+        _store_rows(dk_ptr, _load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP) + dk, rows, row_ok, hq, HQ, K, KP)
 
 
 @triton.jit
@@ -817,11 +875,12 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     qk_scale = scale * LOG2E
     grid = (layout.table.shape[0], HQ)
     L = torch.empty(q.shape[0], HQ, SUB, device=q.device, dtype=torch.float32)
-    _intra_fwd_kernel[grid](q, k, Pl, L, layout.table, qk_scale, HQ=HQ, H=dims['H'], HG=dims['HG'], K=dims['K'],
+    S = torch.empty(q.shape[0], HQ, BLOCK, device=q.device, dtype=torch.float32)
+    _diag_fwd_kernel[grid](q, k, Pl, L, S, layout.table, qk_scale, HQ=HQ, H=dims['H'], HG=dims['HG'], K=dims['K'],
                             KP=dims['KP'], SUB=SUB, BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4)
     o = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], HQ, device=q.device, dtype=torch.float32)
-    _fwd_kernel[grid](q, kt, kg, k, v, Pl, Pstart, Cl, Cs, L, lse if sink_bias is None else sink_bias,
+    _fwd_kernel[grid](q, kt, kg, k, v, Pl, Pstart, Cl, Cs, S, lse if sink_bias is None else sink_bias,
                       o, lse, torch.empty_like(q), layout.table, qk_scale, window_size or 0,
                       HAS_GS=g_scalar is not None, HAS_SINK=sink_bias is not None, HAS_WINDOW=window_size is not None,
                       GROUP=GROUPS['fwd'], **dims)
@@ -831,12 +890,12 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
 def _dq_and_dkv_launches(t, num_blocks, scale, window_size):
     """The dq and dk/dv kernels, each with its arguments taken from t (name -> tensor, or name -> dtype to compile it
     ahead) and its anchor-group size."""
-    shared = (t['Pl'], t['Pstart'], t['Cl'], t['Cs'], t['L'], t['do'], t['lse'], t['delta'])
+    shared = (t['Pl'], t['Pstart'], t['Cl'], t['Cs'], t['do'], t['lse'], t['delta'])
     scalars = (scale * LOG2E, scale, window_size or 0)
     return ((_bwd_dq_kernel, (t['q'], t['kt'], t['kg'], t['k'], t['v'], *shared, t['dq'], t['dcq'], t['qf'],
                               t['table'], *scalars), GROUPS['dq']),
             (_bwd_dkv_kernel, (t['q'], t['q_hat'], t['qg'], t['kt'], t['k'], t['v'], *shared, t['dk'], t['dv'],
-                               t['dck'], t['table'], num_blocks, *scalars), GROUPS['dkv']))
+                               t['dck'], t['dv_part'], t['table'], num_blocks, *scalars), GROUPS['dkv']))
 
 
 _compiles_ahead = {}  # what the backward kernels were compiled ahead for -> their Futures
@@ -858,8 +917,9 @@ def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, layout, dims)
     f32, f64 = torch.float32, torch.float64
     HQ, H = dims['HQ'], dims['H']
     dtypes = dict(q=q.dtype, k=k.dtype, v=v.dtype, kt=q.dtype, kg=q.dtype, q_hat=q.dtype, qg=q.dtype, qf=q.dtype,
-                  Pl=f32, Pstart=f64, Cl=f64 if g_scalar is None else f32, Cs=f64, L=f32, do=q.dtype, lse=f32,
-                  delta=f32, dq=f32, dcq=f32, dk=f32, dv=v.dtype if HQ == H else f32, dck=f32, table=torch.int32)
+                  Pl=f32, Pstart=f64, Cl=f64 if g_scalar is None else f32, Cs=f64, do=q.dtype, lse=f32,
+                  delta=f32, dq=f32, dcq=f32, dk=f32, dv=v.dtype if HQ == H else f32, dck=f32, dv_part=f32,
+                  table=torch.int32)
 
     def compile_ahead(kernel, args, group):
         with torch.cuda.device(q.device):
@@ -894,11 +954,17 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     flags = dict(HAS_GS=g_scalar is not None, HAS_WINDOW=window_size is not None)
     num_blocks = layout.table.shape[0]
     grid = (num_blocks, HQ)
+    # a steep block's dv waits in fp32 for its diagonal tile (written for steep blocks only)
+    dv_part = dv if dv.dtype == torch.float32 else torch.empty_like(dv, dtype=torch.float32)
     tensors = dict(q=q, k=k, v=v, kt=kt, kg=kg, q_hat=q_hat, qg=qg, qf=torch.empty_like(q), Pl=Pl, Pstart=Pstart,
-                   Cl=Cl, Cs=Cs, L=L, do=do, lse=lse, delta=delta, dq=dq, dcq=dcq, dk=dk, dv=dv, dck=dck,
+                   Cl=Cl, Cs=Cs, do=do, lse=lse, delta=delta, dq=dq, dcq=dcq, dk=dk, dv=dv, dck=dck, dv_part=dv_part,
                    table=layout.table)
     for kernel, args, group in _dq_and_dkv_launches(tensors, num_blocks, scale, window_size):
         kernel[grid](*args, GROUP=group, **flags, **dims)
+    _steep_bwd_kernel[grid](q, k, v, Pl, Cl, Cs, L, do, lse, delta, dq, dk, dv_part, dv, dcq, dck, layout.table,
+                            scale * LOG2E, scale, window_size or 0, HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'],
+                            V=dims['V'], VP=dims['VP'], SUB=SUB, BLOCK=BLOCK, FAST_RANGE=dims['FAST_RANGE'],
+                            num_warps=8, num_stages=1, **flags)  # 4 warps spill 6 KB, 8 warps 2.3 KB
     _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0,
                             HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], V=dims['V'], VP=dims['VP'], SUB=SUB,
                             BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4, **flags)
