@@ -359,6 +359,32 @@ def _prefix_kernel(g_ptr, do_ptr, o_ptr, Pl_ptr, delta_ptr, blocks_ptr,
 
 
 @triton.jit
+def _block_prefix_kernel(Pl_ptr, g_ptr, start_ptr, last_ptr, Pstart_ptr, num_blocks, HG: tl.constexpr,
+                         K: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr):
+    """Pstart[b] = P at the first token of block b, float64, one running sum over all blocks: the steps
+    Pl[last of b - 1] + g[first of b] scanned CHUNK blocks at a time. One launch where torch took ten small ones
+    (0.07 ms of a 1.7 ms forward at B2 T8k H16, H200)."""
+    hg = tl.program_id(0)
+    cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    col_ok = cols < K
+    log2e = tl.full((), 1.4426950408889634, tl.float64)
+    carry = tl.zeros([COLS], dtype=tl.float64)
+    for c0 in range(0, num_blocks, CHUNK):
+        b = c0 + tl.arange(0, CHUNK)
+        has_step = (b >= 1) & (b < num_blocks)
+        ok = has_step[:, None] & col_ok[None, :]
+        prev_last = tl.load(last_ptr + b - 1, mask=has_step, other=0).to(tl.int64)
+        start = tl.load(start_ptr + b, mask=has_step, other=0).to(tl.int64)
+        step = (tl.load(Pl_ptr + (prev_last[:, None] * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
+                .to(tl.float64)
+                + tl.load(g_ptr + (start[:, None] * HG + hg) * K + cols[None, :], mask=ok, other=0.0)
+                .to(tl.float64) * log2e)
+        tl.store(Pstart_ptr + (b.to(tl.int64)[:, None] * HG + hg) * K + cols[None, :], carry[None, :] +
+                 tl.cumsum(step, 0), mask=(b < num_blocks)[:, None] & col_ok[None, :])
+        carry += tl.sum(step, 0)
+
+
+@triton.jit
 def _rescale_kernel(k_ptr, q_ptr, Pl_ptr, Pstart_ptr, kt_ptr, kg_ptr, qh_ptr, qg_ptr, blocks_ptr,
                     HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                     BLOCK: tl.constexpr, KEY_GROUP: tl.constexpr, QUERY_GROUP: tl.constexpr,
@@ -799,9 +825,11 @@ class _Layout:
         self.block_stop = torch.searchsorted(self.block_start, self.block_doc)
 
     def block_prefix(self, Pl, g):
-        """Pstart[b] = P at the first token of block b, float64, one running sum over all blocks."""
-        step = Pl[self.block_last[:-1]].double() + g[self.block_start[1:]].double() * LOG2E
-        return torch.cat([step.new_zeros(1, *step.shape[1:]), _cumsum_rows(step)])
+        num_blocks, (HG, K) = len(self.block_start), Pl.shape[1:]
+        Pstart = torch.empty(num_blocks, HG, K, device=Pl.device, dtype=torch.float64)
+        _block_prefix_kernel[(HG, triton.cdiv(K, 32))](Pl, g, self.block_start, self.block_last, Pstart, num_blocks,
+                                                      HG=HG, K=K, COLS=32, CHUNK=64)
+        return Pstart
 
     def scalar_prefix(self, g_scalar):
         """The scalar gate's prefix C = cumsum(g_scalar) in log2 units as (C - C[own block start] in float32,
