@@ -21,7 +21,8 @@ How every exponent stays in range without a clamp that changes a result:
   the block start: `q * 2^(Pl_i)` and `k * 2^(-Pl_j) <= |k| 2^FAST_RANGE`, exact and in range. Steeper blocks are
   cut into SUB-token sub-blocks: pairs in different sub-blocks factor through the key sub-block's end, pairs inside
   one sub-block (the "intra" pairs) are computed elementwise. Their diagonal tiles have kernels of their own
-  (`_diag_fwd_kernel`, `_steep_bwd_kernel`), which keeps the main kernels' registers for the common case.
+  (`_diag_fwd_kernel`, `_steep_bwd_kernel`, `_intra_bwd_kernel`), which keeps the main kernels' registers for the
+  common case.
 
 Layout inside: every tensor is flattened to `[total_tokens, heads, dim]`; a batch of B rows is B documents. Query
 tiles rescaled inside a loop pass through a q-sized scratch buffer (`_staged`), so that the tensor cores read them
