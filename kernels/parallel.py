@@ -125,6 +125,15 @@ def _block(blocks_ptr, index):
 
 
 @triton.jit
+def _query_block_program(blocks_ptr, HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, BLOCK: tl.constexpr):
+    """What a program of a (query block, query head) grid works on: the block's first token, document start and end,
+    block id, the query, key and gate heads, and the block's last token."""
+    i0, bos, eos, block_id = _block(blocks_ptr, tl.program_id(0))
+    hq = tl.program_id(1)
+    return i0, bos, eos, block_id, hq, hq // (HQ // H), hq // (HQ // HG), tl.minimum(i0 + BLOCK, eos) - 1
+
+
+@triton.jit
 def _anchor_gap(Pstart_ptr, id_from, id_to, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
     """P[first token of block id_to] - P[first token of block id_from], in float32 from the float64 anchors."""
     to = _load_row(Pstart_ptr, id_to, hg, HG, K, KP)
@@ -422,13 +431,9 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
                 HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
                 FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    i0, bos, eos, id_m = _block(blocks_ptr, tl.program_id(0))
-    hq = tl.program_id(1)
-    hk = hq // (HQ // H)
-    hg = hq // (HQ // HG)
+    i0, bos, eos, id_m, hq, hk, hg, last = _query_block_program(blocks_ptr, HQ, H, HG, BLOCK)
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
-    last = tl.minimum(i0 + BLOCK, eos) - 1
 
     q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
     Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
@@ -524,13 +529,9 @@ def _diag_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
     there, they cost it registers (spills 216 -> 8 bytes, Triton 3.6, sm_90a). A gentle block's take one dot
     through the block start; a steep block's pairs inside a SUB-token sub-block are exact elementwise logits (L, which
     the backward keeps), its other pairs come from sub-block dots."""
-    i0, _, eos, _ = _block(blocks_ptr, tl.program_id(0))
-    hq = tl.program_id(1)
-    hk = hq // (HQ // H)
-    hg = hq // (HQ // HG)
+    i0, _, eos, _, hq, hk, hg, last = _query_block_program(blocks_ptr, HQ, H, HG, BLOCK)
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
-    last = tl.minimum(i0 + BLOCK, eos) - 1
     q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
     k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
     Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
@@ -552,13 +553,9 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
                    HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
                    FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    i0, bos, eos, id_m = _block(blocks_ptr, tl.program_id(0))
-    hq = tl.program_id(1)
-    hk = hq // (HQ // H)
-    hg = hq // (HQ // HG)
+    i0, bos, eos, id_m, hq, hk, hg, last = _query_block_program(blocks_ptr, HQ, H, HG, BLOCK)
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
-    last = tl.minimum(i0 + BLOCK, eos) - 1
 
     q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
     Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
@@ -691,11 +688,7 @@ def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_pt
     """Adds the exact dq and dk of the pairs inside each SUB-token sub-block of a steep block, elementwise, after
     _steep_bwd_kernel (read-modify-write: never autotune). Its own kernel, at 4 warps: inside _steep_bwd_kernel's 8
     warps and registers it took 5.4 ms instead of 1.7 + 2.0 with every block steep (H200, B2 T8k H16)."""
-    i0, _, eos, _ = _block(blocks_ptr, tl.program_id(0))
-    hq = tl.program_id(1)
-    hk = hq // (HQ // H)
-    hg = hq // (HQ // HG)
-    last = tl.minimum(i0 + BLOCK, eos) - 1
+    i0, _, eos, _, hq, hk, hg, last = _query_block_program(blocks_ptr, HQ, H, HG, BLOCK)
     if not _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
         j = tl.arange(0, SUB)
         for r0 in range(i0, last + 1, SUB):
@@ -732,11 +725,7 @@ def _steep_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr
     sub-block path stays out of their registers: adds their shares to dq, dk, dcq and dck, and writes dv from the
     fp32 part the dk/dv kernel left in dv_part. Pairs in different sub-blocks go through sub-block dots; the pairs
     inside one are _intra_bwd_kernel's."""
-    i0, _, eos, id_m = _block(blocks_ptr, tl.program_id(0))
-    hq = tl.program_id(1)
-    hk = hq // (HQ // H)
-    hg = hq // (HQ // HG)
-    last = tl.minimum(i0 + BLOCK, eos) - 1
+    i0, _, eos, id_m, hq, hk, hg, last = _query_block_program(blocks_ptr, HQ, H, HG, BLOCK)
     if not _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
         rows = i0 + tl.arange(0, BLOCK)
         row_ok = rows < eos
@@ -876,6 +865,11 @@ def _dims(q, k, v, g):
                 BLOCK=BLOCK, SUB=SUB, FAST_RANGE=FAST_RANGE[q.dtype])
 
 
+def _feature_flags(g_scalar, window_size):
+    """The constexpr switches of the optional features, as every launch and compile ahead passes them."""
+    return dict(HAS_GS=g_scalar is not None, HAS_WINDOW=window_size is not None)
+
+
 def _prep(q, k, g, layout, dims, do=None, o=None):
     """Pl, Pstart and the rescaled keys kt, kg; given do and o (the backward), also q_hat, qg and delta."""
     backward = do is not None
@@ -911,8 +905,8 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     lse = torch.empty(q.shape[0], HQ, device=q.device, dtype=torch.float32)
     _fwd_kernel[grid](q, kt, kg, k, v, Pl, Pstart, Cl, Cs, S, lse if sink_bias is None else sink_bias,
                       o, lse, torch.empty_like(q), layout.table, qk_scale, window_size or 0,
-                      HAS_GS=g_scalar is not None, HAS_SINK=sink_bias is not None, HAS_WINDOW=window_size is not None,
-                      GROUP=GROUPS['fwd'], **dims)
+                      HAS_SINK=sink_bias is not None, GROUP=GROUPS['fwd'], **_feature_flags(g_scalar, window_size),
+                      **dims)
     return o, lse, L
 
 
@@ -936,7 +930,7 @@ def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, layout, dims)
     releases the GIL while it compiles, so they overlap with the forward's own compiles: three kernels that took 28 s
     one after another took 15 s from three threads (sm_90a, on two CPU cores)."""
     global _compile_threads
-    flags = dict(HAS_GS=g_scalar is not None, HAS_WINDOW=window_size is not None)
+    flags = _feature_flags(g_scalar, window_size)
     num_blocks = layout.table.shape[0]
     # what Triton specializes a launch on: dtypes, constexprs, and integers equal to 1 or divisible by 16
     key = (q.device, q.dtype, v.dtype, tuple(dims.items()), tuple(flags.items()), window_size,
@@ -980,7 +974,7 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     dv = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=v.dtype if HQ == H else torch.float32)
     dcq = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
     dck = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
-    flags = dict(HAS_GS=g_scalar is not None, HAS_WINDOW=window_size is not None)
+    flags = _feature_flags(g_scalar, window_size)
     num_blocks = layout.table.shape[0]
     grid = (num_blocks, HQ)
     # a steep block's dv waits in fp32 for its diagonal tile (written for steep blocks only)
