@@ -67,8 +67,7 @@ for kernel, extra in ((parallel._fwd_kernel, dict(HAS_SINK=False, GROUP=parallel
     for config in kernel.configs:
         report(kernel, {**SHAPE, **extra}, config.num_warps, config.num_stages)
 # the steep blocks' diagonal kernels, as _forward and _backward launch them
-steep = {n: v for n, v in SHAPE.items() if n not in ('HAS_GS', 'HAS_WINDOW')}
-report(parallel._diag_fwd_kernel, {**{n: steep[n] for n in ('HQ', 'H', 'HG', 'K', 'KP', 'SUB', 'BLOCK', 'FAST_RANGE')},
+report(parallel._diag_fwd_kernel, {**{n: SHAPE[n] for n in ('HQ', 'H', 'HG', 'K', 'KP', 'SUB', 'BLOCK', 'FAST_RANGE')},
                                     'DK': 16}, 4, 3)
 report(parallel._steep_bwd_kernel, SHAPE, 8, 1)
 report(parallel._intra_bwd_kernel, {**SHAPE, 'DK': 16}, 4, 1)

@@ -327,7 +327,8 @@ def _group_bounds(i0, bos, eos, BLOCK: tl.constexpr, GROUP: tl.constexpr):
 def _dkv_tile(qf, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr, Cl_ptr, Cs_ptr, dk, dv, dck, hq,
               qk_scale, WINDOW, HQ: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr,
               HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Adds query block i0's contributions to the key block's dk (in the frame that qf and kf share), dv and dck.
+    """Adds the contributions of the DKV_QUERY_ROWS queries from i0 on to the key block's dk (in the frame that qf and
+    kf share), dv and dck.
     Computed transposed, [keys, queries], so that p and dS are the left operands of the dv and dk dots as they come
     out of the tensor cores, with no transpose through shared memory."""
     rows = i0 + tl.arange(0, DKV_QUERY_ROWS)
@@ -985,12 +986,10 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     for kernel, args, group in _dq_and_dkv_launches(tensors, num_blocks, scale, window_size):
         kernel[grid](*args, GROUP=group, **flags, **dims)
     _steep_bwd_kernel[grid](q, k, v, Pl, Cl, Cs, L, do, lse, delta, dq, dk, dv_part, dv, dcq, dck, layout.table,
-                            scale * LOG2E, scale, window_size or 0, HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'],
-                            V=dims['V'], VP=dims['VP'], SUB=SUB, BLOCK=BLOCK, FAST_RANGE=dims['FAST_RANGE'],
-                            num_warps=8, num_stages=1, **flags)  # 4 warps spill 6 KB, 8 warps 2.3 KB
-    _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0,
-                            HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], V=dims['V'], VP=dims['VP'], SUB=SUB,
-                            BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4, **flags)
+                            scale * LOG2E, scale, window_size or 0, num_warps=8, num_stages=1, **flags,
+                            **dims)  # 4 warps spill 6 KB, 8 warps 2.3 KB
+    _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0, DK=16,
+                            num_warps=4, **flags, **dims)
 
     dg = torch.empty(g.shape, device=g.device, dtype=g.dtype)
     totals = torch.empty(num_blocks, HG, dims['K'], device=g.device, dtype=torch.float32)
