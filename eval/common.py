@@ -8,6 +8,7 @@ import sys
 import time
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import torch
 
@@ -27,7 +28,7 @@ Z95 = 1.959963984540054
 def bootstrap(sums, counts, resamples=RESAMPLES, seed=0):
     """Pooled mean of each column k, sum(sums[:, k]) / sum(counts[:, k]) over the rows (documents or trials), and
     its 95% percentile bootstrap interval from resampling rows with replacement: (mean, lo, hi), each [K], NaN
-    where no row has a count. Resampling whole rows keeps the correlation of the tokens of one document; with
+    where no row has a count (and lo, hi NaN with a single row). Resampling whole rows keeps the correlation of the tokens of one document; with
     equal counts the pooled mean is the mean of the per-row means. Also returns the resampled means [resamples, K]
     so that differences between columns can take their interval from the same resamples (paired)."""
     sums, counts = np.atleast_2d(np.asarray(sums, np.float64)), np.atleast_2d(np.asarray(counts, np.float64))
@@ -40,6 +41,8 @@ def bootstrap(sums, counts, resamples=RESAMPLES, seed=0):
         mean = sums.sum(0) / counts.sum(0)
         means = (weights @ sums) / (weights @ counts)
     lo, hi = percentiles(means)
+    if rows < 2:  # every resample is the one row: a zero-width interval would claim a certainty nobody has
+        lo, hi = np.full_like(mean, np.nan), np.full_like(mean, np.nan)
     return mean, lo, hi, means
 
 
@@ -67,8 +70,24 @@ def wilson(successes, n):
 
 
 def finite_or_none(x):
-    """JSON has no NaN: a statistic with no data is null."""
-    return float(x) if np.isfinite(x) else None
+    """JSON has no NaN: a statistic with no data is null (the scripts write with allow_nan=False)."""
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def interval(mean, lo, hi, digits=3, sign=''):
+    """'3.343 [3.301, 3.385]', or the mean alone where the interval is null."""
+    text = f'{mean:{sign}.{digits}f}'
+    return text if lo is None or hi is None else f'{text} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]'
+
+
+def close_edges(edges, end):
+    """Sorted unique bucket edges below end, then end (exclusive end of the last bucket); a last bucket under half
+    the width of the one before it is merged into that one (else 65536 positions would end in a bucket of one)."""
+    edges = np.unique(np.asarray(edges, dtype=np.int64))
+    edges = edges[edges < end]
+    if len(edges) >= 2 and end - edges[-1] < (edges[-1] - edges[-2]) / 2:
+        edges = edges[:-1]
+    return np.concatenate([edges, [end]])
 
 
 def bucket_rows(edges, sums, counts, seed=0, **extra):
@@ -118,10 +137,24 @@ def plot_bands(ax, runs, key, xlabel, ylabel, mark_training_length=True, x='cent
         ax.fill_between(xs, lo, hi, color=f'C{i}', alpha=0.2, linewidth=0)
         if mark_training_length:
             ax.axvline(run['train_len'], color=f'C{i}', linestyle='--', linewidth=1)
-    ax.set_xscale('log')
+    log2_axis(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+
+
+def tokens(x, _=None):
+    """A tick label: 512, 4k, 64k, 1M."""
+    for size, suffix in ((2 ** 20, 'M'), (2 ** 10, 'k')):
+        if x >= size:
+            return f'{x / size:g}{suffix}'
+    return f'{x:g}'
+
+
+def log2_axis(ax):
+    """Log x with ticks at the powers of two (the training lengths are), labelled 512, 4k, 64k."""
+    ax.set_xscale('log', base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(tokens))
 
 
 def save(fig, path, note='dashed: training length; bands: 95% bootstrap intervals over documents'):

@@ -56,7 +56,7 @@ def repeats(tokens, ngram=NGRAM):
 
 def distance_edges(length):
     """Octaves [2^k, 2^(k+1)) of distance up to the scored length."""
-    return np.unique(np.minimum(2 ** np.arange(0, int(np.log2(max(length, 1))) + 2), length + 1))
+    return common.close_edges(2 ** np.arange(0, int(np.log2(max(length, 1))) + 1), length + 1)
 
 
 def analyse(run, docs, losses, ngram=NGRAM):
@@ -104,9 +104,8 @@ def markdown_table(runs):
         cells = []
         for run in runs:
             loss, gain = run['repeat'][k], run['gain'][k]
-            cells.append('' if gain['mean'] is None else
-                         f'{loss["mean"]:.3f}, {gain["mean"]:+.3f} [{gain["lo"]:+.3f}, {gain["hi"]:+.3f}], '
-                         f'{loss["tokens"]}')
+            cells.append('' if gain['mean'] is None else f'{loss["mean"]:.3f}, '
+                         f'{common.interval(gain["mean"], gain["lo"], gain["hi"], sign="+")}, {loss["tokens"]}')
         lines.append(f'| {row["start"]}-{row["end"] - 1} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -120,9 +119,9 @@ def plot(runs, path):
             axes[0].axhline(run['nonrepeat_mean'], color=f'C{i}', linestyle=':', linewidth=1)
     axes[0].set_title('dotted: mean loss of non-repeat tokens', fontsize=9)
     common.plot_bands(axes[1], runs, 'gain', 'distance back to the previous occurrence (tokens)',
-                      'non-repeat loss at the same position - repeat loss')
+                      'copy gain (nats)')
     axes[1].axhline(0, color='gray', linewidth=0.8)
-    axes[1].set_title('copy gain, position effect removed', fontsize=9)
+    axes[1].set_title('copy gain: non-repeat loss at the same position minus repeat loss', fontsize=9)
     common.plot_bands(axes[2], runs, 'nonrepeat', 'position (tokens)', 'loss of non-repeat tokens (nats)')
     axes[2].legend(fontsize=8)
     fig.suptitle(f'natural copying: a token repeats when the {runs[0]["ngram"] + 1} tokens ending at it occurred '
@@ -145,7 +144,7 @@ def main(argv=None):
         print(f'{path}: copying analysis in {timer():.1f} s', flush=True)
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     with open(out + '.json', 'w') as f:
-        json.dump({'length': args.length, 'runs': runs}, f)
+        json.dump({'length': args.length, 'runs': runs}, f, allow_nan=False)
     plot(runs, out + '.png')
     print(markdown_table(runs))
     print(f'wrote {out}.json and {out}.png')

@@ -89,7 +89,7 @@ def position_edges(train_len, length, per_octave=4):
     """Bucket edges over positions 1..length: `per_octave` per doubling, through every multiple 2^k of train_len."""
     k = np.arange(-per_octave * int(np.log2(train_len) + 1), per_octave * int(np.log2(length / train_len) + 2) + 1)
     edges = np.round(train_len * 2.0 ** (k / per_octave)).astype(np.int64)
-    return np.unique(np.concatenate([[1], edges[(edges > 1) & (edges <= length)], [length + 1]]))
+    return common.close_edges(np.concatenate([[1], edges[edges > 1]]), length + 1)
 
 
 def bucket_sums(losses, edges):
@@ -109,9 +109,12 @@ def multiples_table(losses, train_len, seed=0):
     counts = np.broadcast_to([n * train_len - n * train_len // 2 for n in multiples], sums.shape)
     mean, lo, hi, means = common.bootstrap(sums, counts, seed=seed)
     delta_lo, delta_hi = common.percentiles(means - means[:, :1])
+    if len(losses) < 2:
+        delta_lo, delta_hi = np.full_like(mean, np.nan), np.full_like(mean, np.nan)
+    f = common.finite_or_none
     return [{'multiple': n, 'start': n * train_len // 2, 'end': n * train_len, 'mean': float(mean[k]),
-             'lo': float(lo[k]), 'hi': float(hi[k]), 'change': float(mean[k] - mean[0]),
-             'change_lo': float(delta_lo[k]), 'change_hi': float(delta_hi[k])} for k, n in enumerate(multiples)]
+             'lo': f(lo[k]), 'hi': f(hi[k]), 'change': float(mean[k] - mean[0]), 'change_lo': f(delta_lo[k]),
+             'change_hi': f(delta_hi[k])} for k, n in enumerate(multiples)]
 
 
 def analyse(path, model, train_config, docs, losses, seconds):
@@ -132,9 +135,9 @@ def markdown_table(runs):
              '|---|' + '---|' * len(multiples)]
     for run in runs:
         rows = {row['multiple']: row for row in run['table']}
-        cells = [f'{rows[n]["mean"]:.3f} [{rows[n]["lo"]:.3f}, {rows[n]["hi"]:.3f}]' if n in rows else ''
+        cells = [common.interval(rows[n]['mean'], rows[n]['lo'], rows[n]['hi']) if n in rows else ''
                  for n in multiples]
-        changes = [f'{rows[n]["change"]:+.3f} [{rows[n]["change_lo"]:+.3f}, {rows[n]["change_hi"]:+.3f}]'
+        changes = [common.interval(rows[n]['change'], rows[n]['change_lo'], rows[n]['change_hi'], sign='+')
                    if n in rows and n > 1 else '' for n in multiples]
         lines += [f'| {common.label(run)}, T={run["train_len"]} | ' + ' | '.join(cells) + ' |',
                   '| change against 1x | ' + ' | '.join(changes) + ' |']
@@ -208,7 +211,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     with open(out + '.json', 'w') as f:
         json.dump({'length': args.length, 'multiples': 'loss at Nx: mean over positions [N T / 2, N T)',
-                   'runs': runs}, f)
+                   'runs': runs}, f, allow_nan=False)
     plot(runs, window, out + '.png')
     written = f'{out}.json and {out}.png'
     if args.copy:

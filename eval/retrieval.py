@@ -100,7 +100,7 @@ def score(logits_of, prompts, answers, batch):
 
 def evaluate(logits_of, task, stream, eot, distances, trials, batch, seed, device='cpu', name=''):
     """Rows per distance: exact match, per-token loss and token accuracy with 95% intervals, and every trial."""
-    rows = []
+    rows, f = [], common.finite_or_none
     for distance in distances:
         timer = common.Timer(device)
         prompts, answers, exact = make_probes(task, stream, eot, distance, trials, seed)
@@ -112,9 +112,9 @@ def evaluate(logits_of, task, stream, eot, distances, trials, batch, seed, devic
                                                              seed=seed)
         rows.append({'distance': int(distance), 'mean_distance': float(exact.mean()), 'prompt_tokens': prompts.shape[1],
                      'trials': len(correct), 'accuracy': float(correct.mean()), 'accuracy_lo': lo,
-                     'accuracy_hi': hi, 'loss': float(loss_mean[0]), 'loss_lo': float(loss_lo[0]),
-                     'loss_hi': float(loss_hi[0]), 'token_accuracy': float(token_mean[0]),
-                     'token_accuracy_lo': float(token_lo[0]), 'token_accuracy_hi': float(token_hi[0]),
+                     'accuracy_hi': hi, 'loss': float(loss_mean[0]), 'loss_lo': f(loss_lo[0]),
+                     'loss_hi': f(loss_hi[0]), 'token_accuracy': float(token_mean[0]),
+                     'token_accuracy_lo': f(token_lo[0]), 'token_accuracy_hi': f(token_hi[0]),
                      'seconds': round(timer(), 2),
                      'trial_results': [{'distance': int(d), 'correct': bool(c), 'loss': round(float(x), 4),
                                         'tokens_right': int(h)} for d, c, x, h in zip(exact, correct, loss, hits)]})
@@ -207,7 +207,8 @@ def main(argv=None):
         del model
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     with open(out + '.json', 'w') as f:
-        json.dump({'distances': distances, 'trials': args.trials, 'seed': args.seed, 'runs': runs}, f)
+        json.dump({'distances': distances, 'trials': args.trials, 'seed': args.seed, 'runs': runs}, f,
+                  allow_nan=False)
     plot(runs, out + '.png')
     print(markdown_table(runs))
     print(f'wrote {out}.json and {out}.png')

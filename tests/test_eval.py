@@ -158,6 +158,15 @@ def test_bootstrap_interval_has_the_known_width_and_coverage():
     # identical documents: no spread; a bucket no document has: no statistic
     mean, lo, hi, _ = common.bootstrap([[2.0, 0.0]] * 5, [[4, 0]] * 5)
     assert lo[0] == hi[0] == mean[0] == 0.5 and np.isnan([mean[1], lo[1], hi[1]]).all()
+    mean, lo, hi, _ = common.bootstrap([[3.0]], [[2]])  # one document: a mean, but no interval
+    assert mean[0] == 1.5 and np.isnan([lo[0], hi[0]]).all()
+
+
+def test_buckets_meet_at_the_multiples_of_the_training_length():
+    edges = length.position_edges(4096, 65536)
+    assert edges[0] == 1 and edges[-1] == 65537 and {4096 * 2 ** k for k in range(-12, 4)} <= set(edges.tolist())
+    assert edges[-2] == 55109  # not a last bucket of one position, 65536
+    assert np.diff(edges).min() >= 1 and copying.distance_edges(100).tolist() == [1, 2, 4, 8, 16, 32, 64, 101]
 
 
 def test_wilson_interval_at_the_edges():
@@ -237,7 +246,7 @@ def test_retrieval_scores_what_a_full_forward_scores(checkpoints, data_dir):  # 
                                                 30, 2, seed=0)
     for name in ('wall', 'rope'):
         model, _ = sample.load_model(checkpoints[name], DEVICE, torch.float32)
-        logits = retrieval.cached_answer_logits(model, prefill_chunk=200)(prompts, answers)
+        logits = retrieval.cached_answer_logits(model, prefill_chunk=300)(prompts, answers)
         full = torch.as_tensor(np.concatenate([prompts, answers[:, :-1]], axis=1), device=DEVICE)
         with torch.no_grad():
             expected = model.lm_head(model.hidden_states(full))[:, -answers.shape[1]:].float()
@@ -246,15 +255,15 @@ def test_retrieval_scores_what_a_full_forward_scores(checkpoints, data_dir):  # 
 
 def test_retrieval_runs_end_to_end(checkpoints, tmp_path, capsys):
     out = str(tmp_path / 'retrieval')
-    retrieval.main(['--ckpt', checkpoints['wall'], checkpoints['rope'], '--distances', '8,64', '--trials', '3',
+    retrieval.main(['--ckpt', checkpoints['wall'], checkpoints['rope'], '--distances', '8,64', '--trials', '2',
                     '--batch', '2', '--out', out, '--device', DEVICE])
     report = json.load(open(out + '.json'))
-    assert report['distances'] == [8, 64] and report['trials'] == 3
+    assert report['distances'] == [8, 64] and report['trials'] == 2
     assert [run['attention'] for run in report['runs']] == ['wall', 'rope']
     for run in report['runs']:
         assert run['train_len'] == 32 and [row['distance'] for row in run['by_distance']] == [8, 64]
         for row in run['by_distance']:
-            assert row['trials'] == len(row['trial_results']) == 3
+            assert row['trials'] == len(row['trial_results']) == 2
             assert 0 <= row['accuracy_lo'] <= row['accuracy'] <= row['accuracy_hi'] <= 1
             assert row['loss_lo'] <= row['loss'] <= row['loss_hi'] and row['loss'] > 0
     assert '| checkpoint | 8 | 64 |' in capsys.readouterr().out
