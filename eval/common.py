@@ -135,6 +135,8 @@ def plot_bands(ax, runs, key, xlabel, ylabel, mark_training_length=True, x='cent
         hi = np.array([np.nan if row['hi'] is None else row['hi'] for row in rows], dtype=float)
         ax.plot(xs, mean, color=f'C{i}', marker='.', label=label(run))
         ax.fill_between(xs, lo, hi, color=f'C{i}', alpha=0.2, linewidth=0)
+        if len(rows) == 1:  # a band needs two points: show a lone bucket's interval as an error bar
+            ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], color=f'C{i}', capsize=3)
         if mark_training_length:
             ax.axvline(run['train_len'], color=f'C{i}', linestyle='--', linewidth=1)
     log2_axis(ax)
@@ -161,6 +163,14 @@ def save(fig, path, note='dashed: training length; bands: 95% bootstrap interval
     fig.text(0.5, -0.02, note, ha='center', fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches='tight')
     plt.close(fig)
+
+
+def make_cache(model, batch_size, max_len, path):
+    """A KVCache, or a one-line exit for a model whose heads the decode kernel cannot take."""
+    try:
+        return KVCache(model, batch_size, max_len)
+    except ValueError as e:
+        raise SystemExit(f'error: --ckpt {path}: {e}')
 
 
 def check_positive(args, names):

@@ -136,7 +136,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     common.check_positive(args, ('length', 'docs', 'prefill_chunk', 'ngram'))
     out = args.out or os.path.join(os.path.dirname(args.ckpt[0]), 'copying')
-    runs = []
+    runs, total = [], common.Timer('cpu')
     for path, model, train_config, docs, losses, seconds in length.each_checkpoint(args):
         run = {'ckpt': path, 'attention': model.config.attention, 'train_len': common.training_length(train_config)}
         timer = common.Timer('cpu')
@@ -147,7 +147,7 @@ def main(argv=None):
         json.dump({'length': args.length, 'runs': runs}, f, allow_nan=False)
     plot(runs, out + '.png')
     print(markdown_table(runs))
-    print(f'wrote {out}.json and {out}.png')
+    print(f'{total():.1f} s in all; wrote {out}.json and {out}.png')
 
 
 if __name__ == '__main__':

@@ -72,7 +72,10 @@ def held_out_documents(train_config, length, max_docs, path):
 def score_documents(path, model, train_config, args):
     """(documents [D, length + 1], losses [D, length], seconds): every held-out document through the cached path."""
     docs = held_out_documents(train_config, args.length, args.docs, path)
-    cache = KVCache(model, 1, args.length)
+    try:
+        cache = KVCache(model, 1, args.length)
+    except ValueError as e:
+        raise SystemExit(f'error: --ckpt {path}: {e}')
     timer = common.Timer(args.device)
     losses = np.empty((len(docs), args.length), dtype=np.float32)
     for i, doc in enumerate(docs):
@@ -201,12 +204,14 @@ def main(argv=None):
     common.check_positive(args, ('length', 'docs', 'smooth', 'prefill_chunk', 'ngram'))
     out = args.out or os.path.join(os.path.dirname(args.ckpt[0]), 'length')
 
-    runs, copy_runs = [], []
+    runs, copy_runs, timer = [], [], common.Timer('cpu')
     for path, model, train_config, docs, losses, seconds in each_checkpoint(args):
         runs.append(analyse(path, model, train_config, docs, losses, seconds))
         if args.copy:  # the same losses: one forward per document serves both
+            copy_timer = common.Timer('cpu')
             copy_runs.append(copying.analyse(runs[-1], docs, losses, args.ngram))
             runs[-1]['copy'] = copy_runs[-1]
+            print(f'{path}: copying analysis in {copy_timer():.1f} s', flush=True)
     window = args.smooth or max(1, args.length // 64)
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     with open(out + '.json', 'w') as f:
@@ -219,7 +224,7 @@ def main(argv=None):
         print(copying.markdown_table(copy_runs))
         written += f' and {out}_copy.png'
     print(markdown_table(runs))
-    print(f'wrote {written}')
+    print(f'{timer():.1f} s in all; wrote {written}')
 
 
 if __name__ == '__main__':

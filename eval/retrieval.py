@@ -56,7 +56,7 @@ def make_probes(task, stream, eot, distance, trials, seed):
             np.array([p.distance for p in probes]))
 
 
-def cached_answer_logits(model, prefill_chunk, cuda_graph=True):
+def cached_answer_logits(model, prefill_chunk, cuda_graph=True, path=''):
     """The real model as a scorer: (prompts [B, P], answers [B, A]) -> fp32 logits [B, A, vocab] of each answer
     position, the prompt prefilled into a fresh cache and the answer fed back teacher-forced one decode step at a
     time, as sample.py decodes."""
@@ -70,7 +70,7 @@ def cached_answer_logits(model, prefill_chunk, cuda_graph=True):
         shape = (B, P + A)
         if shape not in caches:  # one cache per batch shape: a distance's batches share it
             caches.clear()  # the last distance's cache is done with; free it before the next one's
-            caches[shape] = common.KVCache(model, B, P + A)
+            caches[shape] = common.make_cache(model, B, P + A, path)
         cache = caches[shape]
         cache.reset()
         logits = [model.prefill(torch.as_tensor(prompts, device=device), cache, prefill_chunk)[:, -1].float()]
@@ -186,7 +186,7 @@ def main(argv=None):
     distances = parse_distances(args.distances) if args.distances else None
     out = args.out or os.path.join(os.path.dirname(args.ckpt[0]), 'retrieval')
 
-    runs = []
+    runs, total = [], common.Timer('cpu')
     for path in args.ckpt:
         model, train_config = common.load_model(path, args.device, common.DTYPES[args.dtype])
         train_len = common.training_length(train_config)
@@ -198,7 +198,7 @@ def main(argv=None):
             raise SystemExit(f'error: --ckpt {path}: its tokenizer cannot build the task: {e}')
         stream = common.held_out_stream(train_config['data_dir'], eot)
         timer = common.Timer(args.device)
-        rows = evaluate(cached_answer_logits(model, args.prefill_chunk, not args.eager), task, stream, eot,
+        rows = evaluate(cached_answer_logits(model, args.prefill_chunk, not args.eager, path), task, stream, eot,
                         distances, args.trials, args.batch, args.seed, args.device, f'{path}: ')
         runs.append({'ckpt': path, 'attention': model.config.attention, 'train_len': train_len,
                      'retrieval_mix': train_config.get('retrieval_mix', 0.0), 'pairs': args.pairs,
@@ -211,7 +211,7 @@ def main(argv=None):
                   allow_nan=False)
     plot(runs, out + '.png')
     print(markdown_table(runs))
-    print(f'wrote {out}.json and {out}.png')
+    print(f'{total():.1f} s in all; wrote {out}.json and {out}.png')
 
 
 if __name__ == '__main__':
