@@ -90,14 +90,21 @@ def close_edges(edges, end):
     return np.concatenate([edges, [end]])
 
 
-def bucket_rows(edges, sums, counts, seed=0, **extra):
+def position_edges(train_len, length, per_octave=4):
+    """Bucket edges over positions 1..length: `per_octave` per doubling, through every multiple 2^k of train_len."""
+    k = np.arange(-per_octave * int(np.log2(train_len) + 1), per_octave * int(np.log2(length / train_len) + 2) + 1)
+    edges = np.round(train_len * 2.0 ** (k / per_octave)).astype(np.int64)
+    return close_edges(np.concatenate([[1], edges[edges > 1]]), length + 1)
+
+
+def bucket_rows(edges, sums, counts, seed=0):
     """One JSON row per bucket [edges[k], edges[k + 1]): its mean and 95% interval over documents, the tokens in it
-    and the documents that have any; extra: more per-bucket lists to put in the rows."""
+    and the documents that have any."""
     mean, lo, hi, _ = bootstrap(sums, counts, seed=seed)
     counts = np.atleast_2d(counts)
     return [{'start': int(edges[k]), 'end': int(edges[k + 1]), 'mean': finite_or_none(mean[k]),
              'lo': finite_or_none(lo[k]), 'hi': finite_or_none(hi[k]), 'tokens': int(counts[:, k].sum()),
-             'docs': int((counts[:, k] > 0).sum())} | {key: values[k] for key, values in extra.items()}
+             'docs': int((counts[:, k] > 0).sum())}
             for k in range(len(edges) - 1)]
 
 

@@ -88,13 +88,6 @@ def score_documents(path, model, train_config, args):
     return docs, losses, seconds
 
 
-def position_edges(train_len, length, per_octave=4):
-    """Bucket edges over positions 1..length: `per_octave` per doubling, through every multiple 2^k of train_len."""
-    k = np.arange(-per_octave * int(np.log2(train_len) + 1), per_octave * int(np.log2(length / train_len) + 2) + 1)
-    edges = np.round(train_len * 2.0 ** (k / per_octave)).astype(np.int64)
-    return common.close_edges(np.concatenate([[1], edges[edges > 1]]), length + 1)
-
-
 def bucket_sums(losses, edges):
     """Per-document loss sums and counts [D, buckets] over positions [edges[k], edges[k + 1]) (position i is
     column i - 1 of losses)."""
@@ -122,7 +115,7 @@ def multiples_table(losses, train_len, seed=0):
 
 def analyse(path, model, train_config, docs, losses, seconds):
     train_len = training_length(train_config)
-    edges = position_edges(train_len, losses.shape[1])
+    edges = common.position_edges(train_len, losses.shape[1])
     sums, counts = bucket_sums(losses, edges)
     mean = losses.mean(0)
     return {'ckpt': path, 'attention': model.config.attention, 'train_len': train_len, 'docs': len(docs),

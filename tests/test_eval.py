@@ -163,7 +163,7 @@ def test_bootstrap_interval_has_the_known_width_and_coverage():
 
 
 def test_buckets_meet_at_the_multiples_of_the_training_length():
-    edges = length.position_edges(4096, 65536)
+    edges = common.position_edges(4096, 65536)
     assert edges[0] == 1 and edges[-1] == 65537 and {4096 * 2 ** k for k in range(-12, 4)} <= set(edges.tolist())
     assert edges[-2] == 55109  # not a last bucket of one position, 65536
     assert np.diff(edges).min() >= 1 and copying.distance_edges(100).tolist() == [1, 2, 4, 8, 16, 32, 64, 101]
