@@ -27,10 +27,11 @@ Z95 = 1.959963984540054
 
 def bootstrap(sums, counts, resamples=RESAMPLES, seed=0):
     """Pooled mean of each column k, sum(sums[:, k]) / sum(counts[:, k]) over the rows (documents or trials), and
-    its 95% percentile bootstrap interval from resampling rows with replacement: (mean, lo, hi), each [K], NaN
-    where no row has a count (and lo, hi NaN with a single row). Resampling whole rows keeps the correlation of the tokens of one document; with
-    equal counts the pooled mean is the mean of the per-row means. Also returns the resampled means [resamples, K]
-    so that differences between columns can take their interval from the same resamples (paired)."""
+    its 95% percentile bootstrap interval from resampling rows with replacement: (mean, lo, hi), each [K]; the mean
+    NaN where no row has a count, lo and hi NaN where fewer than two rows have. Resampling whole rows keeps the
+    correlation of the tokens of one document; with equal counts the pooled mean is the mean of the per-row means.
+    Also returns the resampled means [resamples, K], so that differences between columns can take their interval
+    from the same resamples (paired)."""
     sums, counts = np.atleast_2d(np.asarray(sums, np.float64)), np.atleast_2d(np.asarray(counts, np.float64))
     rows = sums.shape[0]
     rng = np.random.default_rng(seed)
@@ -41,8 +42,10 @@ def bootstrap(sums, counts, resamples=RESAMPLES, seed=0):
         mean = sums.sum(0) / counts.sum(0)
         means = (weights @ sums) / (weights @ counts)
     lo, hi = percentiles(means)
-    if rows < 2:  # every resample is the one row: a zero-width interval would claim a certainty nobody has
-        lo, hi = np.full_like(mean, np.nan), np.full_like(mean, np.nan)
+    # a column that one row alone has: every resample gives its value, and a zero-width interval would claim a
+    # certainty nobody has
+    single = (counts > 0).sum(0) < 2
+    lo[single], hi[single] = np.nan, np.nan
     return mean, lo, hi, means
 
 
