@@ -73,6 +73,10 @@ def make_prompt(tokenizer, eot, haystack, depth, value):
     if tokenizer.encode(text + f' {value}').ids != encoding.ids + answer:
         raise SystemExit(f'error: the tokenizer joins the cue "{NAME} =" and the value " {value}" into other tokens')
     needle_at = 1 + next(i for i, (start, _) in enumerate(encoding.offsets) if start >= at)
+    # the value must be the same tokens in the needle as after the cue, or copying it could not score
+    head = tokenizer.encode(f'{NAME} =').ids
+    if encoding.ids[needle_at - 1:needle_at - 1 + len(head) + len(answer)] != head + answer:
+        raise SystemExit(f'error: the tokenizer merges the needle "{NAME} = {value}" with the code around it')
     return [eot] + encoding.ids, needle_at, answer
 
 
