@@ -23,6 +23,7 @@ left() { [ "${DEADLINE:-0}" -gt 0 ] && echo $(( DEADLINE - ($(date +%s) - start)
 step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its log in $RESULTS/NAME.log
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
+  [ "$limit" -gt 0 ] || { echo "$name: skipped, no time left" | tee -a "$RESULTS/steps.txt"; return 1; }
   timeout "$limit" "$@" > "$RESULTS/$name.log" 2>&1
   local rc=$?
   echo "$name: exit $rc in $(( $(date +%s) - t0 )) s" | tee -a "$RESULTS/steps.txt"
@@ -42,7 +43,7 @@ grep -E 'parameters|val loss' "$RESULTS/train.log" | sed -n '1p;$p'
 ckpt=$out_dir/ckpt.pt
 [ -f "$ckpt" ] || { echo "error: training saved no checkpoint"; tail -5 "$RESULTS/train.log"; exit 1; }
 
-step length $(( $(left) * 2 / 5 )) python3 eval/length.py --ckpt "$ckpt" --length "$LENGTH" --docs "$DOCS" \
+step length $(( $(left) * 2 / 5 )) python3 eval/length.py --ckpt "$ckpt" --length "$LENGTH" --docs "$DOCS" --copy \
   --out "$RESULTS/length"
 step retrieval $(( $(left) * 2 / 3 )) python3 eval/retrieval.py --ckpt "$ckpt" --out "$RESULTS/retrieval"
 if [ "$model" != rope ] && [ "$model" != fox ]; then
