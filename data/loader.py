@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from data.retrieval import RetrievalTask
 
 EOT = '<|endoftext|>'
-SPLITS = ('train', 'val')
+SPLITS = ('train', 'val', 'test')
 MAGIC = b'WALLTOK\0'
 VERSION = 1
 HEADER = struct.Struct('<8sIIQQ')  # magic, version, bytes per token, token count, document count

@@ -1,19 +1,20 @@
 """Synthetic key-value retrieval in real code: a task that training mixes in and eval/retrieval.py scores by distance.
 
 Vocabulary:
-- needle: a line `KEY_<key> = <value>` inserted at a line end of real code (the filler);
+- needle: a line `KEY_<key> = <value>` inserted before a line break of real code (the filler), so it sits on a
+  line of its own; as tokens it starts with the line break;
 - key: 4 lowercase letters, value: 6 digits, each letter and digit one single-character token;
-- cue: `KEY_<key> = `, the needle's line up to its value; the value's tokens should follow it;
-- query: cue, value and newline, as a training document asks for a needle seen earlier.
+- cue: the needle up to its value, line break included; the value's tokens should follow it;
+- query: a needle's line again, at the end of a training document.
 
 Needles, cues and values are built in token space, from the token ids of their pieces, never by encoding a joined
 text: the tokenizer cannot merge them with their neighbours differently in the needle and in the cue, so copying
 the needle's tokens is always exactly right.
 
-A training document (`document`) is filler with `num_pairs` needles at random line ends and the queries for all of
-them, in random order, at its end: the distances from needle to query spread over the whole document. A probe
-(`probe`) is filler with one needle `distance` tokens before the end of the prompt, `num_pairs - 1` distractor
-needles with other keys at random line ends, and the needle's cue last.
+A training document (`document`) is filler with `num_pairs` needles at random line breaks and the queries for all
+of them, in random order, at its end: the distances from needle to query spread over the whole document. A probe
+(`probe`) is filler with one needle about `distance` tokens before the end of the prompt, `num_pairs - 1`
+distractor needles with other keys at random line breaks, and the needle's cue last.
 """
 import string
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ class Probe:
 
 class RetrievalTask:
 
-    def __init__(self, tokenizer, num_pairs=4):
+    def __init__(self, tokenizer, num_pairs=16):
         if num_pairs < 1:
             raise ValueError(f'num_pairs={num_pairs}, expected at least 1')
         self.num_pairs = num_pairs
@@ -49,12 +50,13 @@ class RetrievalTask:
                 raise ValueError(f'the tokenizer lacks single-character tokens for {chars!r}')
             return np.array(ids, dtype=np.int64)
 
-        self.head, self.equals, self.newline = piece('KEY_'), piece(' = '), piece('\n')
+        self.head = np.concatenate([piece('\n'), piece('KEY_')])
+        self.equals = piece(' = ')
         self.letters, self.digits = single(string.ascii_lowercase), single(string.digits)
-        vocab = tokenizer.get_vocab_size()
-        # insertion points: right after a token whose text ends a line
-        self.ends_line = np.array([tokenizer.decode([i]).endswith('\n') for i in range(vocab)], dtype=bool)
-        self.needle_len = len(self.head) + KEY_CHARS + len(self.equals) + VALUE_CHARS + len(self.newline)
+        # insertion points: before a token that starts a new line (BPE joins a line break to the indent after it)
+        self.starts_line = np.array([tokenizer.decode([i]).startswith('\n')
+                                     for i in range(tokenizer.get_vocab_size())], dtype=bool)
+        self.needle_len = len(self.head) + KEY_CHARS + len(self.equals) + VALUE_CHARS
 
     def _pairs(self, rng, n):
         """n distinct keys and their values, as token arrays."""
@@ -66,9 +68,12 @@ class RetrievalTask:
     def _cue(self, key):
         return np.concatenate([self.head, key, self.equals])
 
-    def _line_ends(self, filler):
-        ends = np.flatnonzero(self.ends_line[filler]) + 1
-        return ends if len(ends) else np.arange(1, len(filler) + 1)
+    def _line(self, key, value):
+        return np.concatenate([self.head, key, self.equals, value])
+
+    def _line_starts(self, filler):
+        starts = np.flatnonzero(self.starts_line[filler])
+        return starts if len(starts) else np.arange(len(filler))
 
     @staticmethod
     def _insert(filler, at, lines):
@@ -81,21 +86,18 @@ class RetrievalTask:
 
     def document(self, rng, filler, length):
         """A training document of exactly `length` tokens (no leading EOT), taking the first tokens of filler."""
-        text_len = length - 2 * self.num_pairs * self.needle_len - len(self.newline)
+        text_len = length - 2 * self.num_pairs * self.needle_len
         if text_len < 1:
             raise ValueError(f'length={length}: a retrieval document needs more than '
                              f'{length - text_len} tokens')
         if len(filler) < text_len:
             raise ValueError(f'{len(filler)} tokens of filler, {text_len} needed')
         filler = np.asarray(filler[:text_len], dtype=np.int64)
-        pairs = self._pairs(rng, self.num_pairs)
-        ends = self._line_ends(filler)
-        at = np.sort(rng.choice(ends, size=self.num_pairs, replace=len(ends) < self.num_pairs))
-        needles = [np.concatenate([self._cue(key), value, self.newline]) for key, value in pairs]
-        queries = [needles[i] for i in rng.permutation(self.num_pairs)]  # a query is its needle's line again
-        # the filler may end inside a line: the queries start on a line of their own
-        return np.concatenate([self._insert(filler, at, [needles[i] for i in rng.permutation(self.num_pairs)]),
-                               self.newline] + queries)
+        needles = [self._line(key, value) for key, value in self._pairs(rng, self.num_pairs)]
+        starts = self._line_starts(filler)
+        at = np.sort(rng.choice(starts, size=self.num_pairs, replace=len(starts) < self.num_pairs))
+        placed = self._insert(filler, at, [needles[i] for i in rng.permutation(self.num_pairs)])
+        return np.concatenate([placed] + [needles[i] for i in rng.permutation(self.num_pairs)])  # the queries
 
     def min_filler(self, distance):
         return distance + 256
@@ -109,12 +111,14 @@ class RetrievalTask:
             raise ValueError(f'{len(filler)} tokens of filler, {n} needed for distance {distance}')
         filler = np.asarray(filler[:n], dtype=np.int64)
         (key, value), *distractors = self._pairs(rng, self.num_pairs)
-        ends = self._line_ends(filler)
-        where = ends[np.abs(ends - (n - distance)).argmin()]
-        at = [where] + list(rng.choice(ends, size=len(distractors), replace=len(ends) <= len(distractors)))
-        lines = [np.concatenate([self._cue(k), v, self.newline]) for k, v in [(key, value)] + distractors]
+        starts = self._line_starts(filler)
+        # the needle's value, the distractor lines expected after it and the cue count towards the distance too
+        expected = VALUE_CHARS + len(distractors) * self.needle_len * distance / n + len(self._cue(key))
+        where = starts[np.abs(starts - (n - distance + expected)).argmin()]
+        at = [where] + list(rng.choice(starts, size=len(distractors), replace=len(starts) <= len(distractors)))
+        lines = [self._line(k, v) for k, v in [(key, value)] + distractors]
         order = np.argsort(at, kind='stable')  # the needle first among lines at the same place
         prompt = np.concatenate([self._insert(filler, [at[i] for i in order], [lines[i] for i in order]),
-                                 self.newline, self._cue(key)])
+                                 self._cue(key)])
         value_at = where + sum(len(lines[i]) for i in order[:list(order).index(0)]) + len(self._cue(key))
         return Probe(prompt=prompt, answer=value.tolist(), distance=int(len(prompt) - value_at))

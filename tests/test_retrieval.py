@@ -23,14 +23,14 @@ def task_and_filler(corpus):  # noqa: F811
 
 def test_document_asks_for_every_needle_after_it(task_and_filler):
     task, filler = task_and_filler
-    doc = task.document(np.random.default_rng(0), filler, 400)
-    assert len(doc) == 400 and doc.dtype == np.int64
+    doc = task.document(np.random.default_rng(0), filler, 800)
+    assert len(doc) == 800 and doc.dtype == np.int64
     queries = doc[-task.num_pairs * task.needle_len:].reshape(task.num_pairs, task.needle_len)
     for query in queries.tolist():
         needles = find(doc.tolist()[:-task.num_pairs * task.needle_len], query)
         assert len(needles) == 1  # each key's line occurs once before the queries, value included
     assert len({tuple(q) for q in queries.tolist()}) == task.num_pairs
-    again = task.document(np.random.default_rng(0), filler, 400)
+    again = task.document(np.random.default_rng(0), filler, 800)
     assert (again == doc).all()  # the generator's seed decides everything
 
 
@@ -50,7 +50,7 @@ def test_probe_distance_is_exact_and_its_value_occurs_once(task_and_filler, dist
 
 def test_mix_is_exact_deterministic_and_resumable(corpus):  # noqa: F811
     data_dir, _ = corpus
-    mix, tokens_per_batch, max_doc_len = 0.25, 512, 200
+    mix, tokens_per_batch, max_doc_len = 0.25, 2048, 600
     batches = PackedBatches(data_dir, 'train', tokens_per_batch, max_doc_len, seed=3, retrieval_mix=mix)
     task = batches.task
     synthetic = total = 0
@@ -81,4 +81,4 @@ def test_mix_refuses_bad_fractions(corpus):  # noqa: F811
     data_dir, _ = corpus
     for mix in (-0.1, 1.0):
         with pytest.raises(ValueError, match='retrieval_mix'):
-            PackedBatches(data_dir, 'train', 512, 200, retrieval_mix=mix)
+            PackedBatches(data_dir, 'train', 2048, 600, retrieval_mix=mix)
