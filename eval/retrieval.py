@@ -6,8 +6,8 @@ length.
     python eval/retrieval.py --ckpt out/wall/ckpt.pt out/rope/ckpt.pt --trials 32 --batch 8
 
 A probe (data.retrieval.RetrievalTask.probe) is held-out code (a random window of the val split, EOTs dropped) with
-needle lines `KEY_<4 letters> = <6 digits>` at line ends, one of them about `distance` tokens before the end, and
-ends with that needle's cue `KEY_<key> = `. Needle and cue are joined in token space, so copying the needle's value
+needle lines `KEY_<4 letters> = <6 digits>` at line breaks (as many as in training, --pairs), one of them about
+`distance` tokens before the end, and ends with that needle's cue `KEY_<key> = `. Needle and cue are joined in token space, so copying the needle's value
 tokens is exactly right. Every model that trained on the task (train.py's retrieval_mix) solves it inside the
 training length; the question is whether it still does past it.
 
@@ -171,8 +171,8 @@ def main(argv=None):
                                             '1/4, ..., 16 times the first checkpoint\'s training length)')
     parser.add_argument('--trials', type=int, default=32, help='probes per distance')
     parser.add_argument('--batch', type=int, default=8, help='probes per forward (all of one distance)')
-    parser.add_argument('--pairs', type=int, default=4, help='needles per probe, the one asked for included (as '
-                                                             'RetrievalTask in training)')
+    parser.add_argument('--pairs', type=int, help='needles per probe, the one asked for included (default: '
+                                                  'RetrievalTask\'s, as in training)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', help='output path prefix for .json and .png (default: retrieval next to the first '
                                       'checkpoint)')
@@ -193,7 +193,7 @@ def main(argv=None):
         distances = distances or [max(1, round(m * train_len)) for m in MULTIPLES]
         tokenizer, eot = common.load_data_tokenizer(train_config)
         try:
-            task = RetrievalTask(tokenizer, num_pairs=args.pairs)
+            task = RetrievalTask(tokenizer, **({} if args.pairs is None else {'num_pairs': args.pairs}))
         except ValueError as e:
             raise SystemExit(f'error: --ckpt {path}: its tokenizer cannot build the task: {e}')
         stream = common.held_out_stream(train_config['data_dir'], eot)
@@ -201,7 +201,7 @@ def main(argv=None):
         rows = evaluate(cached_answer_logits(model, args.prefill_chunk, not args.eager, path), task, stream, eot,
                         distances, args.trials, args.batch, args.seed, args.device, f'{path}: ')
         runs.append({'ckpt': path, 'attention': model.config.attention, 'train_len': train_len,
-                     'retrieval_mix': train_config.get('retrieval_mix', 0.0), 'pairs': args.pairs,
+                     'retrieval_mix': train_config.get('retrieval_mix', 0.0), 'pairs': task.num_pairs,
                      'seconds': round(timer(), 2), 'by_distance': rows})
         print(f'{path}: {len(distances)} distances x {args.trials} probes in {runs[-1]["seconds"]:.1f} s', flush=True)
         del model
