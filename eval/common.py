@@ -16,7 +16,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402,F401 (the scripts plot through this import)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from data.loader import documents  # noqa: E402,F401
+from data.loader import documents, read_shard  # noqa: E402,F401
 # the one place the new eval scripts name model.py and sample.py: if these move, only these lines change
 from model import DecodeStep, KVCache  # noqa: E402,F401
 from sample import DTYPES, load_data_tokenizer, load_model, synchronize, training_length  # noqa: E402,F401
@@ -112,8 +112,11 @@ def bucket_rows(edges, sums, counts, seed=0):
 
 
 def held_out_stream(data_dir, eot):
-    """The val split as one stream of code: its documents end to end, EOTs dropped (as niah.Haystack)."""
-    return np.concatenate([doc[doc != eot] for doc in documents(data_dir, 'val')])
+    """The val split as one stream of code: its documents end to end, EOTs dropped (as niah.Haystack). The shard
+    holds just that (the loader adds the EOTs), so this is its memory map, not a copy of a split of maybe 1e8
+    tokens as int64."""
+    tokens, _ = read_shard(os.path.join(data_dir, 'val.bin'))
+    return tokens if not (tokens == eot).any() else tokens[tokens != eot]
 
 
 class Timer:
