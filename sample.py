@@ -19,7 +19,8 @@ import torch
 from tokenizers.decoders import DecodeStream
 
 from data.loader import EOT, load_tokenizer
-from model import GPT, GPTConfig, KVCache
+from generate import KVCache
+from model import GPT, GPTConfig
 
 TRAIN_KEYS = ('data_dir', 'max_doc_len', 'tokens_per_batch')  # what sampling and evaluation read of the training config
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import sample
 from eval import length, niah
-from model import KVCache
+from generate import KVCache
 from tests.conftest import DEVICE
 from tests.test_sample import CONFIGS, data_dir, save_checkpoint  # noqa: F401 (data_dir is a fixture)
 

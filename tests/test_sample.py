@@ -13,7 +13,8 @@ import torch
 
 import sample
 from data.prepare import main as prepare_main
-from model import GPT, GPTConfig, KVCache, row_pieces
+from generate import KVCache, row_pieces
+from model import GPT, GPTConfig
 from tests.conftest import DEVICE
 
 CACHE_CHUNK = 16
