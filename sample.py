@@ -18,11 +18,10 @@ import time
 import torch
 from tokenizers.decoders import DecodeStream
 
+import checkpoint
 from data.loader import EOT, load_tokenizer
 from generate import KVCache
-from model import GPT, GPTConfig
 
-TRAIN_KEYS = ('data_dir', 'max_doc_len', 'tokens_per_batch')  # what sampling and evaluation read of the training config
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
@@ -34,27 +33,16 @@ def load_model(path, device, dtype):
             raise RuntimeError('no CUDA GPU here')
     except RuntimeError as e:
         raise SystemExit(f'error: --device {device}: {e}')
-    if not os.path.isfile(path):
-        raise SystemExit(f'error: --ckpt {path}: no such file (train one first, e.g. python train.py config/tiny.py)')
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        raise SystemExit(f'error: --ckpt {path}: not a readable checkpoint (truncated, or not a torch file): '
-                         f'{type(e).__name__}: {detail}')
-    if not isinstance(checkpoint, dict) or not {'model', 'model_args', 'config'} <= checkpoint.keys():
-        raise SystemExit(f'error: --ckpt {path}: not a checkpoint of train.py (it needs model, model_args, config)')
-    missing = [key for key in TRAIN_KEYS if key not in checkpoint['config']]
-    if missing:
-        raise SystemExit(f'error: --ckpt {path}: not a checkpoint of train.py (its config lacks {missing})')
-    try:
-        # attn_impl is how the model runs, not what it computes: let it follow the device it is loaded on
-        model = GPT(GPTConfig(**(checkpoint['model_args'] | {'attn_impl': 'auto'})))
-        model.load_state_dict(checkpoint['model'])
-    except (TypeError, AssertionError, RuntimeError) as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f'error: --ckpt {path}: its weights do not fit this model.py: {detail}')
-    return model.to(device).to_inference_dtype(dtype).eval(), checkpoint['config']
+        ckpt = checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        hint = ' (train one first, e.g. python train.py config/tiny.py)' if not os.path.isfile(path) else ''
+        raise SystemExit(f'error: --ckpt: {e}{hint}')
+    try:  # attn_impl is how the model runs, not what it computes: let it follow the device it is loaded on
+        model = checkpoint.build_model(ckpt, attn_impl='auto')
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f'error: --ckpt {path}: {e}')
+    return model.to(device).to_inference_dtype(dtype).eval(), ckpt['config']
 
 
 def load_data_tokenizer(train_config):

@@ -12,7 +12,7 @@ import sample
 from eval import length, niah
 from generate import KVCache
 from tests.conftest import DEVICE
-from tests.test_sample import CONFIGS, data_dir, save_checkpoint  # noqa: F401 (data_dir is a fixture)
+from tests.test_sample import CONFIGS, save_checkpoint  # data_dir is conftest.py's fixture
 
 
 @pytest.fixture(scope='module')

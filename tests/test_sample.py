@@ -1,18 +1,15 @@
-"""Cached decoding (model.py's KVCache, prefill, decode) and sample.py, on CPU with tiny models.
+"""Cached decoding (generate.py's KVCache, the model's prefill and decode) and sample.py, on CPU with tiny models.
 
 The Wall and FoX caches decode through Triton's interpreter here, about a quarter second per layer and step, so the
 models are tiny: 2 layers (one local, one global), 2 query heads on 1 kv head of 16 channels, 16-token cache chunks.
 Their weights are scaled up from the GPT init: a freshly initialised model repeats one token, which would let a
 broken cache pass a greedy comparison.
 """
-import os
-
-import numpy as np
 import pytest
 import torch
 
+import checkpoint as ckpt
 import sample
-from data.prepare import main as prepare_main
 from generate import KVCache, row_pieces
 from model import GPT, GPTConfig
 from tests.conftest import DEVICE
@@ -100,47 +97,15 @@ def test_row_pieces_cover_the_rows_in_power_of_two_runs():
 
 
 # ----------------------------------------------------------------------------------------------------
-# sample.py end to end, on a checkpoint as train.py writes it
-
-PROGRAM = '''import os
-
-
-class Point{i}:
-    """A point."""
-
-    def __init__(self, x, y):
-        self.x = x + {i}
-        self.y = y * {j}
-
-
-def area_{i}(width, height):
-    return width * height - {j}
-
-
-LIMIT_{i} = {k}
-'''
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    """A prepared corpus of small Python files."""
-    src = tmp_path_factory.mktemp('programs')
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        text = ''.join(PROGRAM.format(i=i, j=rng.integers(100), k=rng.integers(100000)) for _ in range(3))
-        (src / f'prog{i:02d}.py').write_text(text)
-    out = tmp_path_factory.mktemp('prepared') / 'programs'
-    prepare_main([f'--source={src}', f'--out={out}', '--vocab_size=400', '--val_fraction=0.25'])
-    return str(out)
-
+# sample.py end to end, on a checkpoint as train.py writes it (on conftest's data_dir)
 
 def save_checkpoint(path, data_dir, **model_kwargs):
     """A checkpoint with the keys train.py writes, for a tiny model on data_dir's tokenizer; trained for 32 tokens."""
     model = tiny_model(vocab_size=sample.load_tokenizer(data_dir).get_vocab_size(), **model_kwargs)
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
-    torch.save({'model': model.cpu().state_dict(), 'optimizer': {}, 'model_args': model_args, 'iter_num': 0,
-                'best_val_loss': 0.0, 'config': {'data_dir': data_dir, 'max_doc_len': 32, 'tokens_per_batch': 256},
-                'loader': {}, 'rng': {}}, path)
+    ckpt.save({'model': model.cpu().state_dict(), 'optimizer': {}, 'model_args': model_args, 'iter_num': 0,
+                     'best_val_loss': 0.0, 'config': {'data_dir': data_dir, 'max_doc_len': 32, 'tokens_per_batch': 256},
+                     'loader': {}, 'rng': {}}, str(path))
     return str(path)
 
 

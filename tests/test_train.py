@@ -8,11 +8,14 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from dataclasses import fields
 
 import pytest
 import torch
 
+from configurator import apply_overrides
 from data.prepare import main as prepare_main
+from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f for f in os.listdir(os.path.join(REPO, 'config')) if f.endswith('.py'))
@@ -26,7 +29,7 @@ HALF = 6
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
+def stdlib_corpus(tmp_path_factory):
     """Real text, small: the standard library's json and email packages (about 30 files, 500 kB)."""
     src = tmp_path_factory.mktemp('src')
     stdlib = sysconfig.get_paths()['stdlib']
@@ -74,17 +77,17 @@ def fails(process):
 
 
 @pytest.fixture(scope='module')
-def runs(data_dir, tmp_path_factory):
+def runs(stdlib_corpus, tmp_path_factory):
     """Logs of: an uninterrupted run, one interrupted at HALF and resumed, and a 2-rank DDP run with the same
     total accumulation; plus the uninterrupted run's out_dir."""
     root = tmp_path_factory.mktemp('runs')
     full_dir, cut_dir, ddp_dir = (str(root / name) for name in ('full', 'cut', 'ddp'))
     save = ['--eval_interval=3', '--always_save_checkpoint=True']
-    full = start(data_dir, full_dir, f'--max_iters={ITERS}', *save)
-    cut = start(data_dir, cut_dir, f'--max_iters={HALF}', *save)
-    ddp = start(data_dir, ddp_dir, f'--max_iters={HALF}', '--eval_interval=3', nproc=2)
+    full = start(stdlib_corpus, full_dir, f'--max_iters={ITERS}', *save)
+    cut = start(stdlib_corpus, cut_dir, f'--max_iters={HALF}', *save)
+    ddp = start(stdlib_corpus, ddp_dir, f'--max_iters={HALF}', '--eval_interval=3', nproc=2)
     cut_out, _ = finish(cut)
-    resumed = start(data_dir, cut_dir, f'--max_iters={ITERS}', '--init_from=resume', *save)
+    resumed = start(stdlib_corpus, cut_dir, f'--max_iters={ITERS}', '--init_from=resume', *save)
     logs = {'full': finish(full)[0], 'cut': cut_out, 'resumed': finish(resumed)[0], 'ddp': finish(ddp)[0]}
     return logs, full_dir
 
@@ -130,7 +133,7 @@ def test_checkpoint_holds_what_sampling_and_resuming_read(runs):
     assert not [f for f in os.listdir(full_dir) if f != 'ckpt.pt'], 'a temporary file was left behind'
 
 
-def test_config_mistakes_are_one_clear_line(data_dir, tmp_path):
+def test_config_mistakes_are_one_clear_line(stdlib_corpus, tmp_path):
     bad_file = tmp_path / 'bad.py'
     bad_file.write_text('n_layer = 2\nlearning_rate = "fast"\n')
     cases = {  # arguments -> what the error must say
@@ -140,7 +143,7 @@ def test_config_mistakes_are_one_clear_line(data_dir, tmp_path):
         ('--init_from=resum',): "init_from='resum', expected 'scratch' or 'resume'",
         ('--n_head=3',): 'model config',
     }
-    processes = {args: start(data_dir, str(tmp_path / f'out{i}'), '--max_iters=0', *args)
+    processes = {args: start(stdlib_corpus, str(tmp_path / f'out{i}'), '--max_iters=0', *args)
                  for i, args in enumerate(cases)}
     for args, expected in cases.items():
         line = fails(processes[args])
@@ -154,16 +157,21 @@ def test_shipped_configs_are_valid(tmp_path):
     for config, process in processes.items():
         line = fails(process)
         assert line.startswith(f"error: data_dir='{tmp_path / 'no_data'}'"), (config, line)
+        # and the model it describes builds: on the meta device, without memory or arithmetic
+        model_args = apply_overrides([os.path.join(REPO, 'config', config)],
+                                     {f.name: f.default for f in fields(GPTConfig)}, skip_unknown=True)
+        with torch.device('meta'):
+            GPT(GPTConfig(**model_args))
 
 
-def test_unusable_checkpoints_are_refused_and_left_as_they_were(runs, data_dir, tmp_path):
+def test_unusable_checkpoints_are_refused_and_left_as_they_were(runs, stdlib_corpus, tmp_path):
     _, full_dir = runs
     good = open(os.path.join(full_dir, 'ckpt.pt'), 'rb').read()
     checkpoint = torch.load(os.path.join(full_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
     checkpoint['model'].pop('lm_head.weight')
     cases = {  # name -> (how to make it, what the error must say)
         'truncated': (lambda path: open(path, 'wb').write(good[:len(good) // 2]), 'is not a readable checkpoint'),
-        'foreign': (lambda path: torch.save({'a': 1}, path), 'is not a checkpoint of this train.py'),
+        'foreign': (lambda path: torch.save({'a': 1}, path), 'is not a checkpoint of train.py'),
         'wrong weights': (lambda path: torch.save(checkpoint, path), 'does not fit this run'),
     }
     processes, contents = {}, {}
@@ -173,12 +181,12 @@ def test_unusable_checkpoints_are_refused_and_left_as_they_were(runs, data_dir, 
         make(str(out_dir / 'ckpt.pt'))
         contents[name] = (out_dir / 'ckpt.pt').read_bytes()
         # would save at once (iteration 1 with always_save) if it got that far
-        processes[name] = start(data_dir, str(out_dir), '--init_from=resume', '--max_iters=2', '--eval_interval=1',
+        processes[name] = start(stdlib_corpus, str(out_dir), '--init_from=resume', '--max_iters=2', '--eval_interval=1',
                                 '--always_save_checkpoint=True')
     (tmp_path / 'kept').mkdir()
     (tmp_path / 'kept' / 'ckpt.pt').write_bytes(good)
-    processes['scratch over a checkpoint'] = start(data_dir, str(tmp_path / 'kept'), '--max_iters=2')
-    processes['resume without a checkpoint'] = start(data_dir, str(tmp_path / 'none'), '--init_from=resume')
+    processes['scratch over a checkpoint'] = start(stdlib_corpus, str(tmp_path / 'kept'), '--max_iters=2')
+    processes['resume without a checkpoint'] = start(stdlib_corpus, str(tmp_path / 'none'), '--init_from=resume')
     for name, (_, expected) in cases.items():
         line = fails(processes[name])
         assert expected in line and 'ckpt.pt' in line, (name, line)
