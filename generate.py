@@ -55,7 +55,8 @@ class WallLayerCache(kernels.WallKVCache):
                 self.append(*take_rows((k, v, g, g_scalar), rows))
             return y
         if q.shape[1] == 1:  # a decode step: every index on the device, so a CUDA graph replays it
-            self.append_token(k, v, g, g_scalar)
+            # index_copy_ does not cast as append's slice assignment does: an fp16 model has an fp32 cache
+            self.append_token(k.to(self.k_tilde.dtype), v.to(self.v.dtype), g, g_scalar)
             return self.attend_token(q, sink_bias=sink_bias, window_size=self.window_size)[0]
         # Long chunks go in pieces of ATTEND_ROWS; each piece sees its own keys exactly (causally, with their decay)
         ys = []
@@ -129,7 +130,7 @@ class StaticKVCache:
 class KVCache:
     """Decoding state of a GPT for batch_size sequences of at most max_len tokens: one cache per layer, in
     `layers`. The cache dtype defaults to the model's; Wall keys are never fp16 (a key may grow by its chunk's
-    decay, docs/operator.md), bf16 instead.
+    decay, docs/operator.md): an fp16 model keeps them in fp32, which holds its keys and values exactly.
     """
 
     def __init__(self, model, batch_size, max_len, *, dtype=None, device=None, chunk_size=64):
@@ -145,7 +146,7 @@ class KVCache:
         if head_dim < 16 or head_dim & (head_dim - 1):
             raise ValueError(f'head_dim={head_dim} (n_embd / n_head): the Wall decode kernel needs a power of two '
                              f'>= 16')
-        dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+        dtype = torch.float32 if dtype == torch.float16 else dtype
         self.layers = [WallLayerCache(block.attn, batch_size, max_len, chunk_size, dtype, device)
                        for block in model.blocks]
 

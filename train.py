@@ -10,6 +10,7 @@ continue from out_dir/ckpt.pt:                       python train.py config/tiny
 Every micro-batch is one row of `tokens_per_batch` tokens holding whole documents or pieces of them, with
 cu_seqlens marking the documents: attention never crosses a document boundary.
 """
+import inspect
 import math
 import os
 import random
@@ -69,7 +70,7 @@ seed = 1337
 # -----------------------------------------------------------------------------------------------------------
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 config |= {f.name: f.default for f in fields(GPTConfig) if f.name != 'vocab_size'}
-apply_overrides(sys.argv[1:], config)
+apply_overrides(sys.argv[1:], config, sources=(__file__, inspect.getsourcefile(GPTConfig)))  # and --help
 globals().update(config)
 # -----------------------------------------------------------------------------------------------------------
 
@@ -123,7 +124,6 @@ if init_from == 'scratch' and not eval_only and os.path.exists(ckpt_path):
     fail(f'{ckpt_path} exists and a run from scratch would replace it: continue it with --init_from=resume, or '
          f'start over in another --out_dir (or delete it)')
 if master_process:
-    os.makedirs(out_dir, exist_ok=True)
     print(f'config: {config}')
     print(f'tokens per iteration: {tokens_per_iter:,} ({world_size} ranks x {micro_steps} micro-batches x '
           f'{tokens_per_batch:,})')
@@ -154,8 +154,23 @@ try:
     vocab_size = load_tokenizer(data_dir).get_vocab_size()
     train_batches = PackedBatches(data_dir, 'train', tokens_per_batch, max_doc_len, rank=rank,
                                   world_size=world_size, seed=data_seed)
+    PackedBatches(data_dir, 'val', tokens_per_batch, max_doc_len)  # read at every evaluation: checked now
 except (OSError, ValueError) as e:
     fail(f'data_dir={data_dir!r}: {e}')
+except Exception as e:  # the tokenizers library raises a bare Exception, not naming the file, for one it cannot parse
+    fail(f"data_dir={data_dir!r}: {os.path.join(data_dir, 'tokenizer.json')} is not a readable tokenizer "
+         f"({checkpoint.first_line(e)}): prepare the data again")
+if master_process and not eval_only:  # one run at a time writes out_dir (and a failed start leaves no empty one)
+    try:
+        notes = [checkpoint.hold(out_dir)]
+        notes += [f'note: removed {os.path.join(out_dir, name)}, left by a checkpoint write that was killed'
+                  for name in checkpoint.remove_stale_temporaries(ckpt_path)]
+    except checkpoint.CheckpointError as e:
+        fail(e)
+    except OSError as e:
+        fail(f'out_dir={out_dir!r}: {e}')
+    for note in filter(None, notes):
+        print(note)
 if init_from == 'scratch':
     model_args['vocab_size'] = vocab_size
     raw_model = GPT(GPTConfig(**model_args)).to(device)
@@ -252,6 +267,7 @@ if wandb_log and master_process:
 
 # Speed is measured over all steps since the last log line or evaluation, ended by a GPU sync (.item()).
 t_mark, steps_timed, flops_timed = time.time(), 0, 0
+t_start, saved_iter = t_mark, None
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
@@ -276,6 +292,7 @@ while True:
                                  'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
                                  'config': config, 'loader': train_batches.state_dict(), 'rng': rng}, ckpt_path)
                 print(f'saved {ckpt_path}')
+            saved_iter = iter_num
         t_mark, steps_timed, flops_timed = time.time(), 0, 0
     if iter_num == max_iters or eval_only:
         break
@@ -311,6 +328,17 @@ while True:
                            **({} if mfu is None else {'mfu': mfu})})
         t_mark, steps_timed, flops_timed = time.time(), 0, 0
     iter_num += 1
+
+if master_process:  # what is on disk now
+    if saved_iter is not None:
+        saved = f'{ckpt_path} holds iter {saved_iter} (best val loss {best_val_loss:.4f}), saved by this run'
+    elif init_from == 'resume':
+        saved = f'{ckpt_path} holds iter {start_iter} (best val loss {best_val_loss:.4f}) as before: nothing saved'
+    else:
+        saved = 'no checkpoint saved'
+    elapsed = time.time() - t_start
+    print(f'done at iter {iter_num}: {saved}; {(iter_num - start_iter) * tokens_per_iter:,} tokens trained in '
+          f'{int(elapsed // 3600)}:{int(elapsed % 3600 // 60):02d}:{elapsed % 60:04.1f}')
 
 if ddp:
     # Tear down together and only after DDP lets go of the group: a rank whose gloo group outlives it into
