@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from data.retrieval import RetrievalTask
+
 EOT = '<|endoftext|>'
-SPLITS = ('train', 'val')
+SPLITS = ('train', 'val', 'test')
 MAGIC = b'WALLTOK\0'
 VERSION = 1
 HEADER = struct.Struct('<8sIIQQ')  # magic, version, bytes per token, token count, document count
@@ -84,46 +86,76 @@ class PackedBatches:
     left it holds a lone EOT with no target (padding). y[i] = x[i + 1] within a piece and -1 (ignore) at its last
     token, so no target crosses a piece boundary, and every corpus token is a target exactly once per epoch.
 
+    With `retrieval_mix` = f > 0, synthetic retrieval documents (data/retrieval.py) of the full piece length are
+    mixed into the stream so that they make up a fraction f of its document tokens, exactly up to one document:
+    one goes in whenever they are behind f and a whole one fits the batch. Each is made from its own seed (seed,
+    number of the synthetic document), its filler a random window of this split's tokens.
+
     All ranks walk the same global stream of batches; rank r keeps batches r, r + world_size, ... so ranks never
     share tokens within a step, and state_dict() (the stream position after a whole step) is identical on all ranks.
     """
 
-    def __init__(self, data_dir, split, tokens_per_batch, max_doc_len, *, rank=0, world_size=1, seed=0):
+    def __init__(self, data_dir, split, tokens_per_batch, max_doc_len, *, rank=0, world_size=1, seed=0,
+                 retrieval_mix=0.0):
         if tokens_per_batch < 2:
             raise ValueError(f'tokens_per_batch={tokens_per_batch}, expected at least 2')
         if max_doc_len < 2:
             raise ValueError(f'max_doc_len={max_doc_len}, expected at least 2 (EOT plus one token)')
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f'rank={rank}, world_size={world_size}: expected 0 <= rank < world_size')
+        if not 0 <= retrieval_mix < 1:
+            raise ValueError(f'retrieval_mix={retrieval_mix}, expected a fraction in [0, 1)')
         self.tokens, self.offsets = read_shard(_shard_path(data_dir, split))
-        self.eot = _eot_id(data_dir)
+        tokenizer = load_tokenizer(data_dir)
+        self.eot = tokenizer.token_to_id(EOT)
         self.tokens_per_batch, self.max_doc_len = tokens_per_batch, max_doc_len
         self.rank, self.world_size = rank, world_size
+        self.retrieval_mix, self.synthetic_len = retrieval_mix, min(max_doc_len, tokens_per_batch) - 1
+        if retrieval_mix:
+            self.task = RetrievalTask(tokenizer)
+            if len(self.tokens) <= self.synthetic_len:
+                raise ValueError(f'retrieval_mix: the {split} split has {len(self.tokens)} tokens, fewer than the '
+                                 f'{self.synthetic_len} of filler one retrieval document needs')
+            self.task.document(np.random.default_rng(0), self.tokens, self.synthetic_len)  # the length fits
         self.load_state_dict({'seed': seed, 'epoch': 0, 'doc': 0, 'offset': 0})
 
     def state_dict(self):
         # Plain ints, so a checkpoint holding this loads under torch.load(weights_only=True).
-        return {'seed': int(self.seed), 'epoch': int(self.epoch), 'doc': int(self.doc), 'offset': int(self.offset)}
+        return {'seed': int(self.seed), 'epoch': int(self.epoch), 'doc': int(self.doc), 'offset': int(self.offset),
+                'taken': int(self.taken), 'synthetic': int(self.synthetic)}
 
     def load_state_dict(self, state):
-        """Resume at `state`: `doc` indexes the epoch's shuffled order, `offset` counts tokens already taken from it."""
+        """Resume at `state`: `doc` indexes the epoch's shuffled order, `offset` counts tokens already taken from it,
+        `taken` counts all document tokens handed out, `synthetic` the retrieval documents among them."""
         self.seed, self.epoch, self.doc, self.offset = state['seed'], state['epoch'], state['doc'], state['offset']
+        self.taken, self.synthetic = state.get('taken', 0), state.get('synthetic', 0)
         self.order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.offsets) - 1)
 
+    def _synthetic_document(self):
+        rng = np.random.default_rng((self.seed, 1, self.synthetic))  # (seed, epoch) seeds the orders: no clash
+        start = rng.integers(0, len(self.tokens) - self.synthetic_len + 1)
+        self.synthetic += 1
+        return self.task.document(rng, self.tokens[start:start + self.synthetic_len], self.synthetic_len)
+
     def _take_pieces(self):
-        """Advance the stream by one batch; return its pieces as (start in the shard, number of document tokens)."""
+        """Advance the stream by one batch; return its pieces, each the tokens of one piece without its EOT."""
         pieces, room = [], self.tokens_per_batch
         while room > 0:
-            if self.doc == len(self.order):
-                self.load_state_dict({'seed': self.seed, 'epoch': self.epoch + 1, 'doc': 0, 'offset': 0})
-            doc = self.order[self.doc]
-            start, end = self.offsets[doc] + self.offset, self.offsets[doc + 1]
-            n = min(end - start, self.max_doc_len - 1, room - 1)
-            pieces.append((start, n))
-            room -= n + 1
-            self.offset += n
-            if start + n == end:
-                self.doc, self.offset = self.doc + 1, 0
+            behind = self.synthetic * self.synthetic_len < self.retrieval_mix * self.taken
+            if self.retrieval_mix and behind and room > self.synthetic_len:
+                pieces.append(self._synthetic_document())
+            else:
+                if self.doc == len(self.order):
+                    self.load_state_dict(self.state_dict() | {'epoch': self.epoch + 1, 'doc': 0, 'offset': 0})
+                doc = self.order[self.doc]
+                start, end = self.offsets[doc] + self.offset, self.offsets[doc + 1]
+                n = min(end - start, self.max_doc_len - 1, room - 1)
+                pieces.append(self.tokens[start:start + n])
+                self.offset += n
+                if start + n == end:
+                    self.doc, self.offset = self.doc + 1, 0
+            room -= len(pieces[-1]) + 1
+            self.taken += len(pieces[-1])
         return pieces
 
     def __iter__(self):
@@ -138,10 +170,10 @@ class PackedBatches:
         x = np.empty(self.tokens_per_batch, dtype=np.int64)
         cu_seqlens = np.zeros(len(pieces) + 1, dtype=np.int32)
         at = 0
-        for i, (start, n) in enumerate(pieces):
+        for i, piece in enumerate(pieces):
             x[at] = self.eot
-            x[at + 1:at + 1 + n] = self.tokens[start:start + n]
-            at += n + 1
+            x[at + 1:at + 1 + len(piece)] = piece
+            at += len(piece) + 1
             cu_seqlens[i + 1] = at
         y = np.full_like(x, -1)
         y[:-1] = x[1:]

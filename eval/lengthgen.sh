@@ -1,28 +1,55 @@
 #!/usr/bin/env bash
-# The length-generalisation experiment (docs/length_generalization.md), end to end on one GPU: the default corpus,
-# three models that differ only in attention (config/lengthgen_{wall,rope,fox}.py), trained side by side (the
-# models are small enough that three share an H100), then loss by position and the needle grid up to 16x their
-# 2048-token training documents. Results and logs go to $RESULTS (default out/lengthgen).
-#   bash eval/lengthgen.sh [wall rope fox]
+# The length-generalisation study (docs/length_generalization.md) for one model, end to end on one GPU: prepare the
+# installed-source corpus if it is not there, train config/lengthgen_MODEL.py, then evaluate the checkpoint to 16x
+# its 4096-token training documents: loss by position and natural copying (eval/length.py), trained-in retrieval
+# by distance (eval/retrieval.py), the needle test (eval/niah.py) and, for Wall models, the trained gates
+# (eval/gates.py). Results, logs and plots go to $RESULTS/MODEL (default out/lengthgen/MODEL).
+#   bash eval/lengthgen.sh wall            # or rope, fox, wall_scalar; extra arguments go to train.py
+# DEADLINE=<seconds> makes everything end within that many seconds of the start: training gets what the
+# evaluations (EVAL_SECONDS, default 200) leave, and the evaluations use the last checkpoint it saved.
 set -uo pipefail
-RESULTS=${RESULTS:-out/lengthgen}
-mkdir -p "$RESULTS"
-export PYTHONUNBUFFERED=1
-models=${*:-wall rope fox}
-[ -f data/pystdlib/val.bin ] || python3 data/prepare.py > "$RESULTS/prepare.log" 2>&1 || { tail "$RESULTS/prepare.log"; exit 1; }
+model=${1:?usage: bash eval/lengthgen.sh MODEL [train.py overrides], MODEL one of wall rope fox wall_scalar}
+shift
+[ -f "config/lengthgen_$model.py" ] || { echo "error: no config/lengthgen_$model.py"; exit 1; }
 start=$(date +%s)
-for a in $models; do
-  (python3 train.py "config/lengthgen_$a.py" > "$RESULTS/train_$a.log" 2>&1
-   echo "$a: exit $?, trained in $(( $(date +%s) - start )) s" >> "$RESULTS/times.txt") &
-done
-wait
-cat "$RESULTS/times.txt"
-for a in $models; do grep -E 'parameters|val loss' "$RESULTS/train_$a.log" | sed -n '1p;$p'; done
-ckpts=$(for a in $models; do echo "out/lengthgen_$a/ckpt.pt"; done)
-python3 eval/length.py --ckpt $ckpts --length 32768 --docs 16 --out "$RESULTS/length" > "$RESULTS/length.log" 2>&1 &
-for a in $models; do
-  python3 eval/niah.py --ckpt "out/lengthgen_$a/ckpt.pt" --lengths 1024,2048,4096,8192,16384,32768 \
-    --depths 0,0.25,0.5,0.75,1 --trials 4 --out "$RESULTS/niah_$a" > "$RESULTS/niah_$a.log" 2>&1 &
-done
-wait
-for log in "$RESULTS"/length.log "$RESULTS"/niah_*.log; do tail -1 "$log"; done
+RESULTS=${RESULTS:-out/lengthgen}/$model
+DATA=${DATA:-data/installed}
+LENGTH=${LENGTH:-65536}
+DOCS=${DOCS:-64}
+EVAL_SECONDS=${EVAL_SECONDS:-200}
+export PYTHONUNBUFFERED=1
+mkdir -p "$RESULTS"
+left() { [ "${DEADLINE:-0}" -gt 0 ] && echo $(( DEADLINE - ($(date +%s) - start) )) || echo 100000; }
+step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its log in $RESULTS/NAME.log
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  [ "$limit" -gt 0 ] || { echo "$name: skipped, no time left" | tee -a "$RESULTS/steps.txt"; return 1; }
+  timeout "$limit" "$@" > "$RESULTS/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc in $(( $(date +%s) - t0 )) s" | tee -a "$RESULTS/steps.txt"
+  return $rc
+}
+
+if [ ! -f "$DATA/val.bin" ]; then
+  step prepare "$(left)" python3 data/prepare.py --source=installed --vocab_size=16384 --out="$DATA" \
+    ${TOKENIZER:+--tokenizer=$TOKENIZER} || { tail -3 "$RESULTS/prepare.log"; exit 1; }
+  tail -6 "$RESULTS/prepare.log"
+fi
+cp "$DATA/manifest.json" "$RESULTS/" 2>/dev/null
+out_dir=out/lengthgen_$model
+step train $(( $(left) - EVAL_SECONDS )) python3 train.py "config/lengthgen_$model.py" --data_dir="$DATA" \
+  --out_dir="$out_dir" "$@"
+grep -E 'parameters|val loss' "$RESULTS/train.log" | sed -n '1p;$p'
+ckpt=$out_dir/ckpt.pt
+[ -f "$ckpt" ] || { echo "error: training saved no checkpoint"; tail -5 "$RESULTS/train.log"; exit 1; }
+
+step length $(( $(left) * 2 / 5 )) python3 eval/length.py --ckpt "$ckpt" --length "$LENGTH" --docs "$DOCS" --copy \
+  --out "$RESULTS/length"
+step retrieval $(( $(left) * 2 / 3 )) python3 eval/retrieval.py --ckpt "$ckpt" --out "$RESULTS/retrieval"
+if [ "$model" != rope ] && [ "$model" != fox ]; then
+  step gates $(( $(left) / 2 )) python3 eval/gates.py --ckpt "$ckpt" --out "$RESULTS/gates"
+fi
+step niah "$(left)" python3 eval/niah.py --ckpt "$ckpt" --lengths 2048,4096,16384,65536 --depths 0,0.5,1 \
+  --trials 4 --out "$RESULTS/niah"
+for log in "$RESULTS"/{length,retrieval,gates,niah}.log; do [ -f "$log" ] && tail -2 "$log"; done
+echo "total $(( $(date +%s) - start )) s"

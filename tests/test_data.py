@@ -169,7 +169,7 @@ def test_prepare_refuses_to_overwrite_without_force(corpus, tmp_path):
         (src / f'{i}.txt').write_text(f'document number {i} ' * (i + 1))
     args = [f'--source={src}', f'--out={data_dir}', '--vocab_size=300', '--val_fraction=0.25', '--seed=1']
     before = {f: open(os.path.join(data_dir, f), 'rb').read() for f in os.listdir(data_dir)}
-    with pytest.raises(FileExistsError, match='--force'):
+    with pytest.raises(SystemExit, match='--force'):
         prepare_main(args)
     assert {f: open(os.path.join(data_dir, f), 'rb').read() for f in os.listdir(data_dir)} == before
     out = tmp_path / 'again'
@@ -177,7 +177,7 @@ def test_prepare_refuses_to_overwrite_without_force(corpus, tmp_path):
     first = {f: (out / f).read_bytes() for f in os.listdir(out)}
     prepare_main(args[:1] + [f'--out={out}'] + args[2:] + ['--force'])
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == first, 'prepare should be deterministic'
-    assert sorted(first) == ['tokenizer.json', 'train.bin', 'val.bin'], 'no temporary files left behind'
+    assert sorted(first) == ['manifest.json', 'tokenizer.json', 'train.bin', 'val.bin'], 'no temporary files left'
 
 
 def test_interrupted_shard_write_leaves_nothing(tmp_path):
@@ -198,7 +198,7 @@ def test_clear_errors_for_bad_arguments(corpus, tmp_path):
     with pytest.raises(FileNotFoundError, match='prepare.py'):
         load_tokenizer(str(tmp_path))
     for kwargs, name in [({'tokens_per_batch': 1}, 'tokens_per_batch'), ({'max_doc_len': 1}, 'max_doc_len'),
-                         ({'rank': 2, 'world_size': 2}, 'rank'), ({'split': 'test'}, 'split')]:
+                         ({'rank': 2, 'world_size': 2}, 'rank'), ({'split': 'valid'}, 'split')]:
         args = {'split': 'train', 'tokens_per_batch': 64, 'max_doc_len': 16} | kwargs
         with pytest.raises(ValueError, match=name):
             PackedBatches(data_dir, args.pop('split'), **args)

@@ -1,0 +1,84 @@
+"""The synthetic retrieval task (data/retrieval.py) and its mix into training batches (data/loader.py)."""
+import numpy as np
+import pytest
+
+from data.loader import PackedBatches, load_tokenizer, read_shard
+from data.retrieval import RetrievalTask
+from tests.test_data import corpus, piece_contents  # noqa: F401 (corpus is a fixture)
+
+
+def find(haystack, needle):
+    """Start positions of the token list `needle` in the token list `haystack`."""
+    n = len(needle)
+    return [i for i in range(len(haystack) - n + 1) if haystack[i:i + n] == needle]
+
+
+@pytest.fixture(scope='module')
+def task_and_filler(corpus):  # noqa: F811
+    data_dir, _ = corpus
+    tokens, _ = read_shard(f'{data_dir}/train.bin')
+    filler = np.tile(np.asarray(tokens, dtype=np.int64), 8)  # the tiny corpus is short
+    return RetrievalTask(load_tokenizer(data_dir)), filler
+
+
+def test_document_asks_for_every_needle_after_it(task_and_filler):
+    task, filler = task_and_filler
+    doc = task.document(np.random.default_rng(0), filler, 800)
+    assert len(doc) == 800 and doc.dtype == np.int64
+    queries = doc[-task.num_pairs * task.needle_len:].reshape(task.num_pairs, task.needle_len)
+    for query in queries.tolist():
+        needles = find(doc.tolist()[:-task.num_pairs * task.needle_len], query)
+        assert len(needles) == 1  # each key's line occurs once before the queries, value included
+    assert len({tuple(q) for q in queries.tolist()}) == task.num_pairs
+    again = task.document(np.random.default_rng(0), filler, 800)
+    assert (again == doc).all()  # the generator's seed decides everything
+
+
+@pytest.mark.parametrize('distance', [1, 30, 200, 700])
+def test_probe_distance_is_exact_and_its_value_occurs_once(task_and_filler, distance):
+    task, filler = task_and_filler
+    probe = task.probe(np.random.default_rng(distance), filler, distance)
+    prompt = probe.prompt.tolist()
+    (at,) = find(prompt, probe.answer)
+    assert len(prompt) - at == probe.distance
+    assert abs(probe.distance - distance) <= 2 * task.num_pairs * task.needle_len + 64  # line ends and distractors
+    cue = prompt[-(len(task.head) + 4 + len(task.equals)):]
+    assert find(prompt, cue + probe.answer) == [at - len(cue)]  # the cue, completed, is the needle
+    with pytest.raises(ValueError, match='filler'):
+        task.probe(np.random.default_rng(0), filler[:task.min_filler(distance) - 1], distance)
+
+
+def test_mix_is_exact_deterministic_and_resumable(corpus):  # noqa: F811
+    data_dir, _ = corpus
+    mix, tokens_per_batch, max_doc_len = 0.25, 2048, 600
+    batches = PackedBatches(data_dir, 'train', tokens_per_batch, max_doc_len, seed=3, retrieval_mix=mix)
+    task = batches.task
+    synthetic = total = 0
+    stream = []
+    for _ in range(40):
+        x, y, cu = next(batches)
+        stream.append(x)
+        for piece in piece_contents(x, cu):
+            total += len(piece)
+            tail = piece[-task.num_pairs * task.needle_len:].tolist()
+            if len(piece) == max_doc_len - 1 and find(tail, task.head.tolist()):
+                synthetic += len(piece)
+    assert batches.synthetic > 10
+    assert synthetic == batches.synthetic * (max_doc_len - 1)
+    assert abs(synthetic - mix * total) <= max_doc_len  # exact up to one document
+    state = batches.state_dict()
+    ahead = [next(batches)[0] for _ in range(5)]
+    resumed = PackedBatches(data_dir, 'train', tokens_per_batch, max_doc_len, seed=0, retrieval_mix=mix)
+    resumed.load_state_dict(state)
+    assert all((a == next(resumed)[0]).all() for a in ahead)
+    replay = PackedBatches(data_dir, 'train', tokens_per_batch, max_doc_len, seed=3, retrieval_mix=mix)
+    assert all((a == next(replay)[0]).all() for a in stream)
+    plain = PackedBatches(data_dir, 'train', tokens_per_batch, max_doc_len, seed=3)
+    assert plain.synthetic == 0 and not any(find(next(plain)[0][0].tolist(), task.head.tolist()) for _ in range(3))
+
+
+def test_mix_refuses_bad_fractions(corpus):  # noqa: F811
+    data_dir, _ = corpus
+    for mix in (-0.1, 1.0):
+        with pytest.raises(ValueError, match='retrieval_mix'):
+            PackedBatches(data_dir, 'train', 2048, 600, retrieval_mix=mix)
