@@ -138,7 +138,7 @@ def test_checkpoint_holds_what_sampling_and_resuming_read(runs):
     assert checkpoint['iter_num'] == ITERS
     assert checkpoint['model_args']['vocab_size'] == 512 and checkpoint['model_args']['n_layer'] == 2
     assert {'data_dir', 'max_doc_len', 'tokens_per_batch'} <= set(checkpoint['config'])
-    assert set(checkpoint['loader']) == {'seed', 'epoch', 'doc', 'offset'}
+    assert set(checkpoint['loader']) == {'seed', 'epoch', 'doc', 'offset', 'taken', 'synthetic'}
     assert not [f for f in os.listdir(full_dir) if f != 'ckpt.pt'], 'a temporary file was left behind'
 
 
