@@ -3,7 +3,7 @@ A GPT language model with Wall Attention, in one file.
 
 Wall Attention is causal softmax attention whose query-key product is multiplied, channel by channel,
 by a learned decay: logit(i, j) = scale * sum_d q[i,d] k[j,d] exp(g[j+1,d] + ... + g[i,d]), with
-g = logsigmoid(Linear(x)) <= 0 (SPEC.md, section 1). The decay is the only positional signal: no RoPE.
+g = logsigmoid(Linear(x)) <= 0 (docs/operator.md). The decay is the only positional signal: no RoPE.
 Two baselines share everything else and sit behind `attention`:
   'rope': rotary position embeddings + plain softmax attention,
   'fox':  the Forgetting Transformer, one scalar forget gate per head instead of one per channel.
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels
+from generate import DecodeStep, sample_next
 
 
 @dataclass
@@ -43,6 +43,24 @@ class GPTConfig:
     rope_base: float = 10000.0
     loss_chunk_rows: int = 4096     # lm head + cross-entropy this many tokens at a time
     activation_checkpointing: bool = False  # recompute each block in backward instead of storing its activations
+
+    def __post_init__(self):
+        """Refuse a config the model cannot be built from, naming the field."""
+        def check(ok, field, expected):
+            if not ok:
+                raise ValueError(f'{field}={getattr(self, field)!r}: expected {expected}')
+        for field in ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'window_size', 'loss_chunk_rows'):
+            check(type(getattr(self, field)) is int and getattr(self, field) >= 1, field, 'a positive integer')
+        check(self.attention in ('wall', 'rope', 'fox'), 'attention', "'wall', 'rope' or 'fox'")
+        check(self.attn_impl in ('auto', 'triton', 'reference'), 'attn_impl', "'auto', 'triton' or 'reference'")
+        check(self.n_embd % self.n_head == 0, 'n_embd', f'a multiple of n_head={self.n_head}')
+        check(self.n_head % self.n_kv_head == 0, 'n_head', f'a multiple of n_kv_head={self.n_kv_head}')
+        check(self.attention != 'rope' or self.n_embd // self.n_head % 2 == 0, 'n_embd',
+              f'an even head dimension n_embd / n_head for RoPE (n_head={self.n_head})')
+        check(isinstance(self.window_pattern, str) and self.window_pattern and set(self.window_pattern) <= {'L', 'G'},
+              'window_pattern', "letters L (local) and G (global), e.g. 'LLLG'")
+        check(self.g_max >= 0, 'g_max', 'a bound >= 0 (0 = off)')
+        check(not (self.sink and self.attention == 'rope'), 'sink', "False with attention='rope' (wall or fox only)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -138,10 +156,9 @@ class Attention(nn.Module):
         for rope, q and k come rotated by rope = (cos, sin) and g is None.
         """
         B, T, _ = x.shape
-        # Training and prefill: one GEMM per row block of c_attn's weight, so q, k and v come out contiguous, as the
-        # training kernels read them (the split output of one GEMM is strided views, copied once each: 8 ms a step of
-        # config/long.py). A decoding step keeps the one GEMM: the decode kernels read its strided split, and the
-        # three GEMMs cost more there (H200: 2.09 against 1.99 ms/token).
+        # Training and prefill: one GEMM per row block of c_attn's weight, so that q, k and v come out contiguous
+        # for the training kernels; a decoding step keeps the one GEMM, whose strided split the decode kernels read
+        # (both measured faster, bench/results_train.md, bench/results_generate.md).
         sizes = [self.n_head * self.head_dim] + 2 * [self.n_kv_head * self.head_dim]
         if T == 1:
             q, k, v = self.c_attn(x).split(sizes, dim=-1)
@@ -163,46 +180,26 @@ class Attention(nn.Module):
         return q, k, v, g, g_scalar
 
     def forward(self, x, cu_seqlens=None, rope=None, cache=None):
-        """Without `cache`, attention within x (training). With `cache` (this layer's, see KVCache), x holds the
-        tokens that follow the cached ones: they are appended and attend to everything cached."""
+        """Attention within x (training). With `cache` (this layer's, see generate.py), x holds the tokens that
+        follow the cached ones: the cache appends them and attends them to everything it holds."""
         B, T, _ = x.shape
         q, k, v, g, g_scalar = self.project(x, rope)
         sink_bias = self.sink_bias if self.config.sink else None
-        new = (k, v) if self.config.attention == 'rope' else (k, v, g, g_scalar)  # what the cache keeps
-        if cache is not None and cache.length and T == 1 and self.config.attention != 'rope':  # a replayable step
-            cache.append_token(*new)
-            y = cache.attend_token(q, sink_bias=sink_bias, window_size=self.window_size)[0]
-        elif cache is not None and cache.length:
-            y = self.attend_cached(cache, q, new, sink_bias)
+        if cache is None:
+            y = self.attend(q, k, v, g, g_scalar, sink_bias, cu_seqlens)
         else:
-            if self.config.attention == 'rope':
-                y = softmax_attention(q, k, v, cu_seqlens, self.window_size)
-            else:
-                y = wall_attention(self.config.attn_impl, q, k, v, g, g_scalar=g_scalar, sink_bias=sink_bias,
-                                   window_size=self.window_size, cu_seqlens=cu_seqlens)
-            if cache is not None:  # into an empty cache, the chunk attends as in training (fused kernel) first
-                for rows in row_pieces(T, APPEND_ROWS):
-                    cache.append(*take_rows(new, rows))
+            y = cache.update(q, k, v, g, g_scalar, sink_bias)
         y = y.reshape(B, T, -1)
         if self.config.output_gate:
             y = y * torch.sigmoid(self.out_gate(x))
         return self.c_proj(y)
 
-    def attend_cached(self, cache, q, new, sink_bias):
-        """Append `new` (k, v and the gates of T tokens) to a non-empty cache; attend their queries q [B, T, HQ, D].
-
-        Long chunks go in pieces of ATTEND_ROWS; each piece sees its own keys exactly (causally, with their decay).
-        """
-        rope = self.config.attention == 'rope'
-        rows_per_piece = ATTEND_ROWS if rope else max(1, ATTEND_ROWS * cache.num_gate_heads // self.n_head)
-        ys = []
-        for rows in row_pieces(q.shape[1], rows_per_piece):
-            cache.append(*take_rows(new, rows))
-            if rope:
-                ys.append(cache.attend(q[:, rows], window_size=self.window_size))
-            else:
-                ys.append(cache.attend(q[:, rows], sink_bias=sink_bias, window_size=self.window_size)[0])
-        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)  # a decode step: no copy
+    def attend(self, q, k, v, g, g_scalar, sink_bias, cu_seqlens=None):
+        """Causal attention within one chunk of tokens (per document with cu_seqlens), as in training."""
+        if self.config.attention == 'rope':
+            return softmax_attention(q, k, v, cu_seqlens, self.window_size)
+        return wall_attention(self.config.attn_impl, q, k, v, g, g_scalar=g_scalar, sink_bias=sink_bias,
+                              window_size=self.window_size, cu_seqlens=cu_seqlens)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -300,11 +297,6 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.attention in ('wall', 'rope', 'fox'), f'unknown attention {config.attention!r}'
-        assert config.attn_impl in ('auto', 'triton', 'reference'), f'unknown attn_impl {config.attn_impl!r}'
-        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
-        assert set(config.window_pattern) <= {'L', 'G'}, f'window_pattern {config.window_pattern!r}: use L and G'
-        assert not (config.sink and config.attention == 'rope'), 'the attention sink needs wall or fox'
         self.config = config
         self.windows = [config.window_size if config.window_pattern[i % len(config.window_pattern)] == 'L' else None
                         for i in range(config.n_layer)]
@@ -426,174 +418,3 @@ class GPT(nn.Module):
                 logits = step(idx_next)
 
 
-class DecodeStep:
-    """The forward of one new token per sequence against a KVCache, returning its logits [B, 1, vocab].
-
-    On a GPU the first call runs eagerly (compiling kernels, and bringing the cache to its steady state), the second
-    captures the step in a CUDA graph, and every later call replays it: an eager step of a small model at batch 1 is
-    bound by Python and kernel launches (bench/results_generate.md). Every position the step uses is read from the
-    device (KVCache.position), so one graph serves every step; the host's view is advanced after each replay. RoPE
-    steps run eagerly (StaticKVCache says why).
-    """
-
-    def __init__(self, model, cache, cuda_graph=True):
-        self.model, self.cache, self.cuda_graph = model, cache, cuda_graph
-        self.graph, self.calls = None, 0
-
-    def __call__(self, idx):
-        self.cache.check_room(idx.shape[1])  # a replay runs no Python of the model's: check here
-        self.calls += 1
-        if not (idx.is_cuda and self.cuda_graph and self.cache.replayable):
-            return self.model(idx, cache=self.cache)[0]
-        if self.calls == 1:  # warm up on a side stream, as CUDA graph capture asks
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                logits = self.model(idx, cache=self.cache)[0]
-            torch.cuda.current_stream().wait_stream(side)
-            return logits
-        if self.graph is None:
-            self.idx = idx.clone()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self.model(self.idx, cache=self.cache)[0]
-            self.cache.advance(-1)  # the capture ran the host's bookkeeping but none of the kernels
-        self.idx.copy_(idx)
-        self.graph.replay()
-        self.cache.advance(1)
-        return self.logits
-
-
-def sample_next(logits, temperature=1.0, top_k=None):
-    """One token [B, 1] per row of logits [B, vocab]: the argmax when temperature == 0, else a sample from
-    softmax(logits / temperature) restricted to the top_k most likely tokens."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float('inf')
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# decoding caches
-
-APPEND_ROWS = 1024  # tokens per append of a prefill: bounds the float64 prefixes a Wall cache keeps for raw rows
-# Query rows x query heads per gate head in one call of the decode kernel: 16 is its smallest tile, so 16 rows cost
-# what one does, and its registers grow with more. RoPE takes as many query rows per masked SDPA call.
-ATTEND_ROWS = 16
-
-
-def row_pieces(n, largest):
-    """Cover rows [0, n) with slices of power-of-two lengths <= largest, longest first. The decode kernel is
-    compiled once per number of query rows: this keeps that to a handful of variants."""
-    start = 0
-    while start < n:
-        size = min(largest, 1 << (n - start).bit_length() - 1)
-        yield slice(start, start + size)
-        start += size
-
-
-def take_rows(tensors, rows):
-    return [None if t is None else t[:, rows] for t in tensors]
-
-
-DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def cached_sdpa(q, k, v, mask):
-    """SDPA of q [B, T_q, HQ, D] over cached k, v [B, T, H, D]. enable_gqa only under GQA: with it, a masked call on
-    the GPU falls back to the math backend. No cuDNN: it builds a new graph for every new cache length, milliseconds
-    per layer and step."""
-    with sdpa_kernel(DECODE_SDPA_BACKENDS):
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                           enable_gqa=q.shape[2] != k.shape[2])
-    return y.transpose(1, 2)
-
-
-class StaticKVCache:
-    """Keys and values of one RoPE layer in preallocated buffers [B, max_len, H, D], attended with SDPA.
-
-    Its steps are not replayed from a CUDA graph: SDPA's FlashAttention takes the cache length from the shape of the
-    keys it is given, and the kernels that could take it from the device (a mask over the whole buffer) ran 20x
-    slower on an H100 (1.36 ms against 64 us per layer and step at 32k tokens, torch 2.11)."""
-
-    def __init__(self, batch_size, max_len, num_kv_heads, head_dim, dtype, device):
-        self.k = torch.empty(batch_size, max_len, num_kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)  # `length` on the device, as KVCache's
-        self.length = 0
-
-    def reset(self):
-        self.length = 0
-        self.position.zero_()
-
-    def append(self, k, v):
-        start, self.length = self.length, self.length + k.shape[1]
-        self.k[:, start:self.length] = k
-        self.v[:, start:self.length] = v
-        self.position.fill_(self.length)
-
-    def attend(self, q, window_size=None):
-        """Attend the last T_q cached positions, q [B, T_q, HQ, D], causally to the cache."""
-        T_q, end = q.shape[1], self.length
-        lo = 0 if window_size is None else max(0, end - T_q - window_size + 1)
-        mask = None
-        if T_q > 1:  # a single query sees every key from lo on; several need the causal (and window) rule
-            i = torch.arange(end - T_q, end, device=q.device)[:, None]
-            j = torch.arange(lo, end, device=q.device)[None, :]
-            mask = (j <= i) & (i - j < (window_size or end))
-        return cached_sdpa(q, self.k[:, lo:end], self.v[:, lo:end], mask)
-
-
-class KVCache:
-    """Decoding state of a GPT for batch_size sequences of at most max_len tokens: one cache per layer.
-
-    Wall layers keep kernels.WallKVCache's chunk-anchored keys, per gate head; FoX keeps the same cache with g = 0
-    (its keys stay raw, the scalar gate decays); RoPE keeps plain keys and values. The cache dtype defaults to the
-    model's; Wall keys are never fp16 (a key may grow by its chunk's decay, SPEC section 2), bf16 instead.
-    """
-
-    def __init__(self, model, batch_size, max_len, *, dtype=None, device=None, chunk_size=64):
-        config = model.config
-        head_dim = config.n_embd // config.n_head
-        dtype = dtype or model.lm_head.weight.dtype
-        device = device or model.lm_head.weight.device
-        self.max_len = max_len
-        self.replayable = config.attention != 'rope'  # whether a decode step can replay from a CUDA graph
-        if config.attention == 'rope':
-            self.layers = [StaticKVCache(batch_size, max_len, config.n_kv_head, head_dim, dtype, device)
-                           for _ in model.blocks]
-            return
-        if head_dim < 16 or head_dim & (head_dim - 1):
-            raise ValueError(f'head_dim={head_dim} (n_embd / n_head): the Wall decode kernel needs a power of two '
-                             f'>= 16')
-        fox = config.attention == 'fox'
-        self.layers = [kernels.WallKVCache(batch_size, max_len, config.n_head, config.n_kv_head, head_dim,
-                                           shared_gate=fox or config.gate_per_kv_head,
-                                           scalar_gate=fox or config.scalar_gate, chunk_size=chunk_size,
-                                           dtype=torch.bfloat16 if dtype == torch.float16 else dtype, device=device)
-                       for _ in model.blocks]
-
-    @property
-    def length(self):
-        return self.layers[0].length
-
-    def check_room(self, n):
-        if self.length + n > self.max_len:
-            raise ValueError(f'{n} new tokens after the {self.length} cached exceed the cache (max_len={self.max_len})')
-
-    @property
-    def position(self):
-        """The length as a device tensor [1]: what a replayed decode step reads instead of `length`."""
-        return self.layers[0].position
-
-    def advance(self, n):
-        """Move the host's view of every layer on by n single-token steps that ran on the device."""
-        for layer in self.layers:
-            layer.advance(n)
-
-    def reset(self):
-        for layer in self.layers:
-            layer.reset()

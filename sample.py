@@ -11,6 +11,7 @@ tokens are decoded one at a time against the cache and streamed to the terminal.
 --max_new_tokens tokens or at an EOT: in training no token ever saw past the end of its document.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -18,10 +19,10 @@ import time
 import torch
 from tokenizers.decoders import DecodeStream
 
+import checkpoint
 from data.loader import EOT, load_tokenizer
-from model import GPT, GPTConfig, KVCache
+from generate import KVCache
 
-TRAIN_KEYS = ('data_dir', 'max_doc_len', 'tokens_per_batch')  # what sampling and evaluation read of the training config
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
@@ -33,27 +34,20 @@ def load_model(path, device, dtype):
             raise RuntimeError('no CUDA GPU here')
     except RuntimeError as e:
         raise SystemExit(f'error: --device {device}: {e}')
-    if not os.path.isfile(path):
-        raise SystemExit(f'error: --ckpt {path}: no such file (train one first, e.g. python train.py config/tiny.py)')
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        raise SystemExit(f'error: --ckpt {path}: not a readable checkpoint (truncated, or not a torch file): '
-                         f'{type(e).__name__}: {detail}')
-    if not isinstance(checkpoint, dict) or not {'model', 'model_args', 'config'} <= checkpoint.keys():
-        raise SystemExit(f'error: --ckpt {path}: not a checkpoint of train.py (it needs model, model_args, config)')
-    missing = [key for key in TRAIN_KEYS if key not in checkpoint['config']]
-    if missing:
-        raise SystemExit(f'error: --ckpt {path}: not a checkpoint of train.py (its config lacks {missing})')
-    try:
-        # attn_impl is how the model runs, not what it computes: let it follow the device it is loaded on
-        model = GPT(GPTConfig(**(checkpoint['model_args'] | {'attn_impl': 'auto'})))
-        model.load_state_dict(checkpoint['model'])
-    except (TypeError, AssertionError, RuntimeError) as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f'error: --ckpt {path}: its weights do not fit this model.py: {detail}')
-    return model.to(device).to_inference_dtype(dtype).eval(), checkpoint['config']
+        ckpt = checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        hint = ' (train one first, e.g. python train.py config/tiny.py)' if not os.path.isfile(path) else ''
+        raise SystemExit(f'error: --ckpt: {e}{hint}')
+    try:  # attn_impl is how the model runs, not what it computes: let it follow the device it is loaded on
+        model = checkpoint.build_model(ckpt, attn_impl='auto')
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f'error: --ckpt {path}: {e}')
+    best = ckpt.get('best_val_loss')
+    print(f'loaded {path}: iter {ckpt.get("iter_num", "unknown")}' +
+          (f', best val loss {best:.4f}' if isinstance(best, float) else '') +
+          f', {model.config.attention}, {model.get_num_params() / 1e6:.2f}M parameters', file=sys.stderr)
+    return model.to(device).to_inference_dtype(dtype).eval(), ckpt['config']
 
 
 def load_data_tokenizer(train_config):
@@ -62,6 +56,10 @@ def load_data_tokenizer(train_config):
         tokenizer = load_tokenizer(train_config['data_dir'])
     except FileNotFoundError as e:
         raise SystemExit(f'error: cannot load the tokenizer of the checkpoint\'s data: {e}')
+    except Exception as e:  # the tokenizers library's bare Exception for a file it cannot parse names no file
+        path = os.path.join(train_config['data_dir'], 'tokenizer.json')
+        raise SystemExit(f'error: {path}, the tokenizer of the checkpoint\'s data, is not readable '
+                         f'({checkpoint.first_line(e)}): prepare the data again')
     return tokenizer, tokenizer.token_to_id(EOT)
 
 
@@ -73,6 +71,38 @@ def training_length(train_config):
 def synchronize(device):
     if torch.device(device).type == 'cuda':
         torch.cuda.synchronize(device)
+
+
+def prefill(model, idx, cache, chunk_size, train_len, device):
+    """model.prefill, chunk_size tokens at a time; a prompt longer than the training length says so on stderr, and,
+    when it takes several chunks, how far it is every few seconds, with an estimate of the time left."""
+    n = idx.shape[1]
+    if n > train_len:
+        print(f'note: the prompt is {n:,} tokens, {n / train_len:.1f}x the training length ({train_len:,}); '
+              f'prefilling it in {math.ceil(n / chunk_size)} chunk(s) of at most {chunk_size:,} (--prefill_chunk)',
+              file=sys.stderr)
+    if n <= train_len or n <= chunk_size:
+        return model.prefill(idx, cache, chunk_size)
+    t0 = shown = last = time.perf_counter()
+    for start in range(0, n, chunk_size):
+        logits = model.prefill(idx[:, start:start + chunk_size], cache)
+        synchronize(device)
+        now, done = time.perf_counter(), min(start + chunk_size, n)
+        # A chunk attends to everything before it, so its time grows with its start: after the first chunk (which
+        # attends to half a chunk per query) guess that attention is all of it, later fit a line through the
+        # first chunk's time and the latest's.
+        if start == 0:
+            first = now - t0
+            slope = 2 * first / chunk_size
+        else:
+            slope = max(0.0, (now - last - first) / start)
+        last = now
+        left = sum(first + slope * s for s in range(done, n, chunk_size))
+        if start == 0 or done == n or now - shown > 5:
+            shown = now
+            print(f'prefill: {done:,} of {n:,} tokens in {now - t0:.1f} s' +
+                  (f', about {left:.0f} s left' if done < n else ''), file=sys.stderr, flush=True)
+    return logits
 
 
 def one_step_late(tokens):
@@ -98,10 +128,13 @@ def parse_args(argv):
     parser.add_argument('--seed', type=int, default=1337)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--dtype', choices=DTYPES, default='bfloat16' if torch.cuda.is_available() else 'float32')
-    parser.add_argument('--prefill_chunk', type=int, default=65536, help='prompt tokens per prefill forward')
+    parser.add_argument('--prefill_chunk', type=int, help='prompt tokens per prefill forward (default: 65536 on a '
+                        'GPU; on a CPU 4096, so that a long prompt shows its progress)')
     parser.add_argument('--max_len', type=int, help='cache length (default: prompt + max_new_tokens)')
     parser.add_argument('--eager', action='store_true', help='decode without CUDA graphs (GPU), e.g. to debug')
     args = parser.parse_args(argv)
+    if args.prefill_chunk is None:
+        args.prefill_chunk = 65536 if args.device.startswith('cuda') else 4096
     for name in ('num_samples', 'max_new_tokens', 'prefill_chunk'):
         if getattr(args, name) < 1:
             parser.error(f'--{name}={getattr(args, name)}: must be at least 1')
@@ -142,7 +175,7 @@ def main(argv=None):
         cache.reset()
         synchronize(args.device)
         t0 = time.perf_counter()
-        logits = model.prefill(idx, cache, args.prefill_chunk)
+        logits = prefill(model, idx, cache, args.prefill_chunk, training_length(train_config), args.device)
         synchronize(args.device)
         t1 = time.perf_counter()
         print(text, end='', flush=True)

@@ -10,13 +10,13 @@ continue from out_dir/ckpt.pt:                       python train.py config/tiny
 Every micro-batch is one row of `tokens_per_batch` tokens holding whole documents or pieces of them, with
 cu_seqlens marking the documents: attention never crosses a document boundary.
 """
+import inspect
 import math
 import os
 import random
 import re
 import sys
 import time
-import traceback
 from contextlib import nullcontext
 from dataclasses import fields
 
@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 from configurator import apply_overrides
 from data.loader import PackedBatches, load_tokenizer
-from data.prepare import replacing
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ seed = 1337
 # -----------------------------------------------------------------------------------------------------------
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 config |= {f.name: f.default for f in fields(GPTConfig) if f.name != 'vocab_size'}
-apply_overrides(sys.argv[1:], config)
+apply_overrides(sys.argv[1:], config, sources=(__file__, inspect.getsourcefile(GPTConfig)))  # and --help
 globals().update(config)
 # -----------------------------------------------------------------------------------------------------------
 
@@ -79,11 +79,6 @@ globals().update(config)
 def fail(message):
     """End the program with one line: bad input is the user's to fix, a traceback would only hide it."""
     raise SystemExit(f'error: {message}')
-
-
-def first_line(e):
-    lines = str(e).strip().splitlines()
-    return f'{type(e).__name__}: {lines[0][:300]}' if lines else type(e).__name__
 
 
 for key in ('tokens_per_batch', 'max_doc_len', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters',
@@ -101,6 +96,11 @@ if dtype not in ('float32', 'bfloat16'):
 if device != 'cpu' and not (re.fullmatch(r'cuda(:\d+)?', device) and torch.cuda.is_available()):
     fail(f"device={device!r}, expected 'cpu'" + (" or 'cuda' ('cuda:N')" if torch.cuda.is_available() else
                                                   ' (this torch sees no CUDA GPU)'))
+model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name != 'vocab_size'}
+try:  # before anything is loaded: vocab_size comes from the tokenizer
+    GPTConfig(**model_args)
+except ValueError as e:
+    fail(f'model config: {e}')
 
 ddp = 'RANK' in os.environ  # launched by torchrun
 if ddp:
@@ -125,7 +125,6 @@ if init_from == 'scratch' and not eval_only and os.path.exists(ckpt_path):
     fail(f'{ckpt_path} exists and a run from scratch would replace it: continue it with --init_from=resume, or '
          f'start over in another --out_dir (or delete it)')
 if master_process:
-    os.makedirs(out_dir, exist_ok=True)
     print(f'config: {config}')
     print(f'tokens per iteration: {tokens_per_iter:,} ({world_size} ranks x {micro_steps} micro-batches x '
           f'{tokens_per_batch:,})')
@@ -147,31 +146,6 @@ def set_rng_states(states):
     np.random.set_state((name, np.array(key, dtype=np.uint32), *rest))
 
 
-CHECKPOINT_KEYS = {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config', 'loader', 'rng'}
-RUNTIME_MODEL_KEYS = ('attn_impl', 'activation_checkpointing', 'loss_chunk_rows')  # how it runs, not what it computes
-
-
-def load_checkpoint(path):
-    """The checkpoint at path, or exit with one line saying why it cannot be used."""
-    if not os.path.exists(path):
-        fail(f'init_from=resume but there is no checkpoint at {path}')
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises many kinds for a cut or foreign file; all mean "unusable"
-        fail(f'{path} is not a readable checkpoint (truncated, or not written by torch.save?): {first_line(e)}')
-    missing = CHECKPOINT_KEYS - set(checkpoint) if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
-    if missing:
-        fail(f'{path} is not a checkpoint of this train.py (it lacks {", ".join(sorted(missing))})')
-    return checkpoint
-
-
-def build_model(model_args):
-    try:
-        return GPT(GPTConfig(**model_args))
-    except (TypeError, ValueError, AssertionError) as e:  # model.py checks its config with asserts
-        fail(f'model config {model_args} rejected: {str(e) or traceback.extract_tb(e.__traceback__)[-1].line}')
-
-
 # Every rank builds the same initial weights (DDP would broadcast rank 0's anyway).
 torch.manual_seed(seed)
 np.random.seed(seed)
@@ -181,38 +155,57 @@ try:
     vocab_size = load_tokenizer(data_dir).get_vocab_size()
     train_batches = PackedBatches(data_dir, 'train', tokens_per_batch, max_doc_len, rank=rank,
                                   world_size=world_size, seed=data_seed, retrieval_mix=retrieval_mix)
+    PackedBatches(data_dir, 'val', tokens_per_batch, max_doc_len)  # read at every evaluation: checked now
 except (OSError, ValueError) as e:
     fail(f'data_dir={data_dir!r}: {e}')
+except Exception as e:  # the tokenizers library raises a bare Exception, not naming the file, for one it cannot parse
+    fail(f"data_dir={data_dir!r}: {os.path.join(data_dir, 'tokenizer.json')} is not a readable tokenizer "
+         f"({checkpoint.first_line(e)}): prepare the data again")
+if master_process and not eval_only:  # one run at a time writes out_dir (and a failed start leaves no empty one)
+    try:
+        notes = [checkpoint.hold(out_dir)]
+        notes += [f'note: removed {os.path.join(out_dir, name)}, left by a checkpoint write that was killed'
+                  for name in checkpoint.remove_stale_temporaries(ckpt_path)]
+    except checkpoint.CheckpointError as e:
+        fail(e)
+    except OSError as e:
+        fail(f'out_dir={out_dir!r}: {e}')
+    for note in filter(None, notes):
+        print(note)
 if init_from == 'scratch':
-    model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name != 'vocab_size'}
     model_args['vocab_size'] = vocab_size
-    raw_model = build_model(model_args).to(device)
+    raw_model = GPT(GPTConfig(**model_args)).to(device)
     optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
     iter_num, best_val_loss = 0, float('inf')
 else:
-    checkpoint = load_checkpoint(ckpt_path)
+    try:
+        ckpt = checkpoint.load(ckpt_path, checkpoint.KEYS)
+    except checkpoint.CheckpointError as e:
+        fail(f'init_from=resume but {e}')
     try:
         # the architecture comes from the checkpoint; how to run it may change
-        model_args = checkpoint['model_args'] | {k: config[k] for k in RUNTIME_MODEL_KEYS}
+        runtime = {k: config[k] for k in checkpoint.RUNTIME_MODEL_KEYS}
+        model_args = ckpt['model_args'] | runtime
         ignored = {k: v for k, v in model_args.items() if k in config and config[k] != v}
         if ignored and master_process:
             print(f'note: the checkpoint fixes the architecture: {ignored} (this config says otherwise)')
         if model_args['vocab_size'] != vocab_size:
             fail(f'{ckpt_path} has a vocabulary of {model_args["vocab_size"]} tokens, the tokenizer of '
                  f'data_dir={data_dir!r} has {vocab_size}: resume on the data it was trained on')
-        raw_model = build_model(model_args).to(device)
+        raw_model = checkpoint.build_model(ckpt, **runtime).to(device)
         optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-        raw_model.load_state_dict(checkpoint['model'])
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        train_batches.load_state_dict(checkpoint['loader'])
-        iter_num, best_val_loss = int(checkpoint['iter_num']), float(checkpoint['best_val_loss'])
-        if len(checkpoint['rng']) == world_size:
-            set_rng_states(checkpoint['rng'][rank])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        train_batches.load_state_dict(ckpt['loader'])
+        iter_num, best_val_loss = int(ckpt['iter_num']), float(ckpt['best_val_loss'])
+        if len(ckpt['rng']) == world_size:
+            set_rng_states(ckpt['rng'][rank])
         elif master_process:
-            print(f'note: checkpoint from {len(checkpoint["rng"])} ranks, now {world_size}: RNG states start fresh')
+            print(f'note: checkpoint from {len(ckpt["rng"])} ranks, now {world_size}: RNG states start fresh')
+    except checkpoint.CheckpointError as e:
+        fail(f'{ckpt_path} does not fit this run: {e}')
     except Exception as e:  # any piece that does not fit means the checkpoint cannot continue this run
-        fail(f'{ckpt_path} does not fit this run: {first_line(e)}')
-    del checkpoint
+        fail(f'{ckpt_path} does not fit this run: {checkpoint.first_line(e)}')
+    del ckpt
 start_iter = iter_num
 if master_process:
     print(f'{raw_model.get_num_params() / 1e6:.2f}M parameters, attention={raw_model.config.attention}, '
@@ -275,6 +268,7 @@ if wandb_log and master_process:
 
 # Speed is measured over all steps since the last log line or evaluation, ended by a GPU sync (.item()).
 t_mark, steps_timed, flops_timed = time.time(), 0, 0
+t_start, saved_iter = t_mark, None
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
@@ -295,11 +289,11 @@ while True:
             else:
                 rng[0] = rng_states()
             if master_process:
-                with replacing(ckpt_path) as tmp:  # a crash mid-write leaves the previous checkpoint intact
-                    torch.save({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
-                                'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-                                'config': config, 'loader': train_batches.state_dict(), 'rng': rng}, tmp)
+                checkpoint.save({'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                                 'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+                                 'config': config, 'loader': train_batches.state_dict(), 'rng': rng}, ckpt_path)
                 print(f'saved {ckpt_path}')
+            saved_iter = iter_num
         t_mark, steps_timed, flops_timed = time.time(), 0, 0
     if iter_num == max_iters or eval_only:
         break
@@ -335,6 +329,17 @@ while True:
                            **({} if mfu is None else {'mfu': mfu})})
         t_mark, steps_timed, flops_timed = time.time(), 0, 0
     iter_num += 1
+
+if master_process:  # what is on disk now
+    if saved_iter is not None:
+        saved = f'{ckpt_path} holds iter {saved_iter} (best val loss {best_val_loss:.4f}), saved by this run'
+    elif init_from == 'resume':
+        saved = f'{ckpt_path} holds iter {start_iter} (best val loss {best_val_loss:.4f}) as before: nothing saved'
+    else:
+        saved = 'no checkpoint saved'
+    elapsed = time.time() - t_start
+    print(f'done at iter {iter_num}: {saved}; {(iter_num - start_iter) * tokens_per_iter:,} tokens trained in '
+          f'{int(elapsed // 3600)}:{int(elapsed % 3600 // 60):02d}:{elapsed % 60:04.1f}')
 
 if ddp:
     # Tear down together and only after DDP lets go of the group: a rank whose gloo group outlives it into

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 # model imports kernels, which picks Triton's CPU interpreter when there is no GPU: before anything imports triton
-from model import APPEND_ROWS, GPT, GPTConfig, KVCache  # noqa: E402
+from generate import APPEND_ROWS, KVCache  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 import triton  # noqa: E402
 
 CONFIG = 'config/long.py'

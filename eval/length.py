@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from data.loader import documents  # noqa: E402
 from eval import common, copying  # noqa: E402
 from eval.common import plt  # noqa: E402
-from model import KVCache  # noqa: E402
+from generate import KVCache  # noqa: E402
 from sample import DTYPES, load_data_tokenizer, load_model, training_length  # noqa: E402
 
 MULTIPLES = (1, 2, 4, 8, 16)

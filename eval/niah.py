@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from data.loader import documents  # noqa: E402
-from model import KVCache  # noqa: E402
+from generate import KVCache  # noqa: E402
 from sample import DTYPES, load_data_tokenizer, load_model, training_length  # noqa: E402
 
 NAME = 'PASS_KEY'

@@ -1,6 +1,8 @@
-"""Test setup: Triton's CPU interpreter when there is no GPU, IEEE fp32 dots, NaN-filled fresh tensors."""
+"""Test setup: Triton's CPU interpreter when there is no GPU, IEEE fp32 dots, NaN-filled fresh tensors, and the
+fixtures several test files share."""
 import os
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -11,6 +13,8 @@ os.environ.setdefault('TRITON_F32_DEFAULT', 'ieee')
 torch.backends.cuda.matmul.allow_tf32 = False
 
 import pytest  # noqa: E402
+
+from data.prepare import main as prepare_main  # noqa: E402
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -42,3 +46,35 @@ def _poison_empty(monkeypatch):
     monkeypatch.setattr(torch, 'empty', lambda *a, **kw: poison(real_empty(*a, **kw)))
     monkeypatch.setattr(torch, 'empty_like', lambda *a, **kw: poison(real_empty_like(*a, **kw)))
     torch.manual_seed(0)
+
+
+PROGRAM = '''import os
+
+
+class Point{i}:
+    """A point."""
+
+    def __init__(self, x, y):
+        self.x = x + {i}
+        self.y = y * {j}
+
+
+def area_{i}(width, height):
+    return width * height - {j}
+
+
+LIMIT_{i} = {k}
+'''
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    """A prepared corpus of small Python files."""
+    src = tmp_path_factory.mktemp('programs')
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        text = ''.join(PROGRAM.format(i=i, j=rng.integers(100), k=rng.integers(100000)) for _ in range(3))
+        (src / f'prog{i:02d}.py').write_text(text)
+    out = tmp_path_factory.mktemp('prepared') / 'programs'
+    prepare_main([f'--source={src}', f'--out={out}', '--vocab_size=400', '--val_fraction=0.25'])
+    return str(out)

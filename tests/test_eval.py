@@ -14,9 +14,9 @@ import torch.nn.functional as F
 import sample
 from data.retrieval import RetrievalTask
 from eval import common, copying, length, niah, retrieval
-from model import KVCache
+from generate import KVCache
 from tests.conftest import DEVICE
-from tests.test_sample import CONFIGS, data_dir, save_checkpoint  # noqa: F401 (data_dir is a fixture)
+from tests.test_sample import CONFIGS, save_checkpoint  # data_dir is conftest.py's fixture
 
 
 @pytest.fixture(scope='module')

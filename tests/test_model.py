@@ -61,7 +61,7 @@ def test_wall_with_open_gates_is_causal_attention_without_positions(monkeypatch,
 @pytest.mark.parametrize('attention', ['wall', 'fox'])
 def test_attention_kernels_get_q_k_v_contiguous(attention, monkeypatch):
     """The kernels read q, k and v as [tokens, heads, dim]: split views of one fused projection would be copied on
-    every call (three copies per layer, 8 ms a step of config/long.py on an H200)."""
+    every call (three copies per layer: bench/results_train.md)."""
     seen, attend = [], model_module.wall_attention
 
     def recording(impl, q, k, v, g, **kwargs):

@@ -1,4 +1,4 @@
-"""Cached decoding (model.py's KVCache, prefill, decode) and sample.py, on CPU with tiny models.
+"""Cached decoding (generate.py's KVCache, the model's prefill and decode) and sample.py, on CPU with tiny models.
 
 The Wall and FoX caches decode through Triton's interpreter here, about a quarter second per layer and step, so the
 models are tiny: 2 layers (one local, one global), 2 query heads on 1 kv head of 16 channels, 16-token cache chunks.
@@ -6,14 +6,15 @@ Their weights are scaled up from the GPT init: a freshly initialised model repea
 broken cache pass a greedy comparison.
 """
 import os
+import shutil
 
-import numpy as np
 import pytest
 import torch
 
+import checkpoint as ckpt
 import sample
-from data.prepare import main as prepare_main
-from model import GPT, GPTConfig, KVCache, row_pieces
+from generate import KVCache, row_pieces
+from model import GPT, GPTConfig
 from tests.conftest import DEVICE
 
 CACHE_CHUNK = 16
@@ -99,47 +100,16 @@ def test_row_pieces_cover_the_rows_in_power_of_two_runs():
 
 
 # ----------------------------------------------------------------------------------------------------
-# sample.py end to end, on a checkpoint as train.py writes it
+# sample.py end to end, on a checkpoint as train.py writes it (on conftest's data_dir)
 
-PROGRAM = '''import os
-
-
-class Point{i}:
-    """A point."""
-
-    def __init__(self, x, y):
-        self.x = x + {i}
-        self.y = y * {j}
-
-
-def area_{i}(width, height):
-    return width * height - {j}
-
-
-LIMIT_{i} = {k}
-'''
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    """A prepared corpus of small Python files."""
-    src = tmp_path_factory.mktemp('programs')
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        text = ''.join(PROGRAM.format(i=i, j=rng.integers(100), k=rng.integers(100000)) for _ in range(3))
-        (src / f'prog{i:02d}.py').write_text(text)
-    out = tmp_path_factory.mktemp('prepared') / 'programs'
-    prepare_main([f'--source={src}', f'--out={out}', '--vocab_size=400', '--val_fraction=0.25'])
-    return str(out)
-
-
-def save_checkpoint(path, data_dir, **model_kwargs):
-    """A checkpoint with the keys train.py writes, for a tiny model on data_dir's tokenizer; trained for 32 tokens."""
+def save_checkpoint(path, data_dir, train_config=None, **model_kwargs):
+    """A checkpoint with the keys train.py writes, for a tiny model on data_dir's tokenizer; trained for 32 tokens
+    (train_config: keys of the training config to store instead)."""
     model = tiny_model(vocab_size=sample.load_tokenizer(data_dir).get_vocab_size(), **model_kwargs)
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
-    torch.save({'model': model.cpu().state_dict(), 'optimizer': {}, 'model_args': model_args, 'iter_num': 0,
-                'best_val_loss': 0.0, 'config': {'data_dir': data_dir, 'max_doc_len': 32, 'tokens_per_batch': 256},
-                'loader': {}, 'rng': {}}, path)
+    config = {'data_dir': data_dir, 'max_doc_len': 32, 'tokens_per_batch': 256} | (train_config or {})
+    ckpt.save({'model': model.cpu().state_dict(), 'optimizer': {}, 'model_args': model_args, 'iter_num': 0,
+               'best_val_loss': 0.0, 'config': config, 'loader': {}, 'rng': {}}, str(path))
     return str(path)
 
 
@@ -212,3 +182,63 @@ def test_bad_prompts_give_one_line_errors(checkpoint, tmp_path):
     latin1 = tmp_path / 'latin1.txt'
     latin1.write_bytes('caf\xe9'.encode('latin-1'))
     assert '--prompt' in one_line_error(['--ckpt', checkpoint, '--prompt', f'FILE:{latin1}'])
+
+
+def test_float16_samples_for_every_attention(data_dir, tmp_path, capsys):
+    # the Wall and FoX caches hold an fp16 model's keys and values in fp32, so its steps match its full forwards
+    for name in ('wall', 'fox', 'rope'):
+        path = save_checkpoint(tmp_path / f'{name}.pt', data_dir, **CONFIGS[name])
+        sample.main(['--ckpt', path, '--prompt', 'class Point', '--max_new_tokens', '5', '--temperature', '0',
+                     '--device', DEVICE, '--dtype', 'float16'])
+        printed = capsys.readouterr().out.split('\n---------------\n')[0]
+        model, train_config = sample.load_model(path, DEVICE, torch.float16)
+        tokenizer, eot = sample.load_data_tokenizer(train_config)
+        prompt = torch.tensor([[eot] + tokenizer.encode('class Point').ids], device=DEVICE)
+        greedy = model.generate(prompt, 5, temperature=0)[0, prompt.shape[1]:].tolist()
+        greedy = greedy[:greedy.index(eot)] if eot in greedy else greedy
+        assert printed == 'class Point' + tokenizer.decode(greedy).rstrip('\ufffd'), name
+
+
+def test_sample_says_what_it_loaded(checkpoint, capsys):
+    sample.main(['--ckpt', checkpoint, '--prompt', 'def', '--max_new_tokens', '1', '--device', DEVICE])
+    err = capsys.readouterr().err
+    assert f'loaded {checkpoint}: iter 0, best val loss 0.0000, wall, ' in err
+
+
+def test_checkpoints_of_compiled_models_load(data_dir, tmp_path, capsys):
+    path = save_checkpoint(tmp_path / 'compiled.pt', data_dir, **CONFIGS['wall'])
+    saved = torch.load(path, weights_only=True)
+    ckpt.save(saved | {'model': {f'_orig_mod.{k}': v for k, v in saved['model'].items()}}, path)
+    sample.main(['--ckpt', path, '--prompt', 'def', '--max_new_tokens', '1', '--device', DEVICE])
+    assert 'new tokens 1' in capsys.readouterr().out
+
+
+def test_relative_data_dir_resolves_from_another_directory(data_dir, tmp_path, monkeypatch, capsys):
+    # train.py runs in the repository root and stores data_dir as given there
+    relative = os.path.relpath(data_dir, os.path.dirname(os.path.abspath(ckpt.__file__)))
+    path = save_checkpoint(tmp_path / 'relative.pt', data_dir, {'data_dir': relative}, **CONFIGS['rope'])
+    monkeypatch.chdir(tmp_path)
+    sample.main(['--ckpt', path, '--prompt', 'def', '--max_new_tokens', '1', '--device', DEVICE])
+    assert 'new tokens 1' in capsys.readouterr().out
+
+
+def test_corrupt_tokenizer_gives_one_line_naming_it(data_dir, tmp_path):
+    broken = tmp_path / 'broken'
+    shutil.copytree(data_dir, broken)
+    (broken / 'tokenizer.json').write_text('{"model": ')
+    path = save_checkpoint(tmp_path / 'broken.pt', data_dir, {'data_dir': str(broken)}, **CONFIGS['rope'])
+    message = one_line_error(['--ckpt', path, '--device', DEVICE])
+    assert str(broken / 'tokenizer.json') in message
+
+
+def test_long_prompt_shows_an_estimate_and_progress(checkpoint, capsys):
+    # 32 training tokens; the prompt is several times that, prefilled 16 tokens at a time
+    sample.main(['--ckpt', checkpoint, '--prompt', 'def area_1(width, height):\n    return width * height\n' * 4,
+                 '--max_new_tokens', '1', '--prefill_chunk', '16', '--device', DEVICE])
+    err = capsys.readouterr().err.splitlines()
+    note = next(line for line in err if line.startswith('note: the prompt is '))
+    assert 'x the training length (32)' in note and 'chunk(s) of at most 16' in note
+    progress = [line for line in err if line.startswith('prefill: ')]
+    assert progress[0].startswith('prefill: 16 of ') and ' s left' in progress[0]
+    total = int(progress[-1].split(' of ')[1].split()[0])
+    assert progress[-1].startswith(f'prefill: {total} of {total} tokens in ') and total > 32

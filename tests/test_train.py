@@ -8,11 +8,14 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from dataclasses import fields
 
 import pytest
 import torch
 
+from configurator import apply_overrides
 from data.prepare import main as prepare_main
+from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f for f in os.listdir(os.path.join(REPO, 'config')) if f.endswith('.py'))
@@ -26,7 +29,7 @@ HALF = 6
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
+def stdlib_corpus(tmp_path_factory):
     """Real text, small: the standard library's json and email packages (about 30 files, 500 kB)."""
     src = tmp_path_factory.mktemp('src')
     stdlib = sysconfig.get_paths()['stdlib']
@@ -74,17 +77,17 @@ def fails(process):
 
 
 @pytest.fixture(scope='module')
-def runs(data_dir, tmp_path_factory):
+def runs(stdlib_corpus, tmp_path_factory):
     """Logs of: an uninterrupted run, one interrupted at HALF and resumed, and a 2-rank DDP run with the same
     total accumulation; plus the uninterrupted run's out_dir."""
     root = tmp_path_factory.mktemp('runs')
     full_dir, cut_dir, ddp_dir = (str(root / name) for name in ('full', 'cut', 'ddp'))
     save = ['--eval_interval=3', '--always_save_checkpoint=True']
-    full = start(data_dir, full_dir, f'--max_iters={ITERS}', *save)
-    cut = start(data_dir, cut_dir, f'--max_iters={HALF}', *save)
-    ddp = start(data_dir, ddp_dir, f'--max_iters={HALF}', '--eval_interval=3', nproc=2)
+    full = start(stdlib_corpus, full_dir, f'--max_iters={ITERS}', *save)
+    cut = start(stdlib_corpus, cut_dir, f'--max_iters={HALF}', *save)
+    ddp = start(stdlib_corpus, ddp_dir, f'--max_iters={HALF}', '--eval_interval=3', nproc=2)
     cut_out, _ = finish(cut)
-    resumed = start(data_dir, cut_dir, f'--max_iters={ITERS}', '--init_from=resume', *save)
+    resumed = start(stdlib_corpus, cut_dir, f'--max_iters={ITERS}', '--init_from=resume', *save)
     logs = {'full': finish(full)[0], 'cut': cut_out, 'resumed': finish(resumed)[0], 'ddp': finish(ddp)[0]}
     return logs, full_dir
 
@@ -120,17 +123,26 @@ def test_two_rank_ddp_matches_one_rank_with_the_same_accumulation(runs):
         assert ddp_val[i] == pytest.approx(full_val[i], abs=1e-4)
 
 
+def test_a_run_ends_saying_what_is_on_disk(runs):
+    logs, full_dir = runs
+    last = logs['full'].splitlines()[-1]
+    assert last.startswith(f'done at iter {ITERS}: {os.path.join(full_dir, "ckpt.pt")} holds iter {ITERS} '), last
+    assert f'saved by this run; {ITERS * 2 * 128:,} tokens trained in 0:' in last, last
+    last = logs['resumed'].splitlines()[-1]
+    assert f'holds iter {ITERS} ' in last and f'{(ITERS - HALF) * 2 * 128:,} tokens' in last, last
+
+
 def test_checkpoint_holds_what_sampling_and_resuming_read(runs):
     _, full_dir = runs
     checkpoint = torch.load(os.path.join(full_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
     assert checkpoint['iter_num'] == ITERS
     assert checkpoint['model_args']['vocab_size'] == 512 and checkpoint['model_args']['n_layer'] == 2
     assert {'data_dir', 'max_doc_len', 'tokens_per_batch'} <= set(checkpoint['config'])
-    assert set(checkpoint['loader']) == {'seed', 'epoch', 'doc', 'offset'}
+    assert set(checkpoint['loader']) == {'seed', 'epoch', 'doc', 'offset', 'taken', 'synthetic'}
     assert not [f for f in os.listdir(full_dir) if f != 'ckpt.pt'], 'a temporary file was left behind'
 
 
-def test_config_mistakes_are_one_clear_line(data_dir, tmp_path):
+def test_config_mistakes_are_one_clear_line(stdlib_corpus, tmp_path):
     bad_file = tmp_path / 'bad.py'
     bad_file.write_text('n_layer = 2\nlearning_rate = "fast"\n')
     cases = {  # arguments -> what the error must say
@@ -139,12 +151,70 @@ def test_config_mistakes_are_one_clear_line(data_dir, tmp_path):
         ('no/such/config.py',): "cannot read config file 'no/such/config.py'",
         ('--init_from=resum',): "init_from='resum', expected 'scratch' or 'resume'",
         ('--n_head=3',): 'model config',
+        ('--attention=foo',): "attention='foo': expected 'wall', 'rope' or 'fox'",
     }
-    processes = {args: start(data_dir, str(tmp_path / f'out{i}'), '--max_iters=0', *args)
+    processes = {args: start(stdlib_corpus, str(tmp_path / f'out{i}'), '--max_iters=0', *args)
                  for i, args in enumerate(cases)}
-    for args, expected in cases.items():
+    for i, (args, expected) in enumerate(cases.items()):
         line = fails(processes[args])
         assert expected in line and line.startswith(('error:', 'config error:')), (args, line)
+        assert not (tmp_path / f'out{i}').exists(), f'{args}: a failed start left its out_dir behind'
+
+
+def test_help_lists_every_key_with_its_default_and_comment():
+    run = subprocess.run([sys.executable, 'train.py', '--help'], cwd=REPO, env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and not run.stderr, run.stderr
+    lines = run.stdout.splitlines()
+    for setting, comment in [('--eval_iters=20', 'validation micro-batches per evaluation'),
+                             ('--init_from=scratch', ''), ('--n_kv_head=12', 'fewer than n_head is GQA'),
+                             ('--g_max=0.86', 'soft bound')]:
+        assert any(line.split()[0] == setting and comment in line for line in lines if line.strip()), setting
+    for group in ('I/O:', 'AdamW:', 'system:', 'model (model.py, GPTConfig):'):
+        assert group in lines, group
+    settings = [line.split()[0] for line in lines if line.startswith('  --')]
+    assert len(settings) == len(set(settings)) > 40  # every key, once
+
+
+def test_bad_data_files_are_named_in_one_line(stdlib_corpus, tmp_path):
+    def broken(name, damage):
+        folder = tmp_path / name
+        shutil.copytree(stdlib_corpus, folder)
+        damage(folder)
+        return folder
+
+    cases = {  # data dir -> the file the error must name
+        broken('val_truncated', lambda d: (d / 'val.bin').write_bytes((d / 'val.bin').read_bytes()[:100])): 'val.bin',
+        broken('val_missing', lambda d: (d / 'val.bin').unlink()): 'val.bin',
+        broken('tokenizer_corrupt', lambda d: (d / 'tokenizer.json').write_text('{"model": ')): 'tokenizer.json',
+    }
+    processes = {folder: run_train(*TINY, f'--data_dir={folder}', f'--out_dir={tmp_path / "out" / folder.name}',
+                                   '--max_iters=2') for folder in cases}
+    for folder, name in cases.items():
+        line = fails(processes[folder])
+        assert line.startswith('error: ') and str(folder / name) in line, (name, line)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_one_run_at_a_time_per_out_dir_and_stale_files_are_cleared(stdlib_corpus, tmp_path):
+    out_dir = tmp_path / 'out'
+    first = start(stdlib_corpus, str(out_dir), '--max_iters=1000000', '--eval_interval=1000000')  # never saves
+    for line in first.stdout:  # the lock is held from before the model is built
+        if 'parameters, attention=' in line:
+            break
+    second = start(stdlib_corpus, str(out_dir), '--max_iters=2')
+    line = fails(second)
+    assert f'is in use by another run (pid {first.pid}' in line and '--out_dir' in line, line
+    first.kill()  # SIGKILL: no exit handler runs, the lock file stays, the kernel drops the lock
+    first.communicate(timeout=60)
+    assert (out_dir / 'run.lock').read_text().strip() == str(first.pid)
+    dead = out_dir / 'ckpt.pt.4194999.tmp'  # above Linux's largest pid: its writer cannot be running
+    dead.write_bytes(b'half a checkpoint')
+    out, _ = finish(start(stdlib_corpus, str(out_dir), '--max_iters=0'))
+    assert f'took over {out_dir / "run.lock"} from pid {first.pid}' in out
+    assert f'removed {dead}' in out and not dead.exists()
+    assert os.listdir(out_dir) == [], 'the lock file outlived its run'
+    assert 'done at iter 0: no checkpoint saved' in out.splitlines()[-1]
 
 
 def test_shipped_configs_are_valid(tmp_path):
@@ -154,16 +224,21 @@ def test_shipped_configs_are_valid(tmp_path):
     for config, process in processes.items():
         line = fails(process)
         assert line.startswith(f"error: data_dir='{tmp_path / 'no_data'}'"), (config, line)
+        # and the model it describes builds: on the meta device, without memory or arithmetic
+        model_args = apply_overrides([os.path.join(REPO, 'config', config)],
+                                     {f.name: f.default for f in fields(GPTConfig)}, skip_unknown=True)
+        with torch.device('meta'):
+            GPT(GPTConfig(**model_args))
 
 
-def test_unusable_checkpoints_are_refused_and_left_as_they_were(runs, data_dir, tmp_path):
+def test_unusable_checkpoints_are_refused_and_left_as_they_were(runs, stdlib_corpus, tmp_path):
     _, full_dir = runs
     good = open(os.path.join(full_dir, 'ckpt.pt'), 'rb').read()
     checkpoint = torch.load(os.path.join(full_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
     checkpoint['model'].pop('lm_head.weight')
     cases = {  # name -> (how to make it, what the error must say)
         'truncated': (lambda path: open(path, 'wb').write(good[:len(good) // 2]), 'is not a readable checkpoint'),
-        'foreign': (lambda path: torch.save({'a': 1}, path), 'is not a checkpoint of this train.py'),
+        'foreign': (lambda path: torch.save({'a': 1}, path), 'is not a checkpoint of train.py'),
         'wrong weights': (lambda path: torch.save(checkpoint, path), 'does not fit this run'),
     }
     processes, contents = {}, {}
@@ -173,12 +248,12 @@ def test_unusable_checkpoints_are_refused_and_left_as_they_were(runs, data_dir, 
         make(str(out_dir / 'ckpt.pt'))
         contents[name] = (out_dir / 'ckpt.pt').read_bytes()
         # would save at once (iteration 1 with always_save) if it got that far
-        processes[name] = start(data_dir, str(out_dir), '--init_from=resume', '--max_iters=2', '--eval_interval=1',
+        processes[name] = start(stdlib_corpus, str(out_dir), '--init_from=resume', '--max_iters=2', '--eval_interval=1',
                                 '--always_save_checkpoint=True')
     (tmp_path / 'kept').mkdir()
     (tmp_path / 'kept' / 'ckpt.pt').write_bytes(good)
-    processes['scratch over a checkpoint'] = start(data_dir, str(tmp_path / 'kept'), '--max_iters=2')
-    processes['resume without a checkpoint'] = start(data_dir, str(tmp_path / 'none'), '--init_from=resume')
+    processes['scratch over a checkpoint'] = start(stdlib_corpus, str(tmp_path / 'kept'), '--max_iters=2')
+    processes['resume without a checkpoint'] = start(stdlib_corpus, str(tmp_path / 'none'), '--init_from=resume')
     for name, (_, expected) in cases.items():
         line = fails(processes[name])
         assert expected in line and 'ckpt.pt' in line, (name, line)
