@@ -37,8 +37,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .domain import check_gates
+
 BLOCK = 64   # query and key block; also the granularity of the decay anchors
 SUB = 16     # sub-block of the steep-diagonal path: pairs inside one are computed elementwise
+# Widest value tile of one launch; wider values (up to MAX_VALUE_DIM) go through several launches (wall_attn).
+MAX_VALUE_TILE, MAX_VALUE_DIM = 256, 512
 # dk/dv's query tiles: half a block keeps the transposed logits' registers for the resident key block
 # (H200, B2 T8k H16: dk/dv kernel 4.42 -> 3.42 ms; spills 1468 -> 808 bytes, Triton 3.6, sm_90a)
 DKV_QUERY_ROWS = tl.constexpr(32)
@@ -350,16 +354,21 @@ def _dkv_tile(qf, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr
 
 
 @triton.jit
-def _prefix_kernel(g_ptr, do_ptr, o_ptr, Pl_ptr, delta_ptr, blocks_ptr,
+def _prefix_kernel(g_ptr, do_ptr, o_ptr, Pl_ptr, delta_ptr, gate_max_ptr, blocks_ptr,
                    HQ: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, V: tl.constexpr,
                    VP: tl.constexpr, BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
-    """Per block and gate head: the local prefix Pl; for the backward also delta = rowsum(do * o) of the gate's
-    query heads."""
+    """Per block and gate head: the local prefix Pl; for the forward also the block's largest gate (the domain
+    check, kernels/domain.py), for the backward delta = rowsum(do * o) of the gate's query heads."""
     i0, _, eos, _ = _block(blocks_ptr, tl.program_id(0))
     hg = tl.program_id(1)
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
-    g = _load_rows(g_ptr, rows, row_ok & (rows > i0), hg, HG, K, KP).to(tl.float32) * 1.4426950408889634
+    if BACKWARD:
+        g = _load_rows(g_ptr, rows, row_ok & (rows > i0), hg, HG, K, KP).to(tl.float32) * 1.4426950408889634
+    else:  # every gate, the block's first too, enters the check; Pl starts at 0 on the first
+        g = _load_rows(g_ptr, rows, row_ok, hg, HG, K, KP).to(tl.float32)
+        tl.store(gate_max_ptr + tl.program_id(0) * HG + hg, tl.max(tl.max(g, 1), 0))
+        g = tl.where((rows > i0)[:, None], g, 0.0) * 1.4426950408889634
     _store_rows(Pl_ptr, tl.cumsum(g, 0), rows, row_ok, hg, HG, K, KP)
     if BACKWARD:
         for h in range(HQ // HG):
@@ -872,12 +881,15 @@ def _feature_flags(g_scalar, window_size):
 
 
 def _prep(q, k, g, layout, dims, do=None, o=None):
-    """Pl, Pstart and the rescaled keys kt, kg; given do and o (the backward), also q_hat, qg and delta."""
+    """Pl, Pstart and the rescaled keys kt, kg; given do and o (the backward), also q_hat, qg and delta; without
+    them (the forward), the largest gate of each (block, gate head) instead."""
     backward = do is not None
     grid = (layout.table.shape[0], dims['HG'])
     Pl = torch.empty(g.shape, device=g.device, dtype=torch.float32)
     delta = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32) if backward else None
-    _prefix_kernel[grid](g, do if backward else q, o if backward else q, Pl, delta if backward else Pl, layout.table,
+    gate_max = None if backward else torch.empty(grid, device=g.device, dtype=torch.float32)
+    _prefix_kernel[grid](g, do if backward else q, o if backward else q, Pl, delta if backward else Pl,
+                         Pl if backward else gate_max, layout.table,
                          HQ=dims['HQ'], HG=dims['HG'], K=dims['K'], KP=dims['KP'], V=dims['V'], VP=dims['VP'],
                          BLOCK=BLOCK, BACKWARD=backward)
     Pstart = layout.block_prefix(Pl, g)
@@ -887,14 +899,16 @@ def _prep(q, k, g, layout, dims, do=None, o=None):
                           HQ=dims['HQ'], H=dims['H'], HG=dims['HG'], K=dims['K'], KP=dims['KP'], BLOCK=BLOCK,
                           KEY_GROUP=GROUPS['dq' if backward else 'fwd'], QUERY_GROUP=GROUPS['dkv'],
                           BACKWARD=backward)
-    return Pl, Pstart, kt, kg, q_hat, qg, delta
+    return Pl, Pstart, kt, kg, q_hat, qg, delta if backward else gate_max
 
 
 def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     """q, k, v, g flattened to [tokens, heads, dim]. Returns o, lse (log2 units) and what backward needs."""
     dims = _dims(q, k, v, g)
     HQ = dims['HQ']
-    Pl, Pstart, kt, kg, _, _, _ = _prep(q, k, g, layout, dims)
+    Pl, Pstart, kt, kg, _, _, gate_max = _prep(q, k, g, layout, dims)
+    gate_maxima = [('g', gate_max.amax())] + ([] if g_scalar is None else [('g_scalar', g_scalar.amax())])
+    check_gates('wall_attn', gate_maxima)
     Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
     qk_scale = scale * LOG2E
     grid = (layout.table.shape[0], HQ)
@@ -1054,8 +1068,9 @@ def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlen
     if g.shape not in ((B, T, HQ, K), (B, T, H, K)):
         raise ValueError(f'`g` must be [{B}, {T}, {HQ}, {K}] (per query head) or [{B}, {T}, {H}, {K}] '
                          f'(per kv head), got {tuple(g.shape)}')
-    if K > 256 or V > 256:
-        raise ValueError(f'head dims up to 256 are supported, got K={K} (`q`, `k`) and V={V} (`v`)')
+    if K > 256 or V > MAX_VALUE_DIM:
+        raise ValueError(f'head dims up to 256 (K) and {MAX_VALUE_DIM} (V) are supported, got K={K} (`q`, `k`) and '
+                         f'V={V} (`v`)')
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f'`scale` must be a float, got {type(scale).__name__}')
     if not math.isfinite(scale):
@@ -1100,7 +1115,14 @@ def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_s
     """Wall Attention (SPEC section 1), differentiable in q, k, v, g, g_scalar and sink_bias.
 
     q [B,T,HQ,K], k [B,T,H,K], v [B,T,H,V], g [B,T,HQ,K] or [B,T,H,K] (natural-log decay, <= 0),
-    g_scalar [B,T,HQ], sink_bias [HQ], cu_seqlens [N+1] with B == 1. Returns o [B,T,HQ,V] in q's dtype.
+    g_scalar [B,T,HQ] (<= 0), sink_bias [HQ], cu_seqlens [N+1] with B == 1. Returns o [B,T,HQ,V] in q's dtype.
+    Any K up to 256 and V up to 512 (values wider than 256 are attended 256 columns per launch, each launch
+    computing the logits again).
+
+    A positive `g` or `g_scalar` raises a ValueError naming it and its largest value: at once on CPUs and at the
+    first call on a GPU, later GPU calls at the latest at the first call after the next synchronisation;
+    `kernels.set_gate_check('sync')` (or WALL_GATE_CHECK=sync) raises at the offending call everywhere, at the cost
+    of a synchronisation per call (kernels/domain.py).
     """
     scale = q.shape[-1] ** -0.5 if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4 else scale
     bounds = _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlens)
@@ -1110,7 +1132,12 @@ def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_s
     if scale < 0:  # the forward kernel folds log2(qk_scale) into its query operands; -q, -scale: same logits
         q, scale = -q, -scale
     flat = lambda x: None if x is None else x.reshape(B * T, *x.shape[2:]).contiguous()
-    o = WallAttnFunction.apply(flat(q), flat(k), flat(v), flat(g), flat(g_scalar),
-                               None if sink_bias is None else sink_bias.contiguous(), float(scale), window_size,
-                               bounds)
+    args = (flat(q), flat(k), flat(v), flat(g), flat(g_scalar), None if sink_bias is None else sink_bias.contiguous(),
+            float(scale), window_size, bounds)
+    V = v.shape[-1]
+    if V <= MAX_VALUE_TILE:
+        o = WallAttnFunction.apply(*args)
+    else:  # the logits do not depend on v: each tile of value columns is an attention of its own
+        o = torch.cat([WallAttnFunction.apply(*args[:2], args[2][..., c:c + MAX_VALUE_TILE].contiguous(), *args[3:])
+                       for c in range(0, V, MAX_VALUE_TILE)], dim=-1)
     return o.reshape(B, T, HQ, -1)
