@@ -8,7 +8,7 @@ Medians of triton.testing.do_bench after warm-up. GB/s counts the cache bytes ea
 k_tilde, values, anchors); the device copy line is a read + write of 1 GiB, the memory ceiling. `--sweep` also
 times our kernel over split counts, to tune the default. `--baseline DIR` also times the kernels of another
 checkout's kernels/ folder (e.g. `git archive REV kernels | tar -x -C /tmp/base`, DIR=/tmp/base/kernels) on the same
-caches, rows marked "baseline", for before/after tables from one run.
+caches, rows marked "baseline", for before/after tables from one run, and ours compiled without the exponent shift.
 """
 import argparse
 import datetime
@@ -69,6 +69,18 @@ def with_launch(fn, num_warps, num_stages, chunks_per_step):
     return run
 
 
+def without_shift(fn):
+    """fn run with the decode kernel compiled without its exponent shift (decode.EXPONENT_SHIFT = 0): what the shift
+    costs."""
+    def run():
+        saved, decode.EXPONENT_SHIFT = decode.EXPONENT_SHIFT, 0
+        try:
+            return fn()
+        finally:
+            decode.EXPONENT_SHIFT = saved
+    return run
+
+
 def load_baseline(path):
     """The kernels package in folder `path`, imported as `kernels_baseline` next to ours."""
     spec = importlib.util.spec_from_file_location('kernels_baseline', os.path.join(path, '__init__.py'),
@@ -94,6 +106,8 @@ def candidates(B, T, split_counts=(), launches=(), baseline=None):
         if baseline is not None:  # the same cache: built over exactly these positions, both read it alike
             yield f'baseline ({layout})', lambda: baseline.wall_attn_decode(
                 q, v, p_curr, k_tilde, r_cache, scale=scale), read
+            yield f'ours ({layout}), no exponent shift', without_shift(
+                lambda: wall_attn_decode(q, v, p_curr, k_tilde, r_cache, scale=scale)), read
         for n in split_counts:
             yield f'ours ({layout}), {n} splits', lambda n=n: wall_attn_decode(
                 q, v, p_curr, k_tilde, r_cache, scale=scale, num_splits=n), read

@@ -18,7 +18,7 @@ computed as written:
     raw query-row key j >= T0:   q_i . (k_j * 2^(P_i - P_j)) per element, for visible j <= i only
 
 so the result does not depend on where a chunk's anchor lies, and a prefix of a cache (`k_tilde[:, :n]`,
-`v[:, :n]`, `r_cache[:, :ceil(n / C)]`) is a valid cache. The query factor is taken 2^EXPONENT_SHIFT larger and the
+`v[:, :n]`, `r_cache[:, :ceil(n / C)]`) is a valid cache. The query factor is taken 2^EXPONENT_SHIFT (64) larger and the
 logit as much smaller: a seed-convention chunk whose keys grew by up to 2^127 inside it still meets a query factor
 that is a normal float. What cannot be decoded comes back as NaN in `o` and `lse` of the rows concerned, never as
 a plausible number:
@@ -67,9 +67,9 @@ MAX_HEAD_DIM, MAX_VALUE_DIM, MAX_VALUE_TILE = 256, 512, 256
 # Anchored chunks: the query factor is 2^(P_i - R_c + EXPONENT_SHIFT), the logit then scaled back by as much. A
 # query exponent from -190 to about 63 then gives a normal fp32/bf16 factor, no finite key times it overflows for a
 # visible pair (P_i - P_j <= 0), and keys the cache stored below the normal range cost at most 2^-62 of a logit.
-EXPONENT_SHIFT_VALUE = 64
-EXPONENT_SHIFT = tl.constexpr(EXPONENT_SHIFT_VALUE)
-EXPONENT_UNSHIFT = tl.constexpr(2.0 ** -EXPONENT_SHIFT_VALUE)
+# 0 compiles the unshifted kernel, exact only while no key exceeds ~2^100 of its size (chunk-end anchors): kept to
+# time what the shift costs (bench/bench_decode.py).
+EXPONENT_SHIFT = 64
 
 
 def build_wall_kv_cache(k, P, chunk_size=64, *, raw_tail=0, out_dtype=None):
@@ -228,6 +228,7 @@ def _launch(q, v, p_curr, p_tail, k_tilde, r_cache, g_scalar_cumsum, sink_bias, 
         V=V, VP=VP, V_TILES=v_tiles, C=C, CP=_padded_dim(C),
         HAS_SCALAR=g_scalar_cumsum is not None, HAS_WINDOW=window_size is not None,
         POSITION_ON_DEVICE=position is not None, CHUNKS=CHUNKS_PER_STEP, DOT_F32=k_tilde.dtype == torch.float16,
+        SHIFT=EXPONENT_SHIFT, UNSHIFT=2.0 ** -EXPONENT_SHIFT,
         num_warps=NUM_WARPS or default_num_warps(q.device, B * HG, rows),
         num_stages=1 if not q.is_cuda else NUM_STAGES if k_tilde.element_size() <= 2 else min(NUM_STAGES, 2),
     )
@@ -346,18 +347,21 @@ def _anchored_chunk(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, sk
                     n_anchored, d_k, d_v, offs_c, row_ok, row_pos, row_head, c_rows, scalar, sct, sch, window_size,
                     K: tl.constexpr, KP: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, C: tl.constexpr,
                     CP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALAR: tl.constexpr, T_Q: tl.constexpr,
-                    DOT_F32: tl.constexpr):
+                    DOT_F32: tl.constexpr, SHIFT: tl.constexpr, UNSHIFT: tl.constexpr):
     """Logits of anchored chunk c, (q_i 2^(P_i - r_c)) . k_tilde_j as written, as _visible_logits leaves them
-    (nothing visible when c >= stop) but in units of EXPONENT_UNSHIFT log2 (the folds scale them back inside their
-    exp2), and its values. Non-finite where the cache cannot be decoded exactly."""
+    (nothing visible when c >= stop) but in units of UNSHIFT = 2^-SHIFT log2 (the folds scale them back inside
+    their exp2), and its values. Non-finite where the cache cannot be decoded exactly."""
     key_pos = c * C + offs_c
     key_ok = (key_pos >= key_lo) & (key_pos < tl.minimum(n_anchored, stop * C)) & _padded_vec(offs_c, C, CP)
     # a chunk past stop: anchor +inf, so its query factor is 0 (its logits are hidden anyway)
     anchor = tl.load(r_cache + c * src + d_k * srd, mask=((tl.zeros_like(d_k) + c) < stop) & _padded_vec(d_k, K, KP),
                      other=float('inf'))
-    # Shifted by 2^EXPONENT_SHIFT: a factor that overflows (a query row far before the anchor) gives +-inf or NaN
-    # logits, and one that stays finite loses at most 2^-62 to keys stored below the normal range.
-    q_c = q_rows * tl.exp2((p_rows - (anchor - EXPONENT_SHIFT)[None, :]).to(tl.float32))
+    # Shifted by 2^SHIFT: a factor that overflows (a query row far before the anchor) gives +-inf or NaN logits, and
+    # one that stays finite loses at most 2^-62 to keys stored below the normal range.
+    if SHIFT == 0:
+        q_c = q_rows * tl.exp2((p_rows - anchor[None, :]).to(tl.float32))
+    else:
+        q_c = q_rows * tl.exp2((p_rows - (anchor - SHIFT)[None, :]).to(tl.float32))
     keys = tl.load(k_tilde + key_pos[:, None] * skt + d_k[None, :] * skd, mask=_padded(key_ok[:, None], d_k, K, KP),
                    other=0.0)
     values = tl.load(v + key_pos[:, None] * svt + d_v[None, :] * svd, mask=_padded(key_ok[:, None], d_v, V, VP),
@@ -368,24 +372,34 @@ def _anchored_chunk(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, sk
     # an overflowed key (inf) gives +-inf or NaN: make -inf (which would hide the key) NaN too
     s = tl.where(s > float('-inf'), s, float('nan'))
     s = _visible_logits(s, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, scalar, sct, sch, window_size,
-                        HAS_WINDOW, HAS_SCALAR, T_Q, EXPONENT_UNSHIFT)
+                        HAS_WINDOW, HAS_SCALAR, T_Q, UNSHIFT)
     return s, values
 
 
 @triton.jit
-def _fold_anchored_chunk(s, values, m_i, l_i, acc):
+def _fold_anchored_chunk(s, values, m_i, l_i, acc, SHIFT: tl.constexpr, UNSHIFT: tl.constexpr):
     """_softmax_step over the logits of _anchored_chunk, scaled back inside the exp2 (one fused multiply-add)."""
-    m_new, m_shift, alpha = _raised_max(m_i, tl.max(s, 1) * EXPONENT_UNSHIFT)
-    p = tl.exp2(s * EXPONENT_UNSHIFT - m_shift[:, None])
-    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
+    if SHIFT == 0:
+        m_new, l_new, acc = _softmax_step(s, m_i, l_i, acc, values)
+    else:
+        m_new, m_shift, alpha = _raised_max(m_i, tl.max(s, 1) * UNSHIFT)
+        p = tl.exp2(s * UNSHIFT - m_shift[:, None])
+        l_new = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
+    return m_new, l_new, acc
 
 
 @triton.jit
-def _fold_two_chunks(s1, v1, s2, v2, m_i, l_i, acc):
+def _fold_two_chunks(s1, v1, s2, v2, m_i, l_i, acc, SHIFT: tl.constexpr, UNSHIFT: tl.constexpr):
     """_fold_anchored_chunk over two chunks at once: one max and one rescale of the output for both."""
-    m_new, m_shift, alpha = _raised_max(m_i, tl.maximum(tl.max(s1, 1), tl.max(s2, 1)) * EXPONENT_UNSHIFT)
-    p1 = tl.exp2(s1 * EXPONENT_UNSHIFT - m_shift[:, None])
-    p2 = tl.exp2(s2 * EXPONENT_UNSHIFT - m_shift[:, None])
+    if SHIFT == 0:
+        m_new, m_shift, alpha = _raised_max(m_i, tl.maximum(tl.max(s1, 1), tl.max(s2, 1)))
+        p1 = tl.exp2(s1 - m_shift[:, None])
+        p2 = tl.exp2(s2 - m_shift[:, None])
+    else:
+        m_new, m_shift, alpha = _raised_max(m_i, tl.maximum(tl.max(s1, 1), tl.max(s2, 1)) * UNSHIFT)
+        p1 = tl.exp2(s1 * UNSHIFT - m_shift[:, None])
+        p2 = tl.exp2(s2 * UNSHIFT - m_shift[:, None])
     acc = acc * alpha[:, None] + tl.dot(p1.to(v1.dtype), v1) + tl.dot(p2.to(v2.dtype), v2)
     return m_new, l_i * alpha + tl.sum(p1, 1) + tl.sum(p2, 1), acc
 
@@ -399,7 +413,8 @@ def wall_decode_split_kernel(
     HG: tl.constexpr, QPG: tl.constexpr, GPV: tl.constexpr, T_Q: tl.constexpr, M: tl.constexpr,
     K: tl.constexpr, KP: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, V_TILES: tl.constexpr,
     C: tl.constexpr, CP: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    POSITION_ON_DEVICE: tl.constexpr, CHUNKS: tl.constexpr, DOT_F32: tl.constexpr,
+    POSITION_ON_DEVICE: tl.constexpr, CHUNKS: tl.constexpr, DOT_F32: tl.constexpr, SHIFT: tl.constexpr,
+    UNSHIFT: tl.constexpr,
 ):
     i_bg, i_s = tl.program_id(0), tl.program_id(1)
     if POSITION_ON_DEVICE:
@@ -454,15 +469,15 @@ def wall_decode_split_kernel(
         s, values = _anchored_chunk(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd, v, svt,
                                     svd, key_lo, n_anchored, d_k, d_v, offs_c, row_ok, row_pos, row_head, c_rows,
                                     scalar, sct, sch, window_size, K, KP, V, VP, C, CP, HAS_WINDOW, HAS_SCALAR, T_Q,
-                                    DOT_F32)
+                                    DOT_F32, SHIFT, UNSHIFT)
         if CHUNKS == 2:
             s2, values2 = _anchored_chunk(c + 1, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd,
                                           v, svt, svd, key_lo, n_anchored, d_k, d_v, offs_c, row_ok, row_pos, row_head,
                                           c_rows, scalar, sct, sch, window_size, K, KP, V, VP, C, CP, HAS_WINDOW,
-                                          HAS_SCALAR, T_Q, DOT_F32)
-            m_i, l_i, acc = _fold_two_chunks(s, values, s2, values2, m_i, l_i, acc)
+                                          HAS_SCALAR, T_Q, DOT_F32, SHIFT, UNSHIFT)
+            m_i, l_i, acc = _fold_two_chunks(s, values, s2, values2, m_i, l_i, acc, SHIFT, UNSHIFT)
         else:
-            m_i, l_i, acc = _fold_anchored_chunk(s, values, m_i, l_i, acc)
+            m_i, l_i, acc = _fold_anchored_chunk(s, values, m_i, l_i, acc, SHIFT, UNSHIFT)
 
     # Raw keys before the queries, [n_anchored, T0): anchored on the fly at the first query row T0.
     p_first = tl.load(p_curr + d_k * spd, mask=_padded_vec(d_k, K, KP), other=0.0)

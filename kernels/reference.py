@@ -74,7 +74,7 @@ def wall_attn_decode_reference(q, v, p_curr, k_tilde, r_cache, sink_bias=None, s
     kernels/decode.py), computed in float64 for every (query row, cached key) pair at once: fast on a CPU, where the
     Triton kernel runs in the interpreter. Returns `(o [B, T_q, HQ, V] in q's dtype, lse [B, T_q, HQ] float32,
     natural log, sink included)`."""
-    from .decode import EXPONENT_SHIFT_VALUE, LOG2E
+    from . import decode
     B, T_q, HQ, K = q.shape
     T, H = v.shape[1], v.shape[2]
     HG = k_tilde.shape[2]
@@ -100,7 +100,8 @@ def wall_attn_decode_reference(q, v, p_curr, k_tilde, r_cache, sink_bias=None, s
     logits = scale * torch.einsum('btgpk,bsgk,btsgk->btgps', q_groups, k_tilde.to(f64), decay).flatten(2, 3)
     # What the kernel cannot decode exactly is NaN here too: pairs whose shifted query factor overflows fp32 (a row
     # far before its chunk's anchor), and non-finite logits (keys that overflowed when the cache was built).
-    factor = (q_groups.abs() * scale * LOG2E)[:, :, None] * torch.exp2(exponent + EXPONENT_SHIFT_VALUE)[..., None, :]
+    shifted = torch.exp2(exponent + decode.EXPONENT_SHIFT)[..., None, :]
+    factor = (q_groups.abs() * scale * decode.LOG2E)[:, :, None] * shifted
     overflow = (factor.masked_fill(~visible[None, :, :, None, None, None], 0.0) > torch.finfo(torch.float32).max)
     logits = logits.masked_fill(overflow.any(-1).permute(0, 1, 3, 4, 2).flatten(2, 3), float('nan'))
     logits = logits.masked_fill(logits == float('-inf'), float('nan'))
