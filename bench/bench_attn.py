@@ -1,13 +1,17 @@
 """Training/prefill attention, side by side in one run: ours, flash-linear-attention's Wall and FoX, torch SDPA.
 
-    python bench/bench_attn.py --out bench/results_attn.md
+    python bench/bench_attn.py --out bench/results_attn.md [--baseline DIR]
 
 Medians of triton.testing.do_bench on random bf16 inputs (never zeros). TFLOP/s count causal attention FLOPs
 (forward 4 * T^2/2 * K per head and sequence, backward 2.5 x forward); "first call" is the first forward and
-backward at a new shape, compile and autotune included.
+backward at a new shape, compile and autotune included. `--baseline DIR` also times the kernels of another
+checkout's kernels/ folder (rows marked "baseline") for before/after tables from one run.
 """
 import argparse
 import datetime
+import importlib.util
+import os
+import sys
 import time
 
 import torch
@@ -39,10 +43,23 @@ def make_inputs(B, T, HQ, H, K, docs=None, gate_heads=None):
     return q, k, v, g, g_scalar, cu
 
 
-def candidates(shape):
+def load_baseline(path):
+    """The kernels package in folder `path`, imported as `kernels_baseline` next to ours."""
+    spec = importlib.util.spec_from_file_location('kernels_baseline', os.path.join(path, '__init__.py'),
+                                                  submodule_search_locations=[path])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules['kernels_baseline'] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def candidates(shape, baseline=None):
     B, T, HQ, H, K, docs = (shape.get(n) for n in ('B', 'T', 'HQ', 'H', 'K', 'docs'))
     q, k, v, g, g_scalar, cu = make_inputs(B, T, HQ, H, K, docs)
     yield 'ours (gate per query head)', (q, k, v, g), lambda q, k, v, g: wall_attn(q, k, v, g, cu_seqlens=cu)
+    if baseline is not None:
+        yield 'baseline (gate per query head)', (q, k, v, g), \
+            lambda q, k, v, g: baseline.wall_attn(q, k, v, g, cu_seqlens=cu)
     yield 'ours (gate per query head + scalar gate)', (q, k, v, g, g_scalar), \
         lambda q, k, v, g, gs: wall_attn(q, k, v, g, g_scalar=gs, cu_seqlens=cu)
     if H != HQ:
@@ -82,7 +99,9 @@ def main():
     parser.add_argument('--out', default='bench/results_attn.md')
     parser.add_argument('--shapes', nargs='*', default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument('--skip', nargs='*', default=[], help='kernel names to leave out (substring match)')
+    parser.add_argument('--baseline', metavar='DIR', help="another checkout's kernels/ folder, timed alongside")
     args = parser.parse_args()
+    baseline = load_baseline(args.baseline) if args.baseline else None
     lines = [f'GPU: {torch.cuda.get_device_name()}; {datetime.date.today()}; torch {torch.__version__}, '
              f'triton {triton.__version__}', '',
              '| shape | kernel | forward ms (TFLOP/s) | fwd+bwd ms (TFLOP/s) | first call s |',
@@ -90,7 +109,7 @@ def main():
     for name in args.shapes:
         shape = SHAPES[name]
         flops = causal_flops(shape)
-        for kernel, inputs, fn in candidates(shape):
+        for kernel, inputs, fn in candidates(shape, baseline):
             if any(s in kernel for s in args.skip):
                 continue
             try:

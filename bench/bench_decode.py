@@ -1,16 +1,21 @@
 """Decode step, side by side in one run: ours (both gate layouts), flash-linear-attention's Wall decode, torch SDPA
 over a plain GQA cache.
 
-    python bench/bench_decode.py --out bench/results_decode.md [--sweep]
+    python bench/bench_decode.py --out bench/results_decode.md [--sweep] [--baseline DIR]
 
 One new token against a cache of T tokens, HQ=16 H=4 K=V=128, cache chunk 64, bf16, random non-zero data.
 Medians of triton.testing.do_bench after warm-up. GB/s counts the cache bytes each kernel must read (keys or
 k_tilde, values, anchors); the device copy line is a read + write of 1 GiB, the memory ceiling. `--sweep` also
-times our kernel over split counts, to tune the default.
+times our kernel over split counts, to tune the default. `--baseline DIR` also times the kernels of another
+checkout's kernels/ folder (e.g. `git archive REV kernels | tar -x -C /tmp/base`, DIR=/tmp/base/kernels) on the same
+caches, rows marked "baseline", for before/after tables from one run, and ours compiled without the exponent shift.
 """
 import argparse
 import datetime
+import importlib.util
 import math
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +69,29 @@ def with_launch(fn, num_warps, num_stages, chunks_per_step):
     return run
 
 
-def candidates(B, T, split_counts=(), launches=()):
+def without_shift(fn):
+    """fn run with the decode kernel compiled without its exponent shift (decode.EXPONENT_SHIFT = 0): what the shift
+    costs."""
+    def run():
+        saved, decode.EXPONENT_SHIFT = decode.EXPONENT_SHIFT, 0
+        try:
+            return fn()
+        finally:
+            decode.EXPONENT_SHIFT = saved
+    return run
+
+
+def load_baseline(path):
+    """The kernels package in folder `path`, imported as `kernels_baseline` next to ours."""
+    spec = importlib.util.spec_from_file_location('kernels_baseline', os.path.join(path, '__init__.py'),
+                                                  submodule_search_locations=[path])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules['kernels_baseline'] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def candidates(B, T, split_counts=(), launches=(), baseline=None):
     """Yield (name, step function, cache bytes read)."""
     bf16 = dict(device='cuda', dtype=torch.bfloat16)
     q = torch.randn(B, 1, HQ, K, **bf16)
@@ -76,6 +103,11 @@ def candidates(B, T, split_counts=(), launches=()):
         p_curr = P[:, -1:]
         read = nbytes(k_tilde, v, r_cache)
         yield f'ours ({layout})', lambda: wall_attn_decode(q, v, p_curr, k_tilde, r_cache, scale=scale), read
+        if baseline is not None:  # the same cache: built over exactly these positions, both read it alike
+            yield f'baseline ({layout})', lambda: baseline.wall_attn_decode(
+                q, v, p_curr, k_tilde, r_cache, scale=scale), read
+            yield f'ours ({layout}), no exponent shift', without_shift(
+                lambda: wall_attn_decode(q, v, p_curr, k_tilde, r_cache, scale=scale)), read
         for n in split_counts:
             yield f'ours ({layout}), {n} splits', lambda n=n: wall_attn_decode(
                 q, v, p_curr, k_tilde, r_cache, scale=scale, num_splits=n), read
@@ -93,6 +125,13 @@ def candidates(B, T, split_counts=(), launches=()):
     cache.append(k[:, -1:], v[:, -1:], g[:, -1:])  # closes every whole chunk: the streaming steady state
     yield 'ours, WallKVCache (gate per kv head, float64 anchors)', lambda: cache.attend(q, scale=scale), \
         nbytes(cache.k_tilde[:, :T], cache.v[:, :T], cache.anchors)
+    if baseline is not None:
+        base_cache = baseline.WallKVCache(B, T, HQ, H, K, shared_gate=True, device='cuda')
+        base_cache.append(k[:, :-1], v[:, :-1], g[:, :-1])
+        base_cache.append(k[:, -1:], v[:, -1:], g[:, -1:])
+        yield 'baseline, WallKVCache (gate per kv head, float64 anchors)', \
+            lambda: base_cache.attend(q, scale=scale), nbytes(cache.k_tilde[:, :T], cache.v[:, :T], cache.anchors)
+        del base_cache
     del cache, g
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     yield 'torch SDPA, plain GQA cache (no decay)', lambda: F.scaled_dot_product_attention(
@@ -103,7 +142,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default='bench/results_decode.md')
     parser.add_argument('--sweep', action='store_true', help='also time our kernel over split counts and launch shapes')
+    parser.add_argument('--baseline', metavar='DIR', help="another checkout's kernels/ folder, timed alongside")
     args = parser.parse_args()
+    baseline = load_baseline(args.baseline) if args.baseline else None
     name = torch.cuda.get_device_name()
     copy = copy_bandwidth()
     lines = [f'# Wall decode step, {name}, {datetime.date.today()}', '',
@@ -116,7 +157,7 @@ def main():
     for case in CASES:
         sweep = (32, 64, 128, 256, 512) if args.sweep and case['B'] == 1 else (2, 4, 8, 16, 32) if args.sweep else ()
         launches = ((4, 2, 2), (4, 3, 2), (4, 2, 1), (4, 1, 2), (8, 2, 2)) if args.sweep else ()
-        for kernel, fn, read in candidates(**case, split_counts=sweep, launches=launches):
+        for kernel, fn, read in candidates(**case, split_counts=sweep, launches=launches, baseline=baseline):
             fn()  # compile outside the timing
             t, tg = time_us(fn), graph_time_us(fn)
             row = (f"| B={case['B']}, {case['T']} | {kernel} | {t:.0f} | {tg:.0f} | {read / 2**20:.0f} | "

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from .domain import check_gates
 from .decode import default_num_splits, wall_attn_decode, wall_attn_decode_at
 from .reference import wall_attn_decode_reference
 
@@ -72,6 +73,8 @@ class WallKVCache:
         """Append T_new tokens: k `[B, T_new, H, K]`, v `[B, T_new, H, V]`, per-channel log-decay g
         `[B, T_new, HG, K]` (natural log, <= 0), and with a scalar gate g_scalar `[B, T_new, HQ]`."""
         T_new = self._check_append(k, v, g, g_scalar)
+        check_gates('WallKVCache.append',
+                    [('g', g.amax())] + ([] if g_scalar is None else [('g_scalar', g_scalar.amax())]))
         start, end = self.length, self.length + T_new
         B, HG = self.k_tilde.shape[0], self.num_gate_heads
         self._close_chunks_before(start)
@@ -95,7 +98,8 @@ class WallKVCache:
 
     def append_token(self, k, v, g, g_scalar=None):
         """`append` of one token per sequence (T_new = 1) with every index on the device: the chunk that the token
-        completes is closed by arithmetic that leaves the keys unchanged when it does not (no branch on the host)."""
+        completes is closed by arithmetic that leaves the keys unchanged when it does not (no branch on the host).
+        Its gates are not checked against the domain (g <= 0; `append` checks them): a CUDA graph replays this step."""
         if self._check_append(k, v, g, g_scalar) != 1:
             raise ValueError(f'append_token takes one token per sequence, got {k.shape[1]}')
         C, start = self.chunk_size, self.length

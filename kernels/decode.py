@@ -1,27 +1,44 @@
 """Wall Attention decoding against a pre-rescaled KV cache (SPEC section 2), flash-decoding style.
 
-Cache layout, `[B, T, heads, dim]` like the training pass, with `P = cumsum(g) / ln 2`:
+Cache layout, `[B, T, heads, dim]` like the training pass, with `P = cumsum(g) / ln 2` (log2 units):
 
-    anchored part, positions [0, n_anchored):  chunks of C positions, each anchored on its LAST position a_c
-        (its end; for a final partial chunk, the last anchored position):
-            r_cache[:, c] = P[a_c]          k_tilde[j] = k[j] * 2^(P[a_c] - P[j])      so |k_tilde| <= |k|
-    raw part, positions [n_anchored, T):     k_tilde[j] = k[j]; their prefixes come as `p_tail` (positions before
-        the queries) and `p_curr` (the query rows themselves).
+    anchored part, positions [0, n_anchored): chunks of C positions (the last one may be partial), chunk c with
+        one anchor r_cache[:, c] = R_c (a K-vector) and keys   k_tilde[j] = k[j] * 2^(R_c - P[j]).
+        R_c may be the prefix at ANY position of the chunk, or any other value the keys were scaled with:
+        the seed anchors on the chunk's first position (a streaming cache appends without touching old keys),
+        build_wall_kv_cache on its last (every exponent <= 0, so |k_tilde| <= |k| for any g <= 0).
+    raw part, positions [n_anchored, T) = the last `raw_tail` positions: k_tilde[j] = k[j], with their prefixes
+        given as `p_tail` (raw positions before the queries) and `p_curr` (the query rows).
 
-The T_q queries are the last T_q positions T0 .. T-1 of the cache (causal among themselves). A chunk anchored on
-its decaying end never needs a positive exponent, so every exponent evaluated here is <= 0 for any g <= 0:
+The T_q queries are the last T_q positions T0 .. T-1 of the cache (causal among themselves); every logit is
+computed as written:
 
-    anchored chunk c (a_c <= T0 <= i):  (q_i * 2^(P_i - r_c)) . k_tilde_j
-    raw key j < T0:                      (q_i * 2^(P_i - P_T0)) . (k_j * 2^(P_T0 - P_j)), anchored on the fly at T0
-    query-row key j >= T0:               q_i . (k_j * 2^(P_i - P_j)) per element, for visible j <= i only
+    anchored key j of chunk c:   (q_i * 2^(P_i - R_c)) . k_tilde_j
+    raw key j < T0:              (q_i * 2^(P_i - P_T0)) . (k_j * 2^(P_T0 - P_j)), anchored on the fly at T0
+    raw query-row key j >= T0:   q_i . (k_j * 2^(P_i - P_j)) per element, for visible j <= i only
+
+so the result does not depend on where a chunk's anchor lies, and a prefix of a cache (`k_tilde[:, :n]`,
+`v[:, :n]`, `r_cache[:, :ceil(n / C)]`) is a valid cache. The query factor is taken 2^EXPONENT_SHIFT (64) larger and the
+logit as much smaller: a seed-convention chunk whose keys grew by up to 2^127 inside it still meets a query factor
+that is a normal float. What cannot be decoded comes back as NaN in `o` and `lse` of the rows concerned, never as
+a plausible number:
+- keys that overflowed when the cache was built (inf in k_tilde: a seed-convention chunk that decays by more than
+  2^128, ~88 nats, inside itself);
+- a query row whose shifted factor q_i * 2^(P_i - R_c + 64) overflows fp32, i.e. one about 64 (log2 units, ~44
+  nats) or more of decay before the anchor of a chunk it sees (a prefix cut far before its chunk's end anchor):
+  the keys it needs underflowed when they were scaled to that anchor. Below that, keys stored under the normal
+  range cost at most 2^-62 of a logit.
+Caches built by build_wall_kv_cache over exactly the decoded positions, and kernels.WallKVCache, never hit either,
+for any g <= 0.
 
 Differences of a prefix and an anchor are taken in the prefixes' own dtype (float64 when given) before the fp32
 exp2, so a 1M-token prefix decodes as precisely as a 1k one.
 
-Work split (flash-decoding): one program per (batch, gate head, split of the cached chunks). A program serves all
-query heads that share its gate head (all G query heads of a kv head when the gate is shared, so each cache byte is
-read once), keeps an online softmax over its chunks, and writes a partial (output, log-sum-exp); a combine kernel
-merges the splits and the attention sink.
+Work split (flash-decoding): one program per (batch, gate head, split of the cached chunks[, tile of V columns]). A
+program serves all query heads that share its gate head (all G query heads of a kv head when the gate is shared, so
+each cache byte is read once), keeps an online softmax over its chunks, and writes a partial (output, log-sum-exp);
+a combine kernel merges the splits and the attention sink. Head dims and chunk sizes that are not powers of two are
+padded to the next one inside the kernel; values wider than MAX_VALUE_TILE columns are split over programs.
 
 `wall_attn_decode_at` is the same kernel for one query row of a streaming cache whose position is a device tensor:
 the kernel derives the anchored and raw parts from it and the grid is fixed by the cache's capacity, so one launch,
@@ -37,7 +54,6 @@ import triton.language as tl
 from .parallel import _raised_max, _softmax_step
 
 LOG2E = math.log2(math.e)
-LN2 = math.log(2)
 COMBINE_BLOCK_SPLITS = 16
 # Launch shape of the split kernel (bench/bench_decode.py --sweep times others; on an H200, two chunks per step with
 # two stages beat one chunk with three by 19-27% at three of the four decode targets, bench/results_decode.md).
@@ -47,6 +63,13 @@ NUM_WARPS = None
 NUM_STAGES = 2
 # Anchored chunks folded per loop iteration: two give the loop two independent logit chains between softmax updates.
 CHUNKS_PER_STEP = 2
+MAX_HEAD_DIM, MAX_VALUE_DIM, MAX_VALUE_TILE = 256, 512, 256
+# Anchored chunks: the query factor is 2^(P_i - R_c + EXPONENT_SHIFT), the logit then scaled back by as much. A
+# query exponent from -190 to about 63 then gives a normal fp32/bf16 factor, no finite key times it overflows for a
+# visible pair (P_i - P_j <= 0), and keys the cache stored below the normal range cost at most 2^-62 of a logit.
+# 0 compiles the unshifted kernel, exact only while no key exceeds ~2^100 of its size (chunk-end anchors): kept to
+# time what the shift costs (bench/bench_decode.py).
+EXPONENT_SHIFT = 64
 
 
 def build_wall_kv_cache(k, P, chunk_size=64, *, raw_tail=0, out_dtype=None):
@@ -58,8 +81,10 @@ def build_wall_kv_cache(k, P, chunk_size=64, *, raw_tail=0, out_dtype=None):
     Anchor convention: the first `T - raw_tail` positions form chunks of `chunk_size`, and chunk `c` is anchored on
     its last position `a_c` (its end; the last anchored position for a final partial chunk):
     `r_cache[:, c] = P[a_c]` (dtype of P) and `k_tilde[j] = k[j] * 2^(P[a_c] - P[j])`, so `|k_tilde| <= |k|` for any
-    g <= 0. The last `raw_tail` positions keep their raw keys. Decoding the last `T_q` positions with every exponent
-    <= 0 needs every anchor at or before the first query: `raw_tail >= T_q - 1` (the default 0 serves `T_q = 1`).
+    g <= 0. The last `raw_tail` positions keep their raw keys: pass the same `raw_tail` to `wall_attn_decode`.
+    Decoding the last T_q positions of this cache keeps every exponent <= 0 when `raw_tail >= T_q - 1` (the default 0
+    serves T_q = 1); any prefix of it decodes exactly too, as long as it ends less than about 64 (log2 units, ~44
+    nats of decay) before the end anchor of its last chunk (NaN rows otherwise, see the module docstring).
     """
     _check_tensor('k', k, 4)
     _check_tensor('P', P, 4, dtypes=(torch.float32, torch.float64))
@@ -82,16 +107,21 @@ def build_wall_kv_cache(k, P, chunk_size=64, *, raw_tail=0, out_dtype=None):
 
 
 def wall_attn_decode(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None, cache_chunk_size=64, *,
-                     p_tail=None, g_scalar_cumsum=None, window_size=None, num_splits=None):
+                     raw_tail=None, p_tail=None, g_scalar_cumsum=None, window_size=None, num_splits=None):
     """Attend the last T_q cache positions to the cache. Returns `(o [B, T_q, HQ, V], lse [B, T_q, HQ])`.
 
-    q: `[B, T_q, HQ, K]`; v: `[B, T, H, V]`; k_tilde: `[B, T, HG, K]` (see `build_wall_kv_cache`);
-    p_curr: `[B, T_q, HG, K]` prefixes of the query rows; r_cache: `[B, >= ceil(n_anchored / C), HG, K]` anchors;
-    p_tail: `[B, n_tail, HG, K]` prefixes of the raw positions before the queries (n_anchored = T - T_q - n_tail,
-    a multiple of C when n_tail > 0); g_scalar_cumsum: `[B, T, HQ]` cumulative FoX scalar log-decay (natural log);
-    sink_bias: `[HQ]`; window_size: key j visible from query i iff i - j < window_size.
+    q: `[B, T_q, HQ, K]`; v: `[B, T, H, V]`; k_tilde: `[B, T, HG, K]`; p_curr: `[B, T_q, HG, K]` prefixes
+    `cumsum(g) / ln 2` of the query rows; r_cache: `[B, >= ceil(n_anchored / C), HG, K]` one anchor per chunk of
+    C = cache_chunk_size positions (see the module docstring: any anchor the chunk's keys were scaled with, e.g. the
+    seed's chunk start or build_wall_kv_cache's chunk end; a prefix of a cache is a cache).
+    raw_tail: how many of the last positions hold raw keys (k_tilde = k), n_anchored = T - raw_tail; default 0, or
+    n_tail + T_q when p_tail is given. p_tail: `[B, raw_tail - T_q, HG, K]` prefixes of the raw positions before the
+    queries, needed exactly when raw_tail > T_q. g_scalar_cumsum: `[B, T, HQ]` cumulative FoX scalar log-decay
+    (natural log); sink_bias: `[HQ]`; window_size: key j visible from query i iff i - j < window_size.
     Prefixes and anchors may be float32 or float64. `lse` is the natural log of the softmax denominator, sink
     included. Inputs may be strided views. `num_splits` overrides the split count (one split per program).
+    K and C any size up to 256 (C >= 1), V up to 512. Rows that cannot be decoded exactly (a cache whose keys
+    overflowed when it was built, a prefix cut far before its chunk's anchor) come back NaN, never as plausible values.
     """
     C = cache_chunk_size
     _check_tensor('q', q, 4)
@@ -108,9 +138,9 @@ def wall_attn_decode(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None,
         raise ValueError(f'need HQ={HQ} a multiple of HG={HG} (k_tilde heads), and HG a multiple of H={H} (v heads)')
     if not 1 <= T_q <= T:
         raise ValueError(f'q has T_q={T_q} rows; need 1 <= T_q <= T={T} (the queries are the last cache positions)')
-    for name, size in (('K', K), ('V', V), ('cache_chunk_size', C)):
-        if size < 16 or size & (size - 1):
-            raise ValueError(f'{name} must be a power of two >= 16, got {size}')
+    for name, size, largest in (('K', K, MAX_HEAD_DIM), ('V', V, MAX_VALUE_DIM), ('cache_chunk_size', C, 256)):
+        if not isinstance(size, int) or not 1 <= size <= largest:
+            raise ValueError(f'{name} must be an int from 1 to {largest}, got {size!r}')
     prefix_dtypes = (torch.float32, torch.float64)
     _check_tensor('p_curr', p_curr, 4, (B, T_q, HG, K), prefix_dtypes, q.device)
     n_tail = 0
@@ -118,11 +148,16 @@ def wall_attn_decode(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None,
         _check_tensor('p_tail', p_tail, 4, dtypes=prefix_dtypes, device=q.device)
         n_tail = p_tail.shape[1]
         _check_tensor('p_tail', p_tail, 4, (B, n_tail, HG, K))
-    n_anchored = T - T_q - n_tail
-    if n_anchored < 0:
-        raise ValueError(f'p_tail covers {n_tail} positions but only T - T_q = {T - T_q} precede the queries')
-    if n_tail and n_anchored % C:
-        raise ValueError(f'with p_tail the anchored part must be whole chunks; it has {n_anchored} positions, C={C}')
+        if n_tail > T - T_q:
+            raise ValueError(f'p_tail covers {n_tail} positions but only T - T_q = {T - T_q} precede the queries')
+    if raw_tail is None:
+        raw_tail = n_tail + T_q if p_tail is not None else 0
+    if not isinstance(raw_tail, int) or not 0 <= raw_tail <= T:
+        raise ValueError(f'raw_tail must be an int from 0 to T={T}, got {raw_tail!r}')
+    if n_tail != max(0, raw_tail - T_q):
+        raise ValueError(f'p_tail must hold the prefixes of the {max(0, raw_tail - T_q)} raw positions before the '
+                         f'queries (raw_tail={raw_tail}, T_q={T_q}), got {n_tail}')
+    n_anchored = T - raw_tail
     _check_tensor('r_cache', r_cache, 4, dtypes=prefix_dtypes, device=q.device)
     n_chunks = _cdiv(n_anchored, C)
     if r_cache.shape[0] != B or r_cache.shape[1] < n_chunks or r_cache.shape[2:] != (HG, K):
@@ -137,7 +172,7 @@ def wall_attn_decode(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None,
 
     T0 = T - T_q
     key_lo = 0 if window_size is None else max(0, T0 - window_size + 1)
-    n_blocks = max(0, _cdiv(T0, C) - key_lo // C)
+    n_blocks = max(0, _cdiv(max(T0, n_anchored), C) - key_lo // C)
     if num_splits is None:
         num_splits = default_num_splits(q.device, B * HG, n_blocks, T_q * (HQ // HG))
     blocks_per_split = _cdiv(n_blocks, max(1, min(num_splits, n_blocks))) if n_blocks else 0
@@ -162,6 +197,11 @@ def wall_attn_decode_at(q, v, k_tilde, r_cache, raw_prefix, position, num_splits
                    0, 0, 0, 0, position=position)
 
 
+def _padded_dim(n):
+    """The power of two >= n (and >= 16, tl.dot's smallest) that a dim is padded to inside the kernels."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 def _launch(q, v, p_curr, p_tail, k_tilde, r_cache, g_scalar_cumsum, sink_bias, scale, C, window_size, num_splits,
             T0, n_anchored, key_lo, blocks_per_split, position=None):
     B, T_q, HQ, K = q.shape
@@ -169,29 +209,35 @@ def _launch(q, v, p_curr, p_tail, k_tilde, r_cache, g_scalar_cumsum, sink_bias, 
     scale = K ** -0.5 if scale is None else scale
     QPG = HQ // HG
     rows = T_q * QPG
+    VP = min(_padded_dim(V), MAX_VALUE_TILE)
+    v_tiles = _cdiv(V, VP)
     o_part = torch.empty(B * HG, num_splits, rows, V, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B * HG, num_splits, rows, dtype=torch.float32, device=q.device)
     # Absent optional inputs: pass a live tensor and strides of 0; their loads are compiled out.
     p_tail_arg = p_curr if p_tail is None else p_tail
     scalar_arg = p_curr if g_scalar_cumsum is None else g_scalar_cumsum
     scalar_strides = (0, 0, 0) if g_scalar_cumsum is None else g_scalar_cumsum.stride()
-    wall_decode_split_kernel[(B * HG, num_splits)](
+    grid = (B * HG, num_splits) if v_tiles == 1 else (B * HG, num_splits, v_tiles)
+    wall_decode_split_kernel[grid](
         q, k_tilde, v, p_curr, p_tail_arg, r_cache, scalar_arg, o_part, lse_part,
         p_curr if position is None else position,
         *q.stride(), *k_tilde.stride(), *v.stride(), *p_curr.stride(), *p_tail_arg.stride(), *r_cache.stride(),
         *scalar_strides,
         T0, n_anchored, key_lo, blocks_per_split, num_splits, window_size or 0, scale * LOG2E,
-        HG=HG, QPG=QPG, GPV=HG // H, T_Q=T_q, M=max(16, 1 << (rows - 1).bit_length()), K=K, V=V, C=C,
+        HG=HG, QPG=QPG, GPV=HG // H, T_Q=T_q, M=max(16, 1 << (rows - 1).bit_length()), K=K, KP=_padded_dim(K),
+        V=V, VP=VP, V_TILES=v_tiles, C=C, CP=_padded_dim(C),
         HAS_SCALAR=g_scalar_cumsum is not None, HAS_WINDOW=window_size is not None,
-        POSITION_ON_DEVICE=position is not None, CHUNKS=CHUNKS_PER_STEP,
+        POSITION_ON_DEVICE=position is not None, CHUNKS=CHUNKS_PER_STEP, DOT_F32=k_tilde.dtype == torch.float16,
+        SHIFT=EXPONENT_SHIFT, UNSHIFT=2.0 ** -EXPONENT_SHIFT,
         num_warps=NUM_WARPS or default_num_warps(q.device, B * HG, rows),
         num_stages=1 if not q.is_cuda else NUM_STAGES if k_tilde.element_size() <= 2 else min(NUM_STAGES, 2),
     )
     o = torch.empty(B, T_q, HQ, V, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T_q, HQ, dtype=torch.float32, device=q.device)
-    wall_decode_combine_kernel[(B * HG * rows,)](
+    wall_decode_combine_kernel[(B * HG * rows, v_tiles)](
         o_part, lse_part, sink_bias if sink_bias is not None else lse, o, lse, num_splits,
-        HG=HG, QPG=QPG, T_Q=T_q, HQ=HQ, V=V, BLOCK_S=COMBINE_BLOCK_SPLITS, HAS_SINK=sink_bias is not None,
+        HG=HG, QPG=QPG, T_Q=T_q, HQ=HQ, V=V, VP=VP, V_TILES=v_tiles, BLOCK_S=COMBINE_BLOCK_SPLITS,
+        HAS_SINK=sink_bias is not None,
     )
     return o, lse
 
@@ -246,56 +292,114 @@ def default_num_warps(device, programs_per_split, rows_per_program):
 
 
 @triton.jit
-def _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, scb, sct, sch):
-    """(C_i - C_j) log2(e) for the FoX scalar gate, differenced in the prefix dtype."""
-    c_keys = tl.load(scalar + key_pos[None, :] * sct + row_head[:, None] * sch, mask=visible, other=0.0)
-    return ((c_rows[:, None] - c_keys).to(tl.float32) * 1.4426950408889634)
+def _padded(mask, cols, N: tl.constexpr, NP: tl.constexpr):
+    """mask [R, 1] with the columns past N hidden where a head dim or chunk is padded to NP; unchanged
+    (compiled away) when N == NP."""
+    if N == NP:
+        return mask
+    else:
+        return mask & (cols[None, :] < N)
 
 
 @triton.jit
-def _visible_logits(s, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, scalar, scb, sct, sch, window_size,
-                    HAS_WINDOW: tl.constexpr, HAS_SCALAR: tl.constexpr):
-    """A chunk's logits with the scalar gate added, -inf where a key is not visible (cache length, window)."""
+def _padded_vec(cols, N: tl.constexpr, NP: tl.constexpr):
+    """Which of the NP columns of a vector are inside N (all of them, compiled away, when N == NP)."""
+    if N == NP:
+        return tl.full([NP], 1, tl.int1)
+    else:
+        return cols < N
+
+
+@triton.jit
+def _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, sct, sch, UNITS: tl.constexpr):
+    """(C_i - C_j) log2(e) / UNITS for the FoX scalar gate, differenced in the prefix dtype."""
+    c_keys = tl.load(scalar + key_pos[None, :] * sct + row_head[:, None] * sch, mask=visible, other=0.0)
+    return ((c_rows[:, None] - c_keys).to(tl.float32) * (1.4426950408889634 / UNITS))
+
+
+@triton.jit
+def _visible_logits(s, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, scalar, sct, sch, window_size,
+                    HAS_WINDOW: tl.constexpr, HAS_SCALAR: tl.constexpr, T_Q: tl.constexpr, UNITS: tl.constexpr = 1.0):
+    """A chunk's logits (in units of UNITS log2) with the scalar gate added, -inf where a key is not visible (cache
+    length, window, and with several query rows causality: anchored keys may be query rows)."""
     visible = row_ok[:, None] & key_ok[None, :]
+    if T_Q > 1:
+        visible = visible & (key_pos[None, :] <= row_pos[:, None])
     if HAS_WINDOW:
         visible = visible & (key_pos[None, :] > row_pos[:, None] - window_size)
     if HAS_SCALAR:
-        s += _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, scb, sct, sch)
+        s += _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, sct, sch, UNITS)
     return tl.where(visible, s, float('-inf'))
 
 
 @triton.jit
 def _fold_chunk(s, values, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, m_i, l_i, acc,
-                scalar, scb, sct, sch, window_size, HAS_WINDOW: tl.constexpr, HAS_SCALAR: tl.constexpr):
+                scalar, sct, sch, window_size, HAS_WINDOW: tl.constexpr, HAS_SCALAR: tl.constexpr,
+                T_Q: tl.constexpr):
     """Visibility (cache length, window) and the scalar gate for a chunk's logits, then its online-softmax step."""
-    s = _visible_logits(s, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, scalar, scb, sct, sch, window_size,
-                        HAS_WINDOW, HAS_SCALAR)
+    s = _visible_logits(s, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, scalar, sct, sch, window_size,
+                        HAS_WINDOW, HAS_SCALAR, T_Q)
     return _softmax_step(s, m_i, l_i, acc, values)
 
 
 @triton.jit
-def _anchored_chunk(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd, v, svt, svd, key_lo, n_anchored,
-                    d_k, d_v, offs_c, row_ok, row_pos, row_head, c_rows, scalar, scb, sct, sch, window_size,
-                    C: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALAR: tl.constexpr):
-    """Logits of anchored chunk c as _visible_logits leaves them (nothing visible when c >= stop), and its values."""
+def _anchored_chunk(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd, v, svt, svd, key_lo,
+                    n_anchored, d_k, d_v, offs_c, row_ok, row_pos, row_head, c_rows, scalar, sct, sch, window_size,
+                    K: tl.constexpr, KP: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, C: tl.constexpr,
+                    CP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALAR: tl.constexpr, T_Q: tl.constexpr,
+                    DOT_F32: tl.constexpr, SHIFT: tl.constexpr, UNSHIFT: tl.constexpr):
+    """Logits of anchored chunk c, (q_i 2^(P_i - r_c)) . k_tilde_j as written, as _visible_logits leaves them
+    (nothing visible when c >= stop) but in units of UNSHIFT = 2^-SHIFT log2 (the folds scale them back inside
+    their exp2), and its values. Non-finite where the cache cannot be decoded exactly."""
     key_pos = c * C + offs_c
-    key_ok = (key_pos >= key_lo) & (key_pos < tl.minimum(n_anchored, stop * C))
+    key_ok = (key_pos >= key_lo) & (key_pos < tl.minimum(n_anchored, stop * C)) & _padded_vec(offs_c, C, CP)
     # a chunk past stop: anchor +inf, so its query factor is 0 (its logits are hidden anyway)
-    anchor = tl.load(r_cache + c * src + d_k * srd, mask=(tl.zeros_like(d_k) + c) < stop, other=float('inf'))
-    q_c = q_rows * tl.exp2((p_rows - anchor[None, :]).to(tl.float32))
-    keys = tl.load(k_tilde + key_pos[:, None] * skt + d_k[None, :] * skd, mask=key_ok[:, None], other=0.0)
-    values = tl.load(v + key_pos[:, None] * svt + d_v[None, :] * svd, mask=key_ok[:, None], other=0.0)
-    s = _visible_logits(tl.dot(q_c.to(keys.dtype), tl.trans(keys)), key_pos, key_ok, row_ok, row_pos, row_head,
-                        c_rows, scalar, scb, sct, sch, window_size, HAS_WINDOW, HAS_SCALAR)
+    anchor = tl.load(r_cache + c * src + d_k * srd, mask=((tl.zeros_like(d_k) + c) < stop) & _padded_vec(d_k, K, KP),
+                     other=float('inf'))
+    # Shifted by 2^SHIFT: a factor that overflows (a query row far before the anchor) gives +-inf or NaN logits, and
+    # one that stays finite loses at most 2^-62 to keys stored below the normal range.
+    if SHIFT == 0:
+        q_c = q_rows * tl.exp2((p_rows - anchor[None, :]).to(tl.float32))
+    else:
+        q_c = q_rows * tl.exp2((p_rows - (anchor - SHIFT)[None, :]).to(tl.float32))
+    keys = tl.load(k_tilde + key_pos[:, None] * skt + d_k[None, :] * skd, mask=_padded(key_ok[:, None], d_k, K, KP),
+                   other=0.0)
+    values = tl.load(v + key_pos[:, None] * svt + d_v[None, :] * svd, mask=_padded(key_ok[:, None], d_v, V, VP),
+                     other=0.0)
+    if DOT_F32:  # fp16 caches: its range cannot hold the shifted query factor
+        keys = keys.to(tl.float32)
+    s = tl.dot(q_c.to(keys.dtype), tl.trans(keys))
+    # an overflowed key (inf) gives +-inf or NaN: make -inf (which would hide the key) NaN too
+    s = tl.where(s > float('-inf'), s, float('nan'))
+    s = _visible_logits(s, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, scalar, sct, sch, window_size,
+                        HAS_WINDOW, HAS_SCALAR, T_Q, UNSHIFT)
     return s, values
 
 
 @triton.jit
-def _fold_two_chunks(s1, v1, s2, v2, m_i, l_i, acc):
-    """_softmax_step over two chunks at once: one max and one rescale of the output for both."""
-    m_new, m_shift, alpha = _raised_max(m_i, tl.maximum(tl.max(s1, 1), tl.max(s2, 1)))
-    p1 = tl.exp2(s1 - m_shift[:, None])
-    p2 = tl.exp2(s2 - m_shift[:, None])
+def _fold_anchored_chunk(s, values, m_i, l_i, acc, SHIFT: tl.constexpr, UNSHIFT: tl.constexpr):
+    """_softmax_step over the logits of _anchored_chunk, scaled back inside the exp2 (one fused multiply-add)."""
+    if SHIFT == 0:
+        m_new, l_new, acc = _softmax_step(s, m_i, l_i, acc, values)
+    else:
+        m_new, m_shift, alpha = _raised_max(m_i, tl.max(s, 1) * UNSHIFT)
+        p = tl.exp2(s * UNSHIFT - m_shift[:, None])
+        l_new = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
+    return m_new, l_new, acc
+
+
+@triton.jit
+def _fold_two_chunks(s1, v1, s2, v2, m_i, l_i, acc, SHIFT: tl.constexpr, UNSHIFT: tl.constexpr):
+    """_fold_anchored_chunk over two chunks at once: one max and one rescale of the output for both."""
+    if SHIFT == 0:
+        m_new, m_shift, alpha = _raised_max(m_i, tl.maximum(tl.max(s1, 1), tl.max(s2, 1)))
+        p1 = tl.exp2(s1 - m_shift[:, None])
+        p2 = tl.exp2(s2 - m_shift[:, None])
+    else:
+        m_new, m_shift, alpha = _raised_max(m_i, tl.maximum(tl.max(s1, 1), tl.max(s2, 1)) * UNSHIFT)
+        p1 = tl.exp2(s1 * UNSHIFT - m_shift[:, None])
+        p2 = tl.exp2(s2 * UNSHIFT - m_shift[:, None])
     acc = acc * alpha[:, None] + tl.dot(p1.to(v1.dtype), v1) + tl.dot(p2.to(v2.dtype), v2)
     return m_new, l_i * alpha + tl.sum(p1, 1) + tl.sum(p2, 1), acc
 
@@ -307,8 +411,10 @@ def wall_decode_split_kernel(
     stb, stt, sth, std, srb, src, srh, srd, scb, sct, sch,
     T0, n_anchored, key_lo, blocks_per_split, n_splits, window_size, qk_scale,
     HG: tl.constexpr, QPG: tl.constexpr, GPV: tl.constexpr, T_Q: tl.constexpr, M: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    POSITION_ON_DEVICE: tl.constexpr, CHUNKS: tl.constexpr,
+    K: tl.constexpr, KP: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, V_TILES: tl.constexpr,
+    C: tl.constexpr, CP: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    POSITION_ON_DEVICE: tl.constexpr, CHUNKS: tl.constexpr, DOT_F32: tl.constexpr, SHIFT: tl.constexpr,
+    UNSHIFT: tl.constexpr,
 ):
     i_bg, i_s = tl.program_id(0), tl.program_id(1)
     if POSITION_ON_DEVICE:
@@ -326,7 +432,11 @@ def wall_decode_split_kernel(
     row_t, row_head = rows // QPG, i_g * QPG + rows % QPG
     row_ok = rows < T_Q * QPG
     row_pos = T0 + row_t
-    d_k, d_v, offs_c = tl.arange(0, K), tl.arange(0, V), tl.arange(0, C)
+    d_k, offs_c = tl.arange(0, KP), tl.arange(0, CP)
+    if V_TILES == 1:
+        d_v = tl.arange(0, VP)
+    else:  # values wider than one tile: a program per tile of VP columns, each recomputing the logits
+        d_v = tl.program_id(2) * VP + tl.arange(0, VP)
 
     q += i_b * sqb
     k_tilde += i_b * skb + i_g * skh
@@ -337,59 +447,70 @@ def wall_decode_split_kernel(
     scalar += i_b * scb
 
     q_rows = tl.load(q + row_t[:, None] * sqt + row_head[:, None] * sqh + d_k[None, :] * sqd,
-                     mask=row_ok[:, None], other=0.0).to(tl.float32) * qk_scale
-    # Padding rows get prefix -inf: every factor 2^(P_row - x) they produce is 0, never inf * 0.
-    p_rows = tl.load(p_curr + row_t[:, None] * spt + d_k[None, :] * spd, mask=row_ok[:, None], other=float('-inf'))
+                     mask=_padded(row_ok[:, None], d_k, K, KP), other=0.0).to(tl.float32) * qk_scale
+    # Padding rows and channels get prefix -inf: every factor 2^(P_row - x) they produce is 0, never inf * 0.
+    p_rows = tl.load(p_curr + row_t[:, None] * spt + d_k[None, :] * spd, mask=_padded(row_ok[:, None], d_k, K, KP),
+                     other=float('-inf'))
     c_rows = tl.zeros([M], dtype=tl.float32)
     if HAS_SCALAR:
         c_rows = tl.load(scalar + row_pos * sct + row_head * sch, mask=row_ok, other=0.0)
 
     m_i = tl.full([M], float('-inf'), dtype=tl.float32)
     l_i = tl.zeros([M], dtype=tl.float32)
-    acc = tl.zeros([M, V], dtype=tl.float32)
+    acc = tl.zeros([M, VP], dtype=tl.float32)
 
+    # The splits share the chunks holding keys before the queries and anchored keys (anchored query rows too).
+    n_keys = tl.maximum(T0, n_anchored)
     first = key_lo // C + i_s * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, tl.cdiv(T0, C))
-    first_raw = tl.cdiv(n_anchored, C)
-    # Anchored chunks: the stored k_tilde, query side rescaled to the chunk's end anchor.
-    stop = tl.minimum(last, first_raw)
+    last = tl.minimum(first + blocks_per_split, tl.cdiv(n_keys, C))
+    # Anchored chunks: the stored k_tilde against the query side rescaled to the chunk's anchor.
+    stop = tl.minimum(last, tl.cdiv(n_anchored, C))
     for c in tl.range(first, stop, CHUNKS):
-        s, values = _anchored_chunk(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd, v, svt, svd, key_lo,
-                                    n_anchored, d_k, d_v, offs_c, row_ok, row_pos, row_head, c_rows, scalar, scb, sct,
-                                    sch, window_size, C, HAS_WINDOW, HAS_SCALAR)
+        s, values = _anchored_chunk(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd, v, svt,
+                                    svd, key_lo, n_anchored, d_k, d_v, offs_c, row_ok, row_pos, row_head, c_rows,
+                                    scalar, sct, sch, window_size, K, KP, V, VP, C, CP, HAS_WINDOW, HAS_SCALAR, T_Q,
+                                    DOT_F32, SHIFT, UNSHIFT)
         if CHUNKS == 2:
-            s2, values2 = _anchored_chunk(c + 1, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd, v, svt,
-                                          svd, key_lo, n_anchored, d_k, d_v, offs_c, row_ok, row_pos, row_head, c_rows,
-                                          scalar, scb, sct, sch, window_size, C, HAS_WINDOW, HAS_SCALAR)
-            m_i, l_i, acc = _fold_two_chunks(s, values, s2, values2, m_i, l_i, acc)
+            s2, values2 = _anchored_chunk(c + 1, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, skd,
+                                          v, svt, svd, key_lo, n_anchored, d_k, d_v, offs_c, row_ok, row_pos, row_head,
+                                          c_rows, scalar, sct, sch, window_size, K, KP, V, VP, C, CP, HAS_WINDOW,
+                                          HAS_SCALAR, T_Q, DOT_F32, SHIFT, UNSHIFT)
+            m_i, l_i, acc = _fold_two_chunks(s, values, s2, values2, m_i, l_i, acc, SHIFT, UNSHIFT)
         else:
-            m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, values)
+            m_i, l_i, acc = _fold_anchored_chunk(s, values, m_i, l_i, acc, SHIFT, UNSHIFT)
 
-    # Raw keys before the queries: anchor them on the fly at the first query row T0.
-    anchor = tl.load(p_curr + d_k * spd)
-    q_raw = q_rows * tl.exp2((p_rows - anchor[None, :]).to(tl.float32))
-    for c in tl.range(tl.maximum(first, first_raw), last):
+    # Raw keys before the queries, [n_anchored, T0): anchored on the fly at the first query row T0.
+    p_first = tl.load(p_curr + d_k * spd, mask=_padded_vec(d_k, K, KP), other=0.0)
+    q_raw = q_rows * tl.exp2((p_rows - p_first[None, :]).to(tl.float32))
+    raw_lo = tl.maximum(first, n_anchored // C)
+    raw_hi = tl.where(n_anchored < T0, tl.minimum(last, tl.cdiv(T0, C)), raw_lo)
+    for c in tl.range(raw_lo, raw_hi):
         key_pos = c * C + offs_c
-        key_ok = (key_pos >= key_lo) & (key_pos < T0)
+        key_ok = (key_pos >= tl.maximum(key_lo, n_anchored)) & (key_pos < T0) & _padded_vec(offs_c, C, CP)
         # Absent keys get prefix +inf: their factor 2^(anchor - inf) is 0.
         p_keys = tl.load(p_tail + (key_pos - n_anchored)[:, None] * stt + d_k[None, :] * std,
-                         mask=key_ok[:, None], other=float('inf'))
-        keys = tl.load(k_tilde + key_pos[:, None] * skt + d_k[None, :] * skd, mask=key_ok[:, None], other=0.0)
-        values = tl.load(v + key_pos[:, None] * svt + d_v[None, :] * svd, mask=key_ok[:, None], other=0.0)
-        keys_anchored = (keys.to(tl.float32) * tl.exp2((anchor[None, :] - p_keys).to(tl.float32))).to(keys.dtype)
+                         mask=_padded(key_ok[:, None], d_k, K, KP), other=float('inf'))
+        keys = tl.load(k_tilde + key_pos[:, None] * skt + d_k[None, :] * skd,
+                       mask=_padded(key_ok[:, None], d_k, K, KP), other=0.0)
+        values = tl.load(v + key_pos[:, None] * svt + d_v[None, :] * svd, mask=_padded(key_ok[:, None], d_v, V, VP),
+                         other=0.0)
+        keys_anchored = (keys.to(tl.float32) * tl.exp2((p_first[None, :] - p_keys).to(tl.float32))).to(keys.dtype)
         s = tl.dot(q_raw.to(keys.dtype), tl.trans(keys_anchored))
         m_i, l_i, acc = _fold_chunk(s, values, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, m_i, l_i, acc,
-                                    scalar, scb, sct, sch, window_size, HAS_WINDOW, HAS_SCALAR)
+                                    scalar, sct, sch, window_size, HAS_WINDOW, HAS_SCALAR, T_Q)
 
-    # The query rows' own keys, causal among themselves: exact per-element decay, owned by the last split.
+    # The query rows' own raw keys (those at or past n_anchored), causal among themselves: exact per-element decay,
+    # owned by the last split.
     if i_s == n_splits - 1:
+        k_ok = _padded_vec(d_k, K, KP)
+        v_ok = _padded_vec(d_v, V, VP)
         for j in tl.static_range(T_Q):
-            visible = row_ok & (row_t >= j)
+            visible = row_ok & (row_t >= j) & (row_pos - row_t + j >= n_anchored)  # key T0 + j raw
             if HAS_WINDOW:
                 visible = visible & (row_t - j < window_size)
-            key = tl.load(k_tilde + (T0 + j) * skt + d_k * skd).to(tl.float32)
-            value = tl.load(v + (T0 + j) * svt + d_v * svd).to(tl.float32)
-            p_key = tl.load(p_curr + j * spt + d_k * spd)
+            key = tl.load(k_tilde + (T0 + j) * skt + d_k * skd, mask=k_ok, other=0.0).to(tl.float32)
+            value = tl.load(v + (T0 + j) * svt + d_v * svd, mask=v_ok, other=0.0).to(tl.float32)
+            p_key = tl.load(p_curr + j * spt + d_k * spd, mask=k_ok, other=0.0)
             decay = tl.exp2(tl.where(visible[:, None], (p_rows - p_key[None, :]).to(tl.float32), float('-inf')))
             s = tl.sum(q_rows * key[None, :] * decay, 1)
             if HAS_SCALAR:
@@ -404,19 +525,20 @@ def wall_decode_split_kernel(
             l_i = l_i * alpha + p
             m_i = m_new
 
-    has_keys = l_i > 0
+    # l_i == 0: no visible key in this split. A NaN sum (a cache that cannot be decoded) must stay NaN.
+    has_keys = l_i != 0
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float('-inf'))
     part = (i_bg * n_splits + i_s) * T_Q * QPG
-    tl.store(o_part + (part + rows[:, None]) * V + d_v[None, :], out, mask=row_ok[:, None])
-    tl.store(lse_part + part + rows, lse, mask=row_ok)
+    tl.store(o_part + (part + rows[:, None]) * V + d_v[None, :], out, mask=_padded(row_ok[:, None], d_v, V, VP))
+    tl.store(lse_part + part + rows, lse, mask=row_ok)  # value tiles store the same lse
 
 
 @triton.jit
 def wall_decode_combine_kernel(
     o_part, lse_part, sink_bias, o, lse, n_splits,
-    HG: tl.constexpr, QPG: tl.constexpr, T_Q: tl.constexpr, HQ: tl.constexpr, V: tl.constexpr,
-    BLOCK_S: tl.constexpr, HAS_SINK: tl.constexpr,
+    HG: tl.constexpr, QPG: tl.constexpr, T_Q: tl.constexpr, HQ: tl.constexpr, V: tl.constexpr, VP: tl.constexpr,
+    V_TILES: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINK: tl.constexpr,
 ):
     """Merge the splits' partial (output, log2-sum-exp) of one row; the sink adds exp(sink_bias) to the sum only."""
     i_r = tl.program_id(0)
@@ -424,20 +546,25 @@ def wall_decode_combine_kernel(
     i_bg, row = i_r // rows, i_r % rows
     i_b, i_h = i_bg // HG, (i_bg % HG) * QPG + row % QPG
     t = row // QPG
-    d_v, offs_s = tl.arange(0, V), tl.arange(0, BLOCK_S)
+    offs_s = tl.arange(0, BLOCK_S)
+    if V_TILES == 1:
+        d_v = tl.arange(0, VP)
+    else:
+        d_v = tl.program_id(1) * VP + tl.arange(0, VP)
+    v_ok = _padded_vec(d_v, V, VP)
 
     m_i = tl.full([], float('-inf'), dtype=tl.float32)
     l_i = tl.full([], 0.0, dtype=tl.float32)
     if HAS_SINK:
         m_i = tl.load(sink_bias + i_h).to(tl.float32) * 1.4426950408889634
         l_i = tl.full([], 1.0, dtype=tl.float32)
-    acc = tl.zeros([V], dtype=tl.float32)
+    acc = tl.zeros([VP], dtype=tl.float32)
     for s0 in tl.range(0, n_splits, BLOCK_S):
         split = s0 + offs_s
         ok = split < n_splits
         base = (i_bg * n_splits + split) * rows + row
         lse_s = tl.load(lse_part + base, mask=ok, other=float('-inf'))
-        o_s = tl.load(o_part + base[:, None] * V + d_v[None, :], mask=ok[:, None], other=0.0)
+        o_s = tl.load(o_part + base[:, None] * V + d_v[None, :], mask=_padded(ok[:, None], d_v, V, VP), other=0.0)
         m_new = tl.maximum(m_i, tl.max(lse_s, 0))
         m_shift = tl.where(m_new == float('-inf'), 0.0, m_new)
         w = tl.exp2(lse_s - m_shift)
@@ -446,5 +573,5 @@ def wall_decode_combine_kernel(
         l_i = l_i * alpha + tl.sum(w, 0)
         m_i = m_new
     out_row = (i_b * T_Q + t) * HQ + i_h
-    tl.store(o + out_row * V + d_v, (acc / l_i).to(o.dtype.element_ty))
-    tl.store(lse + out_row, (m_i + tl.log2(l_i)) * 0.6931471805599453)
+    tl.store(o + out_row * V + d_v, (acc / l_i).to(o.dtype.element_ty), mask=v_ok)
+    tl.store(lse + out_row, (m_i + tl.log2(l_i)) * 0.6931471805599453)  # value tiles store the same lse

@@ -27,6 +27,29 @@ How every exponent stays in range without a clamp that changes a result:
 Layout inside: every tensor is flattened to `[total_tokens, heads, dim]`; a batch of B rows is B documents. Query
 tiles rescaled inside a loop pass through a q-sized scratch buffer (`_staged`), so that the tensor cores read them
 from shared memory like a loaded tile.
+
+Glossary (names used throughout; P is in log2 units, natural-log inputs are converted once):
+- Shapes: HQ query heads, H kv heads, HG gate heads (HQ or H); K, V head dims, KP, VP the powers of two they are
+  padded to; hq, hk, hg a program's query, kv and gate head. BLOCK tokens per query/key block, SUB per sub-block
+  of a steep diagonal, GROUP (GROUPS) blocks per anchor group, DK channels per elementwise step,
+  DKV_QUERY_ROWS queries per dk/dv tile, FAST_RANGE the largest in-block decay the one-dot diagonal takes.
+- Block table (`_Layout.table`, `_block`): one row per block, (i0 first token, bos / eos its document's start and
+  end, block id in position order); j0 is a key block's first token, id_m / id_n / id_i block ids, `last` a block's
+  last token. Programs of the main kernels are (query block, query head), the dk/dv kernel's (key block, query head).
+- Prefixes: Pl = P - P[block start] per token (float32), Pstart = P at each block's first token (float64);
+  Cl / Cs the same for the scalar gate C = cumsum(g_scalar) / ln 2, cq / ck a tile's query / key rows of it.
+- Rescaled operands: q_hat = q * 2^Pl (queries from their block start); kt, kg = keys rescaled to their block's /
+  their key group's last token; qg = queries rescaled from their query group's first token; qf, kf, kx the operands
+  of the current tile in the frame of its anchor; kb keys rescaled to their sub-block's end (steep blocks).
+- Logits and softmax: s a tile's logits (log2 units), S the diagonal tiles' logits (_diag_fwd_kernel -> forward),
+  L the exact intra-sub-block logits of steep blocks; m_i, l_i, acc the online softmax's running max, sum and
+  output; lse = log2 of the softmax denominator per row (sink included).
+- Backward: do the output gradient, delta = rowsum(do * o), p / ds the probabilities and logit gradients; dq, dk, dv
+  per query head in fp32 (summed over GQA groups at the end), dcq / dck the scalar gate's query / key shares,
+  dv_part a steep block's dv before its diagonal; lg / lh the log2 frame a gradient accumulator is held in while
+  its anchor moves; dg from the block totals (`totals`) and their float64 suffix sums (`suffix`).
+- Gentle / steep: a block whose per-channel decay stays under FAST_RANGE (one-dot diagonal) or not (sub-blocks).
+- Switches: HAS_GS scalar gate, HAS_SINK attention sink, HAS_WINDOW sliding window (WINDOW its size).
 """
 import concurrent.futures
 import functools
@@ -39,14 +62,12 @@ import triton.language as tl
 
 BLOCK = 64   # query and key block; also the granularity of the decay anchors
 SUB = 16     # sub-block of the steep-diagonal path: pairs inside one are computed elementwise
+# Widest value tile of one launch; wider values (up to MAX_VALUE_DIM) go through several launches (wall_attn).
+MAX_VALUE_TILE, MAX_VALUE_DIM = 256, 512
 # dk/dv's query tiles: half a block keeps the transposed logits' registers for the resident key block
-# (H200, B2 T8k H16: dk/dv kernel 4.42 -> 3.42 ms; spills 1468 -> 808 bytes, Triton 3.6, sm_90a)
 DKV_QUERY_ROWS = tl.constexpr(32)
 # Blocks per anchor group, per kernel: off-diagonal operands are rescaled once per group of keys (forward, dq) or
-# queries (dk/dv). H200, B2 T8k H16, one size for all three kernels (forward / forward+backward ms; kernels forward,
-# dq, dk/dv): 4 blocks 2.42 / 10.01 (2.18, 2.99, 3.92), 8 blocks 2.18 / 9.44 (1.95, 2.94, 3.65), 16 blocks
-# 2.07 / 9.24 (1.83, 3.00, 3.53), 32 blocks 2.00 / 9.42 (1.77, 3.24, 3.54): larger groups rescale less often, but
-# dq's own group, anchored per block, grows with them. Each kernel at its best size (32, 8, 16): 1.99 / 9.11.
+# queries (dk/dv); larger groups rescale less often, but dq's own group, anchored per block, grows with them.
 GROUPS = dict(fwd=32, dq=8, dkv=16)
 LOG2E = 1.4426950408889634
 # Largest per-channel decay (log2 units) over a block for the one-dot diagonal: k * 2^FAST_RANGE must not
@@ -61,19 +82,16 @@ def _configs(*warps_stages):
     return [triton.Config({}, num_warps=w, num_stages=s) for w, s in warps_stages]
 
 
-# Pruned from a sweep on an H100 at B=2 T=8192 H=16 K=128 (forward + backward, ms, each kernel's config varied alone
-# with the others at their best): forward 4 warps x 2 stages 15.87, 4 x 3 16.76, 8 x 2 18.02, 8 x 3 17.41; dq 4 x 1
-# 15.87, 8 x 2 16.74, 8 x 3 16.89, 8 x 1 24.40; dk/dv 4 x 2 15.88, 4 x 3 18.91, 8 x 2 23.83, 8 x 3 23.25. Every
-# config compiles for seconds at each new shape, so the losers stay out. The anchor-group forward on an H200 (same
-# shape, kernel alone), with its own-group query operand computed in registers: 4 x 2 2.23 ms, 4 x 3 3.34; staged
-# through memory (_staged): 4 x 2 2.23, 4 x 3 2.04.
+# One config per kernel, the best of a sweep (bench/results_attn.md, tuning notes): every config compiles for
+# seconds at each new shape, so the losers stay out.
 FWD_CONFIGS = _configs((4, 3))
-# Once the steep blocks' diagonal left dq and dk/dv (H200, same shape, kernel alone): dq 4 x 1 2.74 ms, 4 x 2 2.30;
-# dk/dv with 32-query tiles 4 x 1 4.12, 4 x 2 3.40, 4 x 3 3.24.
 DQ_CONFIGS = _configs((4, 2))
 DKV_CONFIGS = _configs((4, 3))
 TUNE_KEY = ['K', 'V', 'HAS_GS', 'HAS_WINDOW']
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# row loads and stores
 
 @triton.jit
 def _load_rows(ptr, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
@@ -108,14 +126,16 @@ def _load_row(ptr, row, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr
 def _staged(x, buf_ptr, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
     """x written to `buf` (this program's own rows) and read back. A dot operand computed in registers reaches the
     tensor cores from registers, re-read from shared memory at every use; a loaded one is copied to shared memory
-    once and the tensor cores read it there. Measured on an H200 at B2 T8k H16 (kernel alone): forward 2.21 -> 2.04
-    ms with both of its loops staged and 4 warps x 3 stages (3.34 unstaged), dq 3.03 -> 2.94 with its
-    own-group loop staged; staging dq's far loop made it slower (3.06 -> 3.30), dk/dv's near loop gained nothing."""
+    once and the tensor cores read it there. Used where it measured faster: both forward loops, dq's own-group loop
+    (bench/results_attn.md, tuning notes)."""
     tl.debug_barrier()  # every thread is done reading the previous tile
     _store_rows(buf_ptr, x, rows, row_ok, head, H, D, DP)
     tl.debug_barrier()  # the whole tile is written
     return _load_rows(buf_ptr, rows, row_ok, head, H, D, DP)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# block table and anchors
 
 @triton.jit
 def _block(blocks_ptr, index):
@@ -172,6 +192,9 @@ def _is_gentle_group(Pstart_ptr, Pl_ptr, first, id_first, last, id_last, hg, HG:
     return tl.max(_fall(Pstart_ptr, Pl_ptr, first, id_first, last, id_last, hg, HG, K, KP)) < FAST_RANGE
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# steep diagonal: sub-block factors and logits
+
 @triton.jit
 def _intra_mask(BLOCK: tl.constexpr, SUB: tl.constexpr):
     r = tl.arange(0, BLOCK)
@@ -212,6 +235,9 @@ def _steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_sc
                 mask=intra & row_ok[:, None], other=0.0)
     return tl.where(intra, L, s * qk_scale)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# tiles: scalar gate and masks, off-diagonal tiles, online softmax
 
 @triton.jit
 def _gate_offset(Cl_ptr, Cs_ptr, idx, ok, id_block, id_ref, hq, HQ: tl.constexpr, HAS_GS: tl.constexpr):
@@ -349,17 +375,25 @@ def _dkv_tile(qf, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr
     return dk, dv, dck + tl.sum(ds_t, 1)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# prep kernels: prefixes, block anchors, rescaled operands
+
 @triton.jit
-def _prefix_kernel(g_ptr, do_ptr, o_ptr, Pl_ptr, delta_ptr, blocks_ptr,
+def _prefix_kernel(g_ptr, do_ptr, o_ptr, Pl_ptr, delta_ptr, gate_max_ptr, blocks_ptr,
                    HQ: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, V: tl.constexpr,
                    VP: tl.constexpr, BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
-    """Per block and gate head: the local prefix Pl; for the backward also delta = rowsum(do * o) of the gate's
-    query heads."""
+    """Per block and gate head: the local prefix Pl; for the forward also the block's largest gate (the domain
+    check, kernels/domain.py), for the backward delta = rowsum(do * o) of the gate's query heads."""
     i0, _, eos, _ = _block(blocks_ptr, tl.program_id(0))
     hg = tl.program_id(1)
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
-    g = _load_rows(g_ptr, rows, row_ok & (rows > i0), hg, HG, K, KP).to(tl.float32) * 1.4426950408889634
+    if BACKWARD:
+        g = _load_rows(g_ptr, rows, row_ok & (rows > i0), hg, HG, K, KP).to(tl.float32) * 1.4426950408889634
+    else:  # every gate, the block's first too, enters the check; Pl starts at 0 on the first
+        g = _load_rows(g_ptr, rows, row_ok, hg, HG, K, KP).to(tl.float32)
+        tl.store(gate_max_ptr + tl.program_id(0) * HG + hg, tl.max(tl.max(g, 1), 0))
+        g = tl.where((rows > i0)[:, None], g, 0.0) * 1.4426950408889634
     _store_rows(Pl_ptr, tl.cumsum(g, 0), rows, row_ok, hg, HG, K, KP)
     if BACKWARD:
         for h in range(HQ // HG):
@@ -373,8 +407,7 @@ def _prefix_kernel(g_ptr, do_ptr, o_ptr, Pl_ptr, delta_ptr, blocks_ptr,
 def _block_prefix_kernel(Pl_ptr, g_ptr, start_ptr, last_ptr, Pstart_ptr, num_blocks, HG: tl.constexpr,
                          K: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr):
     """Pstart[b] = P at the first token of block b, float64, one running sum over all blocks: the steps
-    Pl[last of b - 1] + g[first of b] scanned CHUNK blocks at a time. One launch where torch took ten small ones
-    (0.07 ms of a 1.7 ms forward at B2 T8k H16, H200)."""
+    Pl[last of b - 1] + g[first of b] scanned CHUNK blocks at a time. One launch where torch took ten small ones."""
     hg = tl.program_id(0)
     cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
     col_ok = cols < K
@@ -425,9 +458,12 @@ def _rescale_kernel(k_ptr, q_ptr, Pl_ptr, Pstart_ptr, kt_ptr, kg_ptr, qh_ptr, qg
             _store_rows(qg_ptr, q * tl.exp2(tl.minimum(from_group_start, 0.0)), rows, row_ok, hq, HQ, K, KP)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# forward
+
 @triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, S_ptr, sink_ptr, o_ptr,
+def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, S_ptr, sink_ptr, o_ptr,
                 lse_ptr, qf_ptr, blocks_ptr, qk_scale, WINDOW,
                 HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
@@ -458,8 +494,8 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
     id_own_last = id_m + (own_last - i0) // BLOCK
     # Keys of earlier groups anchor on their group's last token: the queries are rescaled once per group. (q_hat stays
     # live through the loops: reloading it per group measured no faster.) The rescale also applies qk_scale (folded
-    # into its exponent: qk_scale >= 0, see wall_attn), so the tiles skip multiplying their logits by it (H200, B2 T8k
-    # H16: this kernel 1.78 -> 1.62 ms; the same fold in dq made it slower, 2.98 -> 3.11).
+    # into its exponent: qk_scale >= 0, see wall_attn), so the tiles skip multiplying their logits by it (faster
+    # here, slower in dq).
     log2_qk_scale = tl.log2(qk_scale)
     for g0 in range(_group_bounds(lo, bos, eos, BLOCK, GROUP)[0], own_group, GROUP * BLOCK):
         qf = _staged(_rescaled(q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, g0 + GROUP * BLOCK - 1, i0, id_m, hg, HG,
@@ -490,6 +526,9 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr,
     _store_rows(o_ptr, acc / l_i[:, None], rows, row_ok, hq, HQ, V, VP)
     tl.store(lse_ptr + rows.to(tl.int64) * HQ + hq, m_i + tl.log2(l_i), mask=row_ok)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# steep diagonal: forward
 
 @triton.jit
 def _intra_channels(q_ptr, k_ptr, Pl_ptr, base, row_ok, d0, hq, hk, hg, HQ: tl.constexpr, H: tl.constexpr,
@@ -527,7 +566,7 @@ def _diag_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
                      HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                      SUB: tl.constexpr, BLOCK: tl.constexpr, DK: tl.constexpr, FAST_RANGE: tl.constexpr):
     """Logits of every block's diagonal tile, S[i, hq, j - block start], for the forward kernel to load: computed
-    there, they cost it registers (spills 216 -> 8 bytes, Triton 3.6, sm_90a). A gentle block's take one dot
+    there, they cost it registers and spills. A gentle block's take one dot
     through the block start; a steep block's pairs inside a SUB-token sub-block are exact elementwise logits (L, which
     the backward keeps), its other pairs come from sub-block dots."""
     i0, _, eos, _, hq, hk, hg, last = _query_block_program(blocks_ptr, HQ, H, HG, BLOCK)
@@ -546,6 +585,9 @@ def _diag_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
                           SUB)
     _store_rows(S_ptr, s, rows, row_ok, hq, HQ, BLOCK, BLOCK)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# backward
 
 @triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
 @triton.jit
@@ -604,7 +646,7 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
 
 @triton.autotune(configs=DKV_CONFIGS, key=TUNE_KEY)
 @triton.jit
-def _bwd_dkv_kernel(q_ptr, qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, do_ptr,
+def _bwd_dkv_kernel(qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, do_ptr,
                     lse_ptr, delta_ptr, dk_ptr, dv_ptr, dck_ptr, dv_part_ptr, blocks_ptr, num_blocks, qk_scale, scale,
                     WINDOW,
                     HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -636,7 +678,7 @@ def _bwd_dkv_kernel(q_ptr, qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_
     num_far = (hi - near_end + GROUP * BLOCK - 1) // (GROUP * BLOCK)
     for t in range(0, num_far):  # later groups, last first: anchored on their first query
         first = near_end + (num_far - 1 - t) * (GROUP * BLOCK)
-        # kt is reloaded, not kept live through the loop: this kernel 6.9 -> 4.1 ms at B2 T8k H16 (H200)
+        # kt is reloaded, not kept live through the loop: far fewer registers, much faster
         lh_new = _decay_log2(Pstart_ptr, Pl_ptr, id_n + (first - j0) // BLOCK, id_n, last, hg, HG, K, KP)
         dk, lh, kf = _move_anchor(dk, lh, _load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP), lh_new)
         for i0 in range(first, tl.minimum(first + GROUP * BLOCK, hi), DKV_QUERY_ROWS):
@@ -680,6 +722,9 @@ def _bwd_dkv_kernel(q_ptr, qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_
     tl.store(dck_ptr + cols.to(tl.int64) * HQ + hq, dck, mask=col_ok)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# steep diagonal: backward
+
 @triton.jit
 def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr,
                       blocks_ptr, scale, WINDOW,
@@ -688,7 +733,7 @@ def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_pt
                       FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Adds the exact dq and dk of the pairs inside each SUB-token sub-block of a steep block, elementwise, after
     _steep_bwd_kernel (read-modify-write: never autotune). Its own kernel, at 4 warps: inside _steep_bwd_kernel's 8
-    warps and registers it took 5.4 ms instead of 1.7 + 2.0 with every block steep (H200, B2 T8k H16)."""
+    warps and registers it was slower than the two kernels together."""
     i0, _, eos, _, hq, hk, hg, last = _query_block_program(blocks_ptr, HQ, H, HG, BLOCK)
     if not _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
         j = tl.arange(0, SUB)
@@ -763,6 +808,9 @@ def _steep_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr
         _store_rows(dk_ptr, _load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP) + dk, rows, row_ok, hq, HQ, K, KP)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# backward: the decay gradient
+
 @triton.jit
 def _decay_grad_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr, suffix_ptr, blocks_ptr, dq_out_ptr,
                        dk_out_ptr, HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr,
@@ -796,6 +844,9 @@ def _decay_grad_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr, suffix_
         cols = tl.arange(0, KP)
         tl.store(totals_ptr + (block_id * HG + hg) * K + cols, total, mask=cols < K)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# autograd and launch
 
 class _Layout:
     """Everything derived from the document boundaries, shared by forward and backward."""
@@ -843,8 +894,7 @@ def _layout(bounds, device, block):
 
 def _cumsum_rows(x):
     """torch.cumsum(x, dim=0), scanned along the last axis: CUDA scans an outer axis with one thread per column,
-    sequentially (1.6 ms for the [16384, 16] scalar-gate prefix on an H100, most of that gate's cost), an inner one
-    in parallel."""
+    sequentially (most of the scalar gate's cost at long T), an inner one in parallel."""
     return x.reshape(x.shape[0], x.shape[1:].numel()).t().contiguous().cumsum(1).t().contiguous().view(x.shape)
 
 
@@ -872,12 +922,15 @@ def _feature_flags(g_scalar, window_size):
 
 
 def _prep(q, k, g, layout, dims, do=None, o=None):
-    """Pl, Pstart and the rescaled keys kt, kg; given do and o (the backward), also q_hat, qg and delta."""
+    """Pl, Pstart and the rescaled keys kt, kg; given do and o (the backward), also q_hat, qg and delta; without
+    them (the forward), the largest gate of each (block, gate head) instead."""
     backward = do is not None
     grid = (layout.table.shape[0], dims['HG'])
     Pl = torch.empty(g.shape, device=g.device, dtype=torch.float32)
     delta = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32) if backward else None
-    _prefix_kernel[grid](g, do if backward else q, o if backward else q, Pl, delta if backward else Pl, layout.table,
+    gate_max = None if backward else torch.empty(grid, device=g.device, dtype=torch.float32)
+    _prefix_kernel[grid](g, do if backward else q, o if backward else q, Pl, delta if backward else Pl,
+                         Pl if backward else gate_max, layout.table,
                          HQ=dims['HQ'], HG=dims['HG'], K=dims['K'], KP=dims['KP'], V=dims['V'], VP=dims['VP'],
                          BLOCK=BLOCK, BACKWARD=backward)
     Pstart = layout.block_prefix(Pl, g)
@@ -887,14 +940,17 @@ def _prep(q, k, g, layout, dims, do=None, o=None):
                           HQ=dims['HQ'], H=dims['H'], HG=dims['HG'], K=dims['K'], KP=dims['KP'], BLOCK=BLOCK,
                           KEY_GROUP=GROUPS['dq' if backward else 'fwd'], QUERY_GROUP=GROUPS['dkv'],
                           BACKWARD=backward)
-    return Pl, Pstart, kt, kg, q_hat, qg, delta
+    return Pl, Pstart, kt, kg, q_hat, qg, delta if backward else gate_max
 
 
 def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     """q, k, v, g flattened to [tokens, heads, dim]. Returns o, lse (log2 units) and what backward needs."""
     dims = _dims(q, k, v, g)
     HQ = dims['HQ']
-    Pl, Pstart, kt, kg, _, _, _ = _prep(q, k, g, layout, dims)
+    Pl, Pstart, kt, kg, _, _, gate_max = _prep(q, k, g, layout, dims)
+    gate_maxima = [('g', gate_max.amax())] + ([] if g_scalar is None else [('g_scalar', g_scalar.amax())])
+    from .domain import check_gates  # here, not at the top: bench/registers.py loads this file on its own
+    check_gates('wall_attn', gate_maxima)
     Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
     qk_scale = scale * LOG2E
     grid = (layout.table.shape[0], HQ)
@@ -904,7 +960,7 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
                             KP=dims['KP'], SUB=SUB, BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4)
     o = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], HQ, device=q.device, dtype=torch.float32)
-    _fwd_kernel[grid](q, kt, kg, k, v, Pl, Pstart, Cl, Cs, S, lse if sink_bias is None else sink_bias,
+    _fwd_kernel[grid](q, kt, kg, v, Pl, Pstart, Cl, Cs, S, lse if sink_bias is None else sink_bias,
                       o, lse, torch.empty_like(q), layout.table, qk_scale, window_size or 0,
                       HAS_SINK=sink_bias is not None, GROUP=GROUPS['fwd'], **_feature_flags(g_scalar, window_size),
                       **dims)
@@ -918,7 +974,7 @@ def _dq_and_dkv_launches(t, num_blocks, scale, window_size):
     scalars = (scale * LOG2E, scale, window_size or 0)
     return ((_bwd_dq_kernel, (t['q'], t['kt'], t['kg'], t['k'], t['v'], *shared, t['dq'], t['dcq'], t['qf'],
                               t['table'], *scalars), GROUPS['dq']),
-            (_bwd_dkv_kernel, (t['q'], t['q_hat'], t['qg'], t['kt'], t['k'], t['v'], *shared, t['dk'], t['dv'],
+            (_bwd_dkv_kernel, (t['q_hat'], t['qg'], t['kt'], t['k'], t['v'], *shared, t['dk'], t['dv'],
                                t['dck'], t['dv_part'], t['table'], num_blocks, *scalars), GROUPS['dkv']))
 
 
@@ -928,8 +984,8 @@ _compile_threads = None
 
 def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, layout, dims):
     """At a new specialization's first forward, compile the two largest backward kernels on other threads. Triton
-    releases the GIL while it compiles, so they overlap with the forward's own compiles: three kernels that took 28 s
-    one after another took 15 s from three threads (sm_90a, on two CPU cores)."""
+    releases the GIL while it compiles, so they overlap with the forward's own compiles (about half the first
+    call's compile time)."""
     global _compile_threads
     flags = _feature_flags(g_scalar, window_size)
     num_blocks = layout.table.shape[0]
@@ -987,7 +1043,7 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
         kernel[grid](*args, GROUP=group, **flags, **dims)
     _steep_bwd_kernel[grid](q, k, v, Pl, Cl, Cs, L, do, lse, delta, dq, dk, dv_part, dv, dcq, dck, layout.table,
                             scale * LOG2E, scale, window_size or 0, num_warps=8, num_stages=1, **flags,
-                            **dims)  # 4 warps spill 6 KB, 8 warps 2.3 KB
+                            **dims)  # 8 warps: 4 spill far more
     _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0, DK=16,
                             num_warps=4, **flags, **dims)
 
@@ -1054,8 +1110,9 @@ def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlen
     if g.shape not in ((B, T, HQ, K), (B, T, H, K)):
         raise ValueError(f'`g` must be [{B}, {T}, {HQ}, {K}] (per query head) or [{B}, {T}, {H}, {K}] '
                          f'(per kv head), got {tuple(g.shape)}')
-    if K > 256 or V > 256:
-        raise ValueError(f'head dims up to 256 are supported, got K={K} (`q`, `k`) and V={V} (`v`)')
+    if K > 256 or V > MAX_VALUE_DIM:
+        raise ValueError(f'head dims up to 256 (K) and {MAX_VALUE_DIM} (V) are supported, got K={K} (`q`, `k`) and '
+                         f'V={V} (`v`)')
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f'`scale` must be a float, got {type(scale).__name__}')
     if not math.isfinite(scale):
@@ -1100,7 +1157,14 @@ def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_s
     """Wall Attention (SPEC section 1), differentiable in q, k, v, g, g_scalar and sink_bias.
 
     q [B,T,HQ,K], k [B,T,H,K], v [B,T,H,V], g [B,T,HQ,K] or [B,T,H,K] (natural-log decay, <= 0),
-    g_scalar [B,T,HQ], sink_bias [HQ], cu_seqlens [N+1] with B == 1. Returns o [B,T,HQ,V] in q's dtype.
+    g_scalar [B,T,HQ] (<= 0), sink_bias [HQ], cu_seqlens [N+1] with B == 1. Returns o [B,T,HQ,V] in q's dtype.
+    Any K up to 256 and V up to 512 (values wider than 256 are attended 256 columns per launch, each launch
+    computing the logits again).
+
+    A positive `g` or `g_scalar` raises a ValueError naming it and its largest value: at once on CPUs and at the
+    first call on a GPU, later GPU calls at the latest at the first call after the next synchronisation;
+    `kernels.set_gate_check('sync')` (or WALL_GATE_CHECK=sync) raises at the offending call everywhere, at the cost
+    of a synchronisation per call (kernels/domain.py).
     """
     scale = q.shape[-1] ** -0.5 if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4 else scale
     bounds = _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlens)
@@ -1110,7 +1174,12 @@ def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_s
     if scale < 0:  # the forward kernel folds log2(qk_scale) into its query operands; -q, -scale: same logits
         q, scale = -q, -scale
     flat = lambda x: None if x is None else x.reshape(B * T, *x.shape[2:]).contiguous()
-    o = WallAttnFunction.apply(flat(q), flat(k), flat(v), flat(g), flat(g_scalar),
-                               None if sink_bias is None else sink_bias.contiguous(), float(scale), window_size,
-                               bounds)
+    args = (flat(q), flat(k), flat(v), flat(g), flat(g_scalar), None if sink_bias is None else sink_bias.contiguous(),
+            float(scale), window_size, bounds)
+    V = v.shape[-1]
+    if V <= MAX_VALUE_TILE:
+        o = WallAttnFunction.apply(*args)
+    else:  # the logits do not depend on v: each tile of value columns is an attention of its own
+        o = torch.cat([WallAttnFunction.apply(*args[:2], args[2][..., c:c + MAX_VALUE_TILE].contiguous(), *args[3:])
+                       for c in range(0, V, MAX_VALUE_TILE)], dim=-1)
     return o.reshape(B, T, HQ, -1)

@@ -69,21 +69,26 @@ def _slab(a, lo, scale, window_size, q, k, v, Lq, Lk, Cq, Ck, sink_bias):
 
 
 def wall_attn_decode_reference(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None, cache_chunk_size=64, *,
-                               p_tail=None, g_scalar_cumsum=None, window_size=None):
-    """`kernels.wall_attn_decode` in eager PyTorch, same arguments and cache layout (see kernels/decode.py), computed
-    in float64 for every (query row, cached key) pair at once: fast on a CPU, where the Triton kernel runs in the
-    interpreter. Returns `(o [B, T_q, HQ, V] in q's dtype, lse [B, T_q, HQ] float32, natural log, sink included)`."""
+                               raw_tail=None, p_tail=None, g_scalar_cumsum=None, window_size=None):
+    """`kernels.wall_attn_decode` in eager PyTorch, same arguments, cache conventions and NaN rows (see
+    kernels/decode.py), computed in float64 for every (query row, cached key) pair at once: fast on a CPU, where the
+    Triton kernel runs in the interpreter. Returns `(o [B, T_q, HQ, V] in q's dtype, lse [B, T_q, HQ] float32,
+    natural log, sink included)`."""
+    from . import decode
     B, T_q, HQ, K = q.shape
     T, H = v.shape[1], v.shape[2]
     HG = k_tilde.shape[2]
     n_tail = 0 if p_tail is None else p_tail.shape[1]
-    n_anchored = T - T_q - n_tail
+    if raw_tail is None:
+        raw_tail = n_tail + T_q if p_tail is not None else 0
+    n_anchored = T - raw_tail
     scale = K ** -0.5 if scale is None else scale
     f64 = torch.float64
     # The prefix each stored key is expressed against: its chunk's anchor, or its own prefix while it is raw.
     chunk = torch.arange(n_anchored, device=q.device) // cache_chunk_size
-    key_prefix = torch.cat([r_cache[:, chunk].to(f64), p_curr.new_zeros(B, 0, HG, K, dtype=f64) if p_tail is None
-                            else p_tail.to(f64), p_curr.to(f64)], dim=1)
+    raw_rows = p_curr.new_zeros(B, 0, HG, K, dtype=f64) if p_tail is None else p_tail.to(f64)
+    key_prefix = torch.cat([r_cache[:, chunk].to(f64), raw_rows, p_curr.to(f64)[:, T_q - min(raw_tail, T_q):]],
+                           dim=1)
     rows = torch.arange(T - T_q, T, device=q.device)[:, None]
     cols = torch.arange(T, device=q.device)[None, :]
     visible = cols <= rows
@@ -93,6 +98,13 @@ def wall_attn_decode_reference(q, v, p_curr, k_tilde, r_cache, sink_bias=None, s
     decay = torch.exp2(exponent.masked_fill(~visible[None, :, :, None, None], float('-inf')))
     q_groups = q.to(f64).unflatten(2, (HG, HQ // HG))
     logits = scale * torch.einsum('btgpk,bsgk,btsgk->btgps', q_groups, k_tilde.to(f64), decay).flatten(2, 3)
+    # What the kernel cannot decode exactly is NaN here too: pairs whose shifted query factor overflows fp32 (a row
+    # far before its chunk's anchor), and non-finite logits (keys that overflowed when the cache was built).
+    shifted = torch.exp2(exponent + decode.EXPONENT_SHIFT)[..., None, :]
+    factor = (q_groups.abs() * scale * decode.LOG2E)[:, :, None] * shifted
+    overflow = (factor.masked_fill(~visible[None, :, :, None, None, None], 0.0) > torch.finfo(torch.float32).max)
+    logits = logits.masked_fill(overflow.any(-1).permute(0, 1, 3, 4, 2).flatten(2, 3), float('nan'))
+    logits = logits.masked_fill(logits == float('-inf'), float('nan'))
     if g_scalar_cumsum is not None:
         C = g_scalar_cumsum.to(f64)
         logits = logits + (C[:, -T_q:, :, None] - C.transpose(1, 2)[:, None])

@@ -135,7 +135,7 @@ def test_several_query_rows(shared_gate):
     sink = x['sink_bias'].float()
     k_tilde, r_cache = build_wall_kv_cache(x['k'].float(), prefix(x['g']), C, raw_tail=T_q - 1)
     o, _ = wall_attn_decode(x['q'][:, -T_q:].float(), x['v'].float(), prefix(x['g'])[:, -T_q:], k_tilde, r_cache,
-                            sink_bias=sink, cache_chunk_size=C, num_splits=2)
+                            sink_bias=sink, cache_chunk_size=C, raw_tail=T_q - 1, num_splits=2)
     torch.testing.assert_close(o.double(), expected, **TOL)
     cache = new_cache(x, T)
     append(cache, x, 0, T - T_q)
@@ -245,7 +245,11 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match='p_curr'):
         decode(p_curr=P[:, -1:].half())
     with pytest.raises(ValueError, match='cache_chunk_size'):
-        decode(cache_chunk_size=12)
+        decode(cache_chunk_size=257)
+    with pytest.raises(ValueError, match='raw_tail'):
+        decode(raw_tail=T + 1)
+    with pytest.raises(ValueError, match='p_tail'):
+        decode(raw_tail=3)  # two raw positions before the query need their prefixes
     with pytest.raises(ValueError, match='p_tail'):
         decode(p_tail=P[:, :T])
     cache = new_cache(x, T)
@@ -254,6 +258,159 @@ def test_bad_inputs_raise_clear_errors():
         append(cache, x, 0, 1)
     with pytest.raises(ValueError, match='g must have shape'):
         cache.append(x['k'][:, :1].float(), x['v'][:, :1].float(), x['g'][:, :2])
+
+
+def seed_cache(k, P, chunk_size):
+    """The seed's cache by its own formula: chunk c anchored on its FIRST position, R_c = P[c * C] and
+    k_tilde = k * 2^(R_c - P), in float64, stored in fp32. Appending a token never changes earlier entries, so the
+    cache after t tokens is the first t positions of this one."""
+    T, HG, H = k.shape[1], P.shape[2], k.shape[2]
+    r_cache = P[:, ::chunk_size]
+    chunk = torch.arange(T, device=k.device) // chunk_size
+    k_tilde = k.double().repeat_interleave(HG // H, dim=2) * torch.exp2(r_cache[:, chunk].double() - P.double())
+    return k_tilde.float(), r_cache
+
+
+def decode_prefix(x, k_tilde, r_cache, n, T_q=1, window_size=None, impl=wall_attn_decode, **kw):
+    """Decode rows n - T_q .. n - 1 against the first n positions of a cache (a prefix of it is a cache)."""
+    sink, gs = x['sink_bias'], x['g_scalar']
+    P = prefix(x['g'])
+    return impl(x['q'][:, n - T_q:n].float(), x['v'][:, :n].float(), P[:, n - T_q:n], k_tilde[:, :n],
+                r_cache[:, :-(-n // C)], sink_bias=None if sink is None else sink.float(), cache_chunk_size=C,
+                g_scalar_cumsum=None if gs is None else torch.cumsum(gs, dim=1)[:, :n], window_size=window_size,
+                **kw)
+
+
+OPTIONS = {'per-query-head-gate-gqa-sink-window': (False, dict(sink=True), 21),
+           'shared-gate-gqa-scalar': (True, dict(scalar_gate=True), None)}
+
+
+@pytest.mark.parametrize('options', OPTIONS)
+def test_prefix_slices_of_a_built_cache(options):
+    """A cache built once over T positions, cut to its first n: at every offset inside a chunk, one and three rows."""
+    shared_gate, inputs, window_size = OPTIONS[options]
+    T = 2 * C + 3
+    x = make_inputs(1, T, 4, 2, shared_gate=shared_gate, **inputs)
+    expected = reference(x, window_size)
+    k_tilde, r_cache = build_wall_kv_cache(x['k'].float(), prefix(x['g']), C)
+    for n in range(C + 1, 2 * C + 1):
+        o, _ = decode_prefix(x, k_tilde, r_cache, n, window_size=window_size)
+        torch.testing.assert_close(o.double(), expected[:, n - 1:n], **TOL)
+    for n in (C + 2, 2 * C - 5):
+        for impl in (wall_attn_decode, wall_attn_decode_reference):
+            o, _ = decode_prefix(x, k_tilde, r_cache, n, T_q=3, window_size=window_size, impl=impl)
+            torch.testing.assert_close(o.double(), expected[:, n - 3:n], **TOL)
+
+
+@pytest.mark.parametrize('options', OPTIONS)
+def test_seed_convention_cache_appended_token_by_token(options):
+    """Chunk-start anchors, as the seed's streaming loop builds them: every step from the first token on."""
+    shared_gate, inputs, window_size = OPTIONS[options]
+    T = 2 * C + 5
+    x = make_inputs(1, T, 4, 2, shared_gate=shared_gate, **inputs)
+    expected = reference(x, window_size)
+    k_tilde, r_cache = seed_cache(x['k'], prefix(x['g']), C)
+    for n in range(1, T + 1):
+        o, _ = decode_prefix(x, k_tilde, r_cache, n, window_size=window_size)
+        torch.testing.assert_close(o.double(), expected[:, n - 1:n], **TOL)
+    for impl in (wall_attn_decode, wall_attn_decode_reference):  # several rows, all anchored
+        o, _ = decode_prefix(x, k_tilde, r_cache, T, T_q=4, window_size=window_size, impl=impl)
+        torch.testing.assert_close(o.double(), expected[:, -4:], **TOL)
+
+
+def assert_exact_or_nan(o, expected):
+    """Each row either matches the oracle or is NaN throughout: never a plausible wrong number."""
+    nan_rows = torch.isnan(o).all(-1)
+    assert (torch.isnan(o).any(-1) == nan_rows).all()
+    torch.testing.assert_close(o.double()[~nan_rows], expected[~nan_rows], **TOL)
+    return nan_rows
+
+
+def test_caches_that_cannot_be_decoded_give_nan_rows():
+    """Strong gates (-3 to -20 nats per step): the seed's chunk-start keys overflow fp32 within a chunk, and a
+    built cache cut far before its chunk's end anchor has lost its keys to underflow. Both kernels say NaN."""
+    T = 2 * C + 3
+    x = make_inputs(1, T, 2, 1, gate='strong')
+    expected = reference(x)
+    P = prefix(x['g'])
+    seed = seed_cache(x['k'], P, C)
+    assert torch.isinf(seed[0]).any()
+    built = build_wall_kv_cache(x['k'].float(), P, C)
+    for cache, nan_seen in ((seed, []), (built, [])):
+        for n in (C - 3, C + 5, 2 * C - 1, T):
+            for impl in (wall_attn_decode, wall_attn_decode_reference):
+                o, lse = decode_prefix(x, *cache, n, impl=impl)
+                nan_rows = assert_exact_or_nan(o, expected[:, n - 1:n])
+                assert (torch.isnan(lse) == nan_rows).all()
+                nan_seen.append(nan_rows.any().item())
+        assert any(nan_seen)
+    # the whole built cache decodes its last row exactly, as every cache it builds over the visible positions
+    o, _ = decode_prefix(x, *built, T)
+    torch.testing.assert_close(o.double(), expected[:, -1:], **TOL)
+
+
+@pytest.mark.parametrize('K, V, chunk', [(24, 24, 16), (48, 96, 48), (100, 100, 16), (256, 320, 16), (96, 512, 48)])
+def test_head_dims_and_chunk_sizes(K, V, chunk):
+    """Head dims and chunks that are not powers of two, and values split over two tiles, in both cache kinds."""
+    T = 2 * chunk + 3
+    x = make_inputs(1, T, 2, 1, K=K, V=V, shared_gate=True, gate='mixed', sink=True, scalar_gate=True)
+    expected = reference(x, window_size=T - 5)
+    P = prefix(x['g'])
+    gs = torch.cumsum(x['g_scalar'], dim=1)
+    for raw_tail in (0, chunk + 2):  # every position anchored; a raw tail that starts inside a chunk
+        k_tilde, r_cache = build_wall_kv_cache(x['k'].float(), P, chunk, raw_tail=raw_tail)
+        for impl in (wall_attn_decode, wall_attn_decode_reference):
+            o, _ = impl(x['q'][:, -2:].float(), x['v'].float(), P[:, -2:], k_tilde, r_cache, x['sink_bias'].float(),
+                        cache_chunk_size=chunk, raw_tail=raw_tail, p_tail=P[:, T - raw_tail:-2] if raw_tail else None,
+                        g_scalar_cumsum=gs, window_size=T - 5)
+            torch.testing.assert_close(o.double(), expected[:, -2:], **TOL)
+    cache = WallKVCache(1, T, 2, 1, K, V, shared_gate=True, scalar_gate=True, chunk_size=chunk, dtype=torch.float32,
+                        device=DEVICE, impl='triton')
+    cache.append(x['k'][:, :-1].float(), x['v'][:, :-1].float(), x['g'][:, :-1], x['g_scalar'][:, :-1])
+    cache.append_token(x['k'][:, -1:].float(), x['v'][:, -1:].float(), x['g'][:, -1:], x['g_scalar'][:, -1:])
+    o, _ = cache.attend_token(x['q'][:, -1:].float(), sink_bias=x['sink_bias'].float(), window_size=T - 5)
+    torch.testing.assert_close(o.double(), expected[:, -1:], **TOL)
+
+
+@pytest.mark.parametrize('name', ['g', 'g_scalar'])
+def test_positive_gates_raise_in_the_cache(name):
+    x = make_inputs(1, 20, 2, 1, scalar_gate=True)
+    x[name] = x[name].clone()
+    x[name][0, 7, 0] = 0.75
+    with pytest.raises(ValueError, match=rf'WallKVCache.append: `{name}` must be <= 0.*largest value is 0\.75'):
+        append(new_cache(x, 20), x, 0, 20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('K, V', [(48, 48), (100, 100), (256, 256), (128, 320), (128, 512)])
+def test_head_dims_on_gpu(K, V):
+    B, T, HQ, H = 2, 1500, 8, 2
+    x = make_inputs(B, T, HQ, H, K, V, shared_gate=True, gate='mixed', scalar_gate=True, sink=True)
+    expected = reference(x)[:, -1:]
+    for chunk in (48, 64):
+        cache = WallKVCache(B, T, HQ, H, K, V, shared_gate=True, scalar_gate=True, chunk_size=chunk,
+                            dtype=torch.bfloat16, device=DEVICE)
+        cache.append(x['k'][:, :-1].bfloat16(), x['v'][:, :-1].bfloat16(), x['g'][:, :-1], x['g_scalar'][:, :-1])
+        cache.append(x['k'][:, -1:].bfloat16(), x['v'][:, -1:].bfloat16(), x['g'][:, -1:], x['g_scalar'][:, -1:])
+        o, _ = cache.attend(x['q'][:, -1:].bfloat16(), sink_bias=x['sink_bias'].float())
+        torch.testing.assert_close(o.double(), expected, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])
+def test_seed_convention_and_prefixes_on_gpu(dtype):
+    """64-wide chunks, many splits: seed-convention caches and prefixes of a built one, every offset of a chunk."""
+    B, T, HQ, H, K = 2, 2000, 8, 2, 128
+    x = make_inputs(B, T, HQ, H, K, K, gate='moderate', sink=True)
+    expected = reference(x)
+    P = prefix(x['g'])
+    tol = dict(atol=5e-2, rtol=5e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-3)
+    for k_tilde, r_cache in (seed_cache(x['k'], P, 64), build_wall_kv_cache(x['k'].float(), P, 64)):
+        for n in range(T - 64, T + 1, 7):
+            o, _ = wall_attn_decode(x['q'][:, n - 1:n].to(dtype), x['v'][:, :n].to(dtype), P[:, n - 1:n],
+                                    k_tilde[:, :n].to(dtype), r_cache[:, :-(-n // 64)],
+                                    sink_bias=x['sink_bias'].float())
+            torch.testing.assert_close(o.double(), expected[:, n - 1:n], **tol)
 
 
 @pytest.mark.gpu

@@ -73,6 +73,11 @@ CASES = {
     'scalar-gate-sink': dict(HQ=2, scalar_gate=True, sink=True),
     'odd-dims': dict(K=48, V=20, T=77),
     'dim-100': dict(K=100, V=100, T=40),
+    'dim-24': dict(K=24, V=24, T=70),
+    'dim-96-gqa': dict(K=96, V=96, T=70, HQ=4, H=2, gate_heads=2),
+    'dim-256': dict(K=256, V=256, T=70),
+    'values-320': dict(K=48, V=320, T=70, HQ=4, H=2),              # two value tiles, 256 + 64
+    'values-512': dict(K=24, V=512, T=70, scalar_gate=True, sink=True),
     'batch': dict(B=2, T=70),
     'strong-gates': dict(gates='strong'),
     'weak-gates': dict(gates=6.0),
@@ -336,3 +341,48 @@ def test_steep_diagonal_path_bf16_gpu(gates, monkeypatch):
     monkeypatch.setattr(parallel, 'FAST_RANGE', {dtype: -1.0 for dtype in parallel.FAST_RANGE})
     torch.manual_seed(0)
     assert_close(run_both(make_inputs(T=1000, K=128, V=128, dtype=torch.bfloat16, gates=gates)), 2e-2)
+
+
+@pytest.mark.parametrize('name', ['g', 'g_scalar'])
+def test_positive_gates_raise(name):
+    """Raw logits passed as gates: outside the domain the kernels would clamp silently, so they raise instead."""
+    inputs = make_inputs(T=70, scalar_gate=True)
+    inputs[name] = inputs[name].clone()
+    inputs[name][0, 33, 0] = 2.5
+    with pytest.raises(ValueError, match=rf'`{name}` must be <= 0.*largest value is 2\.5'):
+        wall_attn(**inputs)
+    import kernels
+    kernels.set_gate_check('off')
+    try:
+        assert torch.isfinite(wall_attn(**inputs)).all()
+    finally:
+        kernels.set_gate_check('auto')
+    with pytest.raises(ValueError, match='gate check mode'):
+        kernels.set_gate_check('never')
+
+
+@pytest.mark.gpu
+def test_positive_gates_raise_on_gpu_without_stalling():
+    """First call: at once. Later calls: no synchronisation, the error comes at the first call after one."""
+    from kernels import domain
+    inputs = make_inputs(T=1000, HQ=4, H=2, K=64, V=64, dtype=torch.bfloat16)
+    wall_attn(**inputs)  # the first, synchronous check passes
+    bad = dict(inputs, g=inputs['g'].abs())
+    wall_attn(**bad)  # queued
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match='`g` must be <= 0.*after the call returned'):
+        wall_attn(**inputs)
+    domain.set_gate_check('sync')
+    try:
+        with pytest.raises(ValueError, match='`g` must be <= 0'):
+            wall_attn(**bad)
+    finally:
+        domain.set_gate_check('auto')
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('K, V', [(24, 24), (48, 48), (96, 96), (100, 100), (256, 256), (64, 320), (128, 512)])
+def test_head_dims_on_gpu(K, V):
+    """Head dims that are not powers of two, and values wider than one launch's tile, at GPU sizes."""
+    inputs = make_inputs(T=700, HQ=4, H=2, K=K, V=V, scalar_gate=True, sink=True)
+    assert_close(run_both(inputs, window_size=300), 3e-5)
