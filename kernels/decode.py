@@ -1,4 +1,4 @@
-"""Wall Attention decoding against a pre-rescaled KV cache (SPEC section 2), flash-decoding style.
+"""Wall Attention decoding against a pre-rescaled KV cache (docs/operator.md), flash-decoding style.
 
 Cache layout, `[B, T, heads, dim]` like the training pass, with `P = cumsum(g) / ln 2` (log2 units):
 

@@ -1154,7 +1154,7 @@ def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlen
 
 
 def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_size=None, cu_seqlens=None):
-    """Wall Attention (SPEC section 1), differentiable in q, k, v, g, g_scalar and sink_bias.
+    """Wall Attention (docs/operator.md), differentiable in q, k, v, g, g_scalar and sink_bias.
 
     q [B,T,HQ,K], k [B,T,H,K], v [B,T,H,V], g [B,T,HQ,K] or [B,T,H,K] (natural-log decay, <= 0),
     g_scalar [B,T,HQ] (<= 0), sink_bias [HQ], cu_seqlens [N+1] with B == 1. Returns o [B,T,HQ,V] in q's dtype.

@@ -1,6 +1,6 @@
 """Eager PyTorch Wall Attention: the oracle every kernel is tested against, and the decode path on CPUs.
 
-Computes SPEC section 1 literally: per visible pair (i, j),
+Computes docs/operator.md ("What is computed") literally: per visible pair (i, j),
     logit = scale * sum_d q[i,d] k[j,d] exp(L[i,d] - L[j,d]) + (C[i] - C[j]),   L = cumsum(g), C = cumsum(g_scalar)
 with the prefix sums restarting at every document. It works in the promoted dtype of its inputs
 (pass float64 tensors for a float64 oracle), differentiates through autograd, and never holds

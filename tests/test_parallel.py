@@ -1,12 +1,13 @@
 """The fused training kernel against the float64 eager oracle: outputs and every gradient."""
 import math
+import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE
 from kernels import wall_attn, wall_attn_reference
+from tests.conftest import DEVICE
 
 
 def make_inputs(B=1, T=100, HQ=2, H=1, K=32, V=16, gate_heads=None, scalar_gate=False, sink=False,
@@ -86,7 +87,7 @@ CASES = {
 
 @pytest.mark.parametrize('case', CASES)
 def test_parity(case):
-    torch.manual_seed(hash(case) % 1000)
+    torch.manual_seed(zlib.crc32(case.encode()))  # hash() is salted per process: not reproducible
     assert_close(run_both(make_inputs(**CASES[case])), 3e-5)
 
 
