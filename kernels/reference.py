@@ -1,71 +1,135 @@
-"""Eager PyTorch Wall Attention: the oracle every kernel is tested against, and the decode path on CPUs.
+"""Eager PyTorch Wall Attention: the oracle every kernel is tested against, and the training path on CPUs.
 
-Computes docs/operator.md ("What is computed") literally: per visible pair (i, j),
+Computes docs/operator.md ("What is computed"): per visible pair (i, j),
     logit = scale * sum_d q[i,d] k[j,d] exp(L[i,d] - L[j,d]) + (C[i] - C[j]),   L = cumsum(g), C = cumsum(g_scalar)
-with the prefix sums restarting at every document. It works in the promoted dtype of its inputs
-(pass float64 tensors for a float64 oracle), differentiates through autograd, and never holds
-more than a `[rows, keys, heads, dim]` slab of about 2**24 elements: each slab of query rows is
-checkpointed, so backward recomputes it instead of storing `[T, T, K]`.
+with the prefix sums restarting at every document. It works in the promoted dtype of its inputs (pass float64
+tensors for a float64 oracle) and differentiates through autograd.
+
+Documents (the rows of the batch, or the pieces that cu_seqlens marks) are gathered into one zero-padded batch and
+cut into blocks of `c` query rows. Each block is anchored on its first row s, and a key j before the block gets
+its decay in two factors whose exponents are both <= 0 for any g <= 0:
+    exp(L[i] - L[j]) = exp(L[i] - L[s]) * exp(L[s] - L[j])      (i >= s > j)
+so those logits are one matmul of rescaled queries and per-block rescaled keys; the keys of the block itself get
+the exact per-element decay ([c, c, K] per block). That is O(T^2 K) flops and O(T^2 K / c + T c K) memory
+instead of a [T, T, K] decay tensor. Slabs of query blocks bound the memory; when there is more than one slab,
+each is checkpointed, so backward recomputes it instead of storing it.
 """
+import math
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
 SLAB_ELEMENTS = 1 << 24
 
 
+def block_size(T):
+    """Query rows per block: about sqrt(T), which balances the exact diagonal (T c K elements) against the rescaled
+    keys (T^2 K / c); a power of two between 8 and 64."""
+    return max(8, min(64, 1 << round(math.log2(max(T, 1)) / 2)))
+
+
 def wall_attn_reference(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_size=None,
                         cu_seqlens=None):
     B, T, HQ, K = q.shape
-    H, HG = k.shape[2], g.shape[2]
+    H, HG, V = k.shape[2], g.shape[2], v.shape[3]
     scale = K ** -0.5 if scale is None else scale
     dtype = torch.promote_types(q.dtype, torch.float32)
     if cu_seqlens is None:
-        documents = [(b, 0, T) for b in range(B)]
+        starts, lengths = [0] * B, [T] * B
     else:
         bounds = cu_seqlens.tolist()
-        documents = [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-    o = torch.empty(B, T, HQ, v.shape[-1], dtype=dtype, device=q.device)
-    for b, s, e in documents:
-        expand = lambda x, heads: x[b, s:e].to(dtype).repeat_interleave(HQ // heads, dim=1)
-        o[b, s:e] = _document(
-            expand(q, HQ), expand(k, H), expand(v, H), torch.cumsum(expand(g, HG), dim=0),
-            None if g_scalar is None else torch.cumsum(g_scalar[b, s:e].to(dtype), dim=0),
-            None if sink_bias is None else sink_bias.to(dtype), scale, window_size)
-    return o.to(q.dtype)
+        starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+        starts, lengths = [s for s, n in zip(starts, lengths) if n], [n for n in lengths if n]
+    o = torch.zeros(B, T, HQ, V, dtype=dtype, device=q.device)  # positions in no document stay 0
+    if not lengths:
+        return o.to(q.dtype)
+    c = block_size(max(lengths))
+    T_pad = -(-max(lengths) // c) * c
+    # [N, T_pad] positions of each document in the flattened [B * T] input; padding reads a zero row after the end
+    if cu_seqlens is None:
+        index = None
+    else:
+        offsets = torch.arange(T_pad, device=q.device)
+        index = torch.tensor(starts, device=q.device)[:, None] + offsets
+        index = torch.where(offsets < torch.tensor(lengths, device=q.device)[:, None], index, B * T)
+
+    def documents(x, heads):  # [B, T, heads, d] -> [N, HQ, T_pad, d] in dtype, zero-padded, kv heads widened
+        x = x.to(dtype)
+        if index is None:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, T_pad - T))
+        else:
+            x = torch.cat([x.flatten(0, 1), x.new_zeros(1, *x.shape[2:])])[index]
+        return x.repeat_interleave(HQ // heads, dim=2).transpose(1, 2)
+
+    # zero gates on padding keep the prefix flat there: padded rows and keys come after every real one
+    L = torch.cumsum(documents(g, HG), dim=2)
+    C = None if g_scalar is None else torch.cumsum(documents(g_scalar[..., None], HQ)[..., 0], dim=2)
+    out = _attend(documents(q, HQ), documents(k, H), documents(v, H), L, C,
+                  None if sink_bias is None else sink_bias.to(dtype), scale, window_size, c)
+    out = out.transpose(1, 2)  # [N, T_pad, HQ, V]
+    if index is None:
+        return out[:, :T].to(q.dtype)
+    real = index < B * T
+    return o.flatten(0, 1).index_put((index[real],), out[real]).view(B, T, HQ, V).to(q.dtype)
 
 
-def _document(q, k, v, L, C, sink_bias, scale, window_size):
-    """One document: q, k, v, L of shape [T, HQ, *]; C [T, HQ] or None."""
-    T, HQ, K = q.shape
-    rows = max(1, SLAB_ELEMENTS // (T * HQ * K))
+def _attend(q, k, v, L, C, sink_bias, scale, window_size, c):
+    """Documents of one padded batch: q, k, v, L [N, HQ, T, *] with T a multiple of c; C [N, HQ, T] or None."""
+    N, HQ, T, K = q.shape
+    span = T if window_size is None else min(T, window_size + 2 * c)  # keys a query block can see
+    per_row = N * HQ * (span * K // c + 2 * c * K + span)  # rescaled keys, exact diagonal, logits
+    rows = max(c, SLAB_ELEMENTS // per_row // c * c)
     out = []
     for a in range(0, T, rows):
         b = min(a + rows, T)
-        lo = 0 if window_size is None else max(0, a - window_size + 1)
-        args = (q[a:b], k[lo:b], v[lo:b], L[a:b], L[lo:b],
-                None if C is None else C[a:b], None if C is None else C[lo:b], sink_bias)
-        out.append(checkpoint(_slab, a, lo, scale, window_size, *args, use_reentrant=False))
-    return torch.cat(out)
+        lo = 0 if window_size is None else max(0, a - window_size + 1) // c * c  # whole key blocks
+        args = (q[:, :, a:b], k[:, :, lo:b], v[:, :, lo:b], L[:, :, a:b], L[:, :, lo:b],
+                None if C is None else C[:, :, a:b], None if C is None else C[:, :, lo:b], sink_bias)
+        if rows >= T:  # one slab: autograd keeps what it needs, nothing is recomputed
+            out.append(_slab(a, lo, c, scale, window_size, *args))
+        else:
+            out.append(checkpoint(_slab, a, lo, c, scale, window_size, *args, use_reentrant=False))
+    return torch.cat(out, dim=2)
 
 
-def _slab(a, lo, scale, window_size, q, k, v, Lq, Lk, Cq, Ck, sink_bias):
-    i = torch.arange(a, a + q.shape[0], device=q.device)[:, None]
-    j = torch.arange(lo, lo + k.shape[0], device=q.device)[None, :]
+def _slab(a, lo, c, scale, window_size, q, k, v, Lq, Lk, Cq, Ck, sink_bias):
+    """Query rows [a, a + R) against keys [lo, a + R), all [N, HQ, rows, *]; a, lo and R multiples of c."""
+    N, HQ, R, K = q.shape
+    S, nb, nk = k.shape[2], R // c, k.shape[2] // c
+    qb, Lqb = q.unflatten(2, (nb, c)), Lq.unflatten(2, (nb, c))
+    kb, Lkb = k.unflatten(2, (nk, c)), Lk.unflatten(2, (nk, c))
+    # Query block I (first row s) and an earlier key block J (last row e): for i in I, j in J,
+    #   exp(L[i] - L[j]) = exp(L[i] - L[s]) * exp(L[s] - L[e]) * exp(L[e] - L[j]),   every exponent <= 0.
+    # The outer factors rescale each query and key once; the middle one is a K-vector per block pair.
+    q_start, k_end = Lqb[:, :, :, :1], Lkb[:, :, :, -1:]
+    q_scaled = qb * torch.exp(Lqb - q_start)
+    k_scaled = kb * torch.exp(k_end - Lkb)
+    earlier = (lo // c + torch.arange(nk, device=q.device)) < (a // c + torch.arange(nb, device=q.device))[:, None]
+    # pairs that are not earlier (the exponent can be positive there and overflow) get exp(-inf) = 0
+    middle = torch.exp((q_start - k_end.transpose(2, 3)).masked_fill(~earlier[:, :, None], float('-inf')))
+    keys = (k_scaled[:, :, None] * middle[:, :, :, :, None]).flatten(3, 4)  # [N, HQ, nb, S, K], per query block
+    logits = q_scaled @ keys.transpose(-1, -2)  # [N, HQ, nb, c, S]
+    # The diagonal blocks exactly: exp(L[i] - L[j]) per element for j <= i in the block, 0 above the diagonal.
+    kd, Lkd = kb[:, :, nk - nb:], Lkb[:, :, nk - nb:]
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    diag_exp = (Lqb[:, :, :, :, None] - Lkd[:, :, :, None]).masked_fill(~causal[:, :, None], float('-inf'))
+    diag = ((qb[:, :, :, :, None] * torch.exp(diag_exp)) * kd[:, :, :, None]).sum(-1)  # [N, HQ, nb, c, c]
+    diag = torch.diag_embed(diag.permute(0, 1, 3, 4, 2), dim1=2, dim2=4).flatten(4, 5)  # [N, HQ, nb, c, R]
+    logits = scale * torch.cat([logits[..., :S - R], logits[..., S - R:] + diag], dim=-1).flatten(2, 3)
+    if Cq is not None:
+        logits = logits + (Cq[:, :, :, None] - Ck[:, :, None, :])
+    i = torch.arange(a, a + R, device=q.device)[:, None]
+    j = torch.arange(lo, lo + S, device=q.device)[None, :]
     visible = j <= i
     if window_size is not None:
         visible &= (i - j) < window_size
-    # Invisible pairs can have L[i] - L[j] > 0 and overflow: give them exp(-inf) = 0 instead.
-    decay = torch.exp((Lq[:, None] - Lk[None, :]).masked_fill(~visible[..., None, None], float('-inf')))
-    logits = scale * torch.einsum('ijhd,ihd,jhd->hij', decay, q, k)
-    if Cq is not None:
-        logits = logits + (Cq.T[:, :, None] - Ck.T[:, None, :])
     logits = logits.masked_fill(~visible, float('-inf'))
     if sink_bias is not None:
-        sink = sink_bias[:, None, None].expand(-1, logits.shape[1], 1)
+        sink = sink_bias[None, :, None, None].expand(N, -1, R, 1)
         weights = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
     else:
         weights = torch.softmax(logits, dim=-1)
-    return torch.einsum('hij,jhd->ihd', weights, v)
+    return weights @ v
 
 
 def wall_attn_decode_reference(q, v, p_curr, k_tilde, r_cache, sink_bias=None, scale=None, cache_chunk_size=64, *,
