@@ -80,9 +80,10 @@ def _eot_id(data_dir):
 class PackedBatches:
     """Endless stream of (x, y, cu_seqlens) batches of `tokens_per_batch` tokens, documents packed end to end.
 
-    Documents come in a shuffled order, new for every epoch (seeded by (seed, epoch)). Each document is cut into
-    pieces of at most `max_doc_len` tokens including the EOT/BOS that starts every piece; a piece that does not fit
-    the rest of a batch is cut there and its remainder opens the next batch as a new piece. When a single slot is
+    Each document is cut into pieces of at most `max_doc_len` tokens including the EOT/BOS that starts every piece,
+    and the pieces come in a shuffled order, new for every epoch (seeded by (seed, epoch)): shuffling whole documents
+    would let one long document fill many consecutive batches. A piece that does not fit the rest of a batch is cut
+    there and its remainder opens the next batch as a new piece. When a single slot is
     left it holds a lone EOT with no target (padding). y[i] = x[i + 1] within a piece and -1 (ignore) at its last
     token, so no target crosses a piece boundary, and every corpus token is a target exactly once per epoch.
 
@@ -110,6 +111,15 @@ class PackedBatches:
         self.eot = tokenizer.token_to_id(EOT)
         self.tokens_per_batch, self.max_doc_len = tokens_per_batch, max_doc_len
         self.rank, self.world_size = rank, world_size
+        # the shuffled units: pieces of max_doc_len - 1 tokens, [starts[u], ends[u]) in the shard
+        lengths = np.diff(self.offsets)
+        counts = -(-lengths // (max_doc_len - 1))
+        doc_of = np.repeat(np.arange(len(lengths)), counts)
+        first = np.cumsum(counts) - counts
+        self.starts = self.offsets[doc_of] + (np.arange(len(doc_of)) - first[doc_of]) * (max_doc_len - 1)
+        self.ends = np.minimum(self.starts + max_doc_len - 1, self.offsets[doc_of + 1])
+        if not len(self.starts):
+            raise ValueError(f'the {split} split of {data_dir} holds no tokens')
         self.retrieval_mix, self.synthetic_len = retrieval_mix, min(max_doc_len, tokens_per_batch) - 1
         if retrieval_mix:
             self.task = RetrievalTask(tokenizer)
@@ -125,11 +135,11 @@ class PackedBatches:
                 'taken': int(self.taken), 'synthetic': int(self.synthetic)}
 
     def load_state_dict(self, state):
-        """Resume at `state`: `doc` indexes the epoch's shuffled order, `offset` counts tokens already taken from it,
+        """Resume at `state`: `doc` indexes the epoch's shuffled pieces, `offset` counts tokens already taken from it,
         `taken` counts all document tokens handed out, `synthetic` the retrieval documents among them."""
         self.seed, self.epoch, self.doc, self.offset = state['seed'], state['epoch'], state['doc'], state['offset']
         self.taken, self.synthetic = state.get('taken', 0), state.get('synthetic', 0)
-        self.order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.offsets) - 1)
+        self.order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.starts))
 
     def _synthetic_document(self):
         rng = np.random.default_rng((self.seed, 1, self.synthetic))  # (seed, epoch) seeds the orders: no clash
@@ -147,8 +157,8 @@ class PackedBatches:
             else:
                 if self.doc == len(self.order):
                     self.load_state_dict(self.state_dict() | {'epoch': self.epoch + 1, 'doc': 0, 'offset': 0})
-                doc = self.order[self.doc]
-                start, end = self.offsets[doc] + self.offset, self.offsets[doc + 1]
+                unit = self.order[self.doc]
+                start, end = self.starts[unit] + self.offset, self.ends[unit]
                 n = min(end - start, self.max_doc_len - 1, room - 1)
                 pieces.append(self.tokens[start:start + n])
                 self.offset += n
