@@ -12,15 +12,13 @@ caches, rows marked "baseline", for before/after tables from one run, and ours c
 """
 import argparse
 import datetime
-import importlib.util
 import math
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 import triton
 
+from bench_attn import load_baseline  # noqa: E402 (bench/ is the script's folder)
 from kernels import WallKVCache, build_wall_kv_cache, decode, wall_attn_decode
 
 try:
@@ -79,16 +77,6 @@ def without_shift(fn):
         finally:
             decode.EXPONENT_SHIFT = saved
     return run
-
-
-def load_baseline(path):
-    """The kernels package in folder `path`, imported as `kernels_baseline` next to ours."""
-    spec = importlib.util.spec_from_file_location('kernels_baseline', os.path.join(path, '__init__.py'),
-                                                  submodule_search_locations=[path])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules['kernels_baseline'] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def candidates(B, T, split_counts=(), launches=(), baseline=None):
