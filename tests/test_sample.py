@@ -132,18 +132,23 @@ def test_sample_streams_and_reports(checkpoint, data_dir, capsys):
         assert 'prefill' in line and line.endswith('tokens/s')
 
 
-def test_sample_with_temperature_zero_prints_the_greedy_continuation(checkpoint, capsys):
-    sample.main(['--ckpt', checkpoint, '--prompt', 'class Point', '--max_new_tokens', '5', '--temperature', '0',
-                 '--device', DEVICE, '--dtype', 'float32'])
+def printed_and_greedy(path, dtype, capsys):
+    """(what `sample.py --temperature 0` prints after 'class Point', the same greedy continuation from full
+    forwards): the stream holds back the bytes of a character it has not seen the end of."""
+    sample.main(['--ckpt', path, '--prompt', 'class Point', '--max_new_tokens', '5', '--temperature', '0',
+                 '--device', DEVICE, '--dtype', dtype])
     printed = capsys.readouterr().out.split('\n---------------\n')[0]
-    model, train_config = sample.load_model(checkpoint, DEVICE, torch.float32)
+    model, train_config = sample.load_model(path, DEVICE, getattr(torch, dtype))
     tokenizer, eot = sample.load_data_tokenizer(train_config)
     prompt = torch.tensor([[eot] + tokenizer.encode('class Point').ids], device=DEVICE)
     greedy = model.generate(prompt, 5, temperature=0)[0, prompt.shape[1]:].tolist()
-    if eot in greedy:
-        greedy = greedy[:greedy.index(eot)]
-    # the stream holds back the bytes of a character it has not seen the end of
-    assert printed == 'class Point' + tokenizer.decode(greedy).rstrip('\ufffd')
+    greedy = greedy[:greedy.index(eot)] if eot in greedy else greedy
+    return printed, 'class Point' + tokenizer.decode(greedy).rstrip('\ufffd')
+
+
+def test_sample_with_temperature_zero_prints_the_greedy_continuation(checkpoint, capsys):
+    printed, greedy = printed_and_greedy(checkpoint, 'float32', capsys)
+    assert printed == greedy
 
 
 def one_line_error(argv):
@@ -188,15 +193,8 @@ def test_float16_samples_for_every_attention(data_dir, tmp_path, capsys):
     # the Wall and FoX caches hold an fp16 model's keys and values in fp32, so its steps match its full forwards
     for name in ('wall', 'fox', 'rope'):
         path = save_checkpoint(tmp_path / f'{name}.pt', data_dir, **CONFIGS[name])
-        sample.main(['--ckpt', path, '--prompt', 'class Point', '--max_new_tokens', '5', '--temperature', '0',
-                     '--device', DEVICE, '--dtype', 'float16'])
-        printed = capsys.readouterr().out.split('\n---------------\n')[0]
-        model, train_config = sample.load_model(path, DEVICE, torch.float16)
-        tokenizer, eot = sample.load_data_tokenizer(train_config)
-        prompt = torch.tensor([[eot] + tokenizer.encode('class Point').ids], device=DEVICE)
-        greedy = model.generate(prompt, 5, temperature=0)[0, prompt.shape[1]:].tolist()
-        greedy = greedy[:greedy.index(eot)] if eot in greedy else greedy
-        assert printed == 'class Point' + tokenizer.decode(greedy).rstrip('\ufffd'), name
+        printed, greedy = printed_and_greedy(path, 'float16', capsys)
+        assert printed == greedy, name
 
 
 def test_sample_says_what_it_loaded(checkpoint, capsys):
