@@ -126,7 +126,10 @@ class PackedBatches:
             if len(self.tokens) <= self.synthetic_len:
                 raise ValueError(f'retrieval_mix: the {split} split has {len(self.tokens)} tokens, fewer than the '
                                  f'{self.synthetic_len} of filler one retrieval document needs')
-            self.task.document(np.random.default_rng(0), self.tokens, self.synthetic_len)  # the length fits
+            if self.synthetic_len < self.task.min_document_len:
+                raise ValueError(f'retrieval_mix: pieces of {self.synthetic_len} tokens (max_doc_len, '
+                                 f'tokens_per_batch) cannot hold a retrieval document of at least '
+                                 f'{self.task.min_document_len}')
         self.load_state_dict({'seed': seed, 'epoch': 0, 'doc': 0, 'offset': 0})
 
     def state_dict(self):

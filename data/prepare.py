@@ -196,8 +196,7 @@ def installed_packages(packages=None, roots=None):
             continue
         stats['files'] += 1
         docs = by_package.setdefault(package, {})
-        docs.setdefault(folder, []).append(f'# file: {rel}\n{text}' if text.endswith('\n') else f'# file: {rel}\n'
-                                                                                             f'{text}\n')
+        docs.setdefault(folder, []).append(f'# file: {rel}\n{text}' + ('' if text.endswith('\n') else '\n'))
     return {p: [(folder, ''.join(texts), len(texts)) for folder, texts in docs.items()]
             for p, docs in by_package.items()}, stats
 
@@ -241,7 +240,7 @@ def train_tokenizer(texts, vocab_size, max_chars):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     sample, chars = [], 0
-    for text in texts:  # an evenly spread sample of the train split, whole documents cut to 1M characters
+    for text in texts:  # documents cut to 1M characters; past max_chars, a seeded random choice of them
         sample.append(text[:1 << 20])
         chars += len(sample[-1])
     if chars > max_chars:

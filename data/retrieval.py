@@ -57,6 +57,7 @@ class RetrievalTask:
         self.starts_line = np.array([tokenizer.decode([i]).startswith('\n')
                                      for i in range(tokenizer.get_vocab_size())], dtype=bool)
         self.needle_len = len(self.head) + KEY_CHARS + len(self.equals) + VALUE_CHARS
+        self.min_document_len = 2 * num_pairs * self.needle_len + 1  # needles, queries and one filler token
 
     def _pairs(self, rng, n):
         """n distinct keys and their values, as token arrays."""
@@ -86,10 +87,9 @@ class RetrievalTask:
 
     def document(self, rng, filler, length):
         """A training document of exactly `length` tokens (no leading EOT), taking the first tokens of filler."""
+        if length < self.min_document_len:
+            raise ValueError(f'length={length}: a retrieval document needs at least {self.min_document_len} tokens')
         text_len = length - 2 * self.num_pairs * self.needle_len
-        if text_len < 1:
-            raise ValueError(f'length={length}: a retrieval document needs more than '
-                             f'{length - text_len} tokens')
         if len(filler) < text_len:
             raise ValueError(f'{len(filler)} tokens of filler, {text_len} needed')
         filler = np.asarray(filler[:text_len], dtype=np.int64)
