@@ -126,6 +126,11 @@ def log_gate(linear, x):
         return F.logsigmoid(linear(x.float()))
 
 
+def soft_bound(g, g_max):
+    """g -> g_max * expm1(g / g_max) > -g_max (identity for g_max = 0): keeps the kernels' exponents in range."""
+    return g_max * torch.expm1(g / g_max) if g_max else g
+
+
 class Attention(nn.Module):
 
     def __init__(self, config, window_size):
@@ -172,8 +177,7 @@ class Attention(nn.Module):
             return apply_rotary(q, *rope), apply_rotary(k, *rope), v, None, None
         if self.config.attention == 'wall':
             g = log_gate(self.gate, x).view(B, T, -1, self.head_dim)
-            if self.config.g_max:
-                g = self.config.g_max * torch.expm1(g / self.config.g_max)
+            g = soft_bound(g, self.config.g_max)
         else:  # FoX: no per-channel decay, the kernels see g = 0 and only the scalar gate
             g = torch.zeros(B, T, self.n_kv_head, self.head_dim, device=x.device)
         g_scalar = log_gate(self.scalar_gate, x) if hasattr(self, 'scalar_gate') else None

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import kernels  # noqa: E402
 from data.loader import PackedBatches  # noqa: E402
 from kernels.parallel import BLOCK, FAST_RANGE  # noqa: E402
+from model import soft_bound  # noqa: E402
 from sample import DTYPES, load_model, training_length  # noqa: E402
 
 QUANTILES = [0.001, 0.01, 0.1, 0.5, 0.9, 0.99]
@@ -108,9 +109,7 @@ def main(argv=None):
               'layers': layers}
     if torch.cuda.is_available() and args.device.startswith('cuda'):
         q, k, v, g, _ = kept[len(kept) // 2]
-        gentle = F.logsigmoid(torch.randn_like(g) + 4)
-        if model.config.g_max:
-            gentle = model.config.g_max * torch.expm1(gentle / model.config.g_max)
+        gentle = soft_bound(F.logsigmoid(torch.randn_like(g) + 4), model.config.g_max)
         with torch.enable_grad():
             trained_ms = time_attention(q, k, v, g, cu_seqlens)
             gentle_ms = time_attention(q, k, v, gentle, cu_seqlens)
