@@ -162,7 +162,7 @@ class PackedBatches:
                     self.load_state_dict(self.state_dict() | {'epoch': self.epoch + 1, 'doc': 0, 'offset': 0})
                 unit = self.order[self.doc]
                 start, end = self.starts[unit] + self.offset, self.ends[unit]
-                n = min(end - start, self.max_doc_len - 1, room - 1)
+                n = min(end - start, room - 1)  # a unit is at most max_doc_len - 1 tokens already
                 pieces.append(self.tokens[start:start + n])
                 self.offset += n
                 if start + n == end:
