@@ -3,25 +3,31 @@
 Vocabulary:
 - needle: a line `KEY_<key> = <value>` inserted before a line break of real code (the filler), so it sits on a
   line of its own; as tokens it starts with the line break;
-- key: 4 lowercase letters, value: 6 digits, each letter and digit one single-character token;
+- key: one lowercase word token of the vocabulary (up to 8 letters: `name`, `self`, `x`, ...), distinct within
+  a document or probe; as many such tokens as make 1024 keys where a small vocabulary has fewer than 1024 words;
+- value: 6 digits, each one single-character token;
 - cue: the needle up to its value, line break included; the value's tokens should follow it;
-- query: a needle's line again, at the end of a training document.
+- query: a needle's line again, later in the same training document.
 
 Needles, cues and values are built in token space, from the token ids of their pieces, never by encoding a joined
 text: the tokenizer cannot merge them with their neighbours differently in the needle and in the cue, so copying
 the needle's tokens is always exactly right.
 
-A training document (`document`) is filler with `num_pairs` needles at random line breaks and the queries for all
-of them, in random order, at its end: the distances from needle to query spread over the whole document. A probe
-(`probe`) is filler with one needle about `distance` tokens before the end of the prompt, `num_pairs - 1`
-distractor needles with other keys at random line breaks, and the needle's cue last.
+A training document (`document`) is filler with one needle per PAIR_SPACING tokens at random line breaks, each
+queried once at a later line break, a log-uniform distance of filler after it (from MIN_DISTANCE to the whole
+document, at the end where that runs past it). Short distances are what a model learns the task on first; long
+ones are what the study asks about. A probe (`probe`) is filler with one needle about `distance` tokens before the
+end of the prompt, `num_pairs - 1` distractor needles with other keys at random line breaks, and the needle's cue
+last.
 """
-import string
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
-KEY_CHARS, VALUE_CHARS = 4, 6
+VALUE_CHARS = 6
+PAIR_SPACING = 64   # tokens of training document per needle: dense enough that every document teaches the task
+MIN_DISTANCE = 16   # filler tokens from a needle to its query, at least
 
 
 @dataclass
@@ -44,27 +50,31 @@ class RetrievalTask:
                 raise ValueError(f'the tokenizer encodes {text!r} as no tokens')
             return np.array(ids, dtype=np.int64)
 
-        def single(chars):
-            ids = [tokenizer.token_to_id(c) for c in chars]
-            if None in ids:  # a byte-level BPE has every printable ASCII character as a token
-                raise ValueError(f'the tokenizer lacks single-character tokens for {chars!r}')
-            return np.array(ids, dtype=np.int64)
-
+        vocab = [tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())]
+        digits = [tokenizer.token_to_id(c) for c in '0123456789']
+        if None in digits:  # a byte-level BPE has every printable ASCII character as a token
+            raise ValueError('the tokenizer lacks single-character tokens for the digits')
         self.head = np.concatenate([piece('\n'), piece('KEY_')])
         self.equals = piece(' = ')
-        self.letters, self.digits = single(string.ascii_lowercase), single(string.digits)
+        self.digits = np.array(digits, dtype=np.int64)
+        self.words = np.array([i for i, text in enumerate(vocab) if re.fullmatch('[a-z]{1,8}', text)], dtype=np.int64)
+        if len(self.words) < 2:  # a byte-level BPE has every letter as a token
+            raise ValueError('the tokenizer lacks lowercase word tokens for the keys')
+        self.key_len = int(np.ceil(np.log(1024) / np.log(len(self.words)) - 1e-9))
+        self.max_pairs = len(self.words) ** self.key_len // 4  # distinct keys stay quick to draw
+        if num_pairs > self.max_pairs:
+            raise ValueError(f'num_pairs={num_pairs}, expected at most {self.max_pairs} for this tokenizer')
         # insertion points: before a token that starts a new line (BPE joins a line break to the indent after it)
-        self.starts_line = np.array([tokenizer.decode([i]).startswith('\n')
-                                     for i in range(tokenizer.get_vocab_size())], dtype=bool)
-        self.needle_len = len(self.head) + KEY_CHARS + len(self.equals) + VALUE_CHARS
-        self.min_document_len = 2 * num_pairs * self.needle_len + 1  # needles, queries and one filler token
+        self.starts_line = np.array([text.startswith('\n') for text in vocab], dtype=bool)
+        self.needle_len = len(self.head) + self.key_len + len(self.equals) + VALUE_CHARS
+        self.min_document_len = max(PAIR_SPACING, 2 * self.needle_len + 1)  # one needle, its query and filler
 
     def _pairs(self, rng, n):
         """n distinct keys and their values, as token arrays."""
-        keys = set()
+        keys = {}  # insertion-ordered: the draws decide the order
         while len(keys) < n:
-            keys.add(tuple(rng.integers(0, len(self.letters), KEY_CHARS)))
-        return [(self.letters[list(key)], self.digits[rng.integers(0, 10, VALUE_CHARS)]) for key in sorted(keys)]
+            keys[tuple(rng.choice(self.words, self.key_len))] = None
+        return [(np.array(key), self.digits[rng.integers(0, 10, VALUE_CHARS)]) for key in keys]
 
     def _cue(self, key):
         return np.concatenate([self.head, key, self.equals])
@@ -89,15 +99,21 @@ class RetrievalTask:
         """A training document of exactly `length` tokens (no leading EOT), taking the first tokens of filler."""
         if length < self.min_document_len:
             raise ValueError(f'length={length}: a retrieval document needs at least {self.min_document_len} tokens')
-        text_len = length - 2 * self.num_pairs * self.needle_len
+        pairs = min(length // PAIR_SPACING, self.max_pairs)
+        text_len = length - 2 * pairs * self.needle_len
         if len(filler) < text_len:
             raise ValueError(f'{len(filler)} tokens of filler, {text_len} needed')
         filler = np.asarray(filler[:text_len], dtype=np.int64)
-        needles = [self._line(key, value) for key, value in self._pairs(rng, self.num_pairs)]
         starts = self._line_starts(filler)
-        at = np.sort(rng.choice(starts, size=self.num_pairs, replace=len(starts) < self.num_pairs))
-        placed = self._insert(filler, at, [needles[i] for i in rng.permutation(self.num_pairs)])
-        return np.concatenate([placed] + [needles[i] for i in rng.permutation(self.num_pairs)])  # the queries
+        needle_at = rng.choice(starts, size=pairs, replace=len(starts) < pairs)
+        distance = np.exp(rng.uniform(np.log(MIN_DISTANCE), np.log(text_len), pairs))
+        # a query goes before the first line start at its distance, or at the end
+        later = np.searchsorted(starts, needle_at + distance)
+        query_at = np.where(later < len(starts), starts[np.minimum(later, len(starts) - 1)], text_len)
+        lines = [self._line(key, value) for key, value in self._pairs(rng, pairs)]
+        at = np.concatenate([needle_at, query_at])
+        order = np.argsort(at, kind='stable')  # at one line start, needles before queries
+        return self._insert(filler, at[order], [lines[i % pairs] for i in order])
 
     def min_filler(self, distance):
         return distance + 256

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from data.loader import PackedBatches, load_tokenizer, read_shard
-from data.retrieval import RetrievalTask
+from data.retrieval import PAIR_SPACING, RetrievalTask
 from tests.test_data import corpus, piece_contents  # noqa: F401 (corpus is a fixture)
 
 
@@ -21,17 +21,31 @@ def task_and_filler(corpus):  # noqa: F811
     return RetrievalTask(load_tokenizer(data_dir)), filler
 
 
-def test_document_asks_for_every_needle_after_it(task_and_filler):
-    task, filler = task_and_filler
-    doc = task.document(np.random.default_rng(0), filler, 800)
-    assert len(doc) == 800 and doc.dtype == np.int64
-    queries = doc[-task.num_pairs * task.needle_len:].reshape(task.num_pairs, task.needle_len)
-    for query in queries.tolist():
-        needles = find(doc.tolist()[:-task.num_pairs * task.needle_len], query)
-        assert len(needles) == 1  # each key's line occurs once before the queries, value included
-    assert len({tuple(q) for q in queries.tolist()}) == task.num_pairs
-    again = task.document(np.random.default_rng(0), filler, 800)
-    assert (again == doc).all()  # the generator's seed decides everything
+def test_document_asks_for_every_needle_once_later(task_and_filler, corpus):  # noqa: F811
+    task, _ = task_and_filler
+    code = ''.join(f'x{i} = {i}\n' for i in range(1000))  # short lines, like code: line breaks every few tokens
+    filler = np.array(load_tokenizer(corpus[0]).encode(code).ids, dtype=np.int64)
+    assert task.starts_line[filler].mean() > 0.1
+    gaps = []
+    for seed in range(4):
+        doc = task.document(np.random.default_rng(seed), filler, 2000)
+        assert len(doc) == 2000 and doc.dtype == np.int64
+        tokens = doc.tolist()
+        heads = find(tokens, task.head.tolist())
+        lines = [tuple(tokens[at:at + task.needle_len]) for at in heads]
+        assert len(heads) == 2 * (2000 // PAIR_SPACING)
+        assert all(lines.count(line) == 2 for line in lines)  # each key's line: its needle, then its query
+        keys = [line[len(task.head):len(task.head) + task.key_len] for line in lines]
+        assert len(set(keys)) == len(keys) // 2 and set(sum(keys, ())) <= set(task.words.tolist())
+        first = {}
+        for at, line in zip(heads, lines):
+            if line in first:
+                gaps.append(at - first[line])
+            first.setdefault(line, at)
+        again = task.document(np.random.default_rng(seed), filler, 2000)
+        assert (again == doc).all()  # the generator's seed decides everything
+    # log-uniform distances: short and long ones in every few documents
+    assert min(gaps) < 100 and max(gaps) > 1000 and 0.2 < np.mean(np.array(gaps) < 200) < 0.8
 
 
 @pytest.mark.parametrize('distance', [1, 30, 200, 700])
@@ -42,7 +56,7 @@ def test_probe_distance_is_exact_and_its_value_occurs_once(task_and_filler, dist
     (at,) = find(prompt, probe.answer)
     assert len(prompt) - at == probe.distance
     assert abs(probe.distance - distance) <= 2 * task.num_pairs * task.needle_len + 64  # line ends and distractors
-    cue = prompt[-(len(task.head) + 4 + len(task.equals)):]
+    cue = prompt[-(len(task.head) + task.key_len + len(task.equals)):]
     assert find(prompt, cue + probe.answer) == [at - len(cue)]  # the cue, completed, is the needle
     with pytest.raises(ValueError, match='filler'):
         task.probe(np.random.default_rng(0), filler[:task.min_filler(distance) - 1], distance)
@@ -60,8 +74,7 @@ def test_mix_is_exact_deterministic_and_resumable(corpus):  # noqa: F811
         stream.append(x)
         for piece in piece_contents(x, cu):
             total += len(piece)
-            tail = piece[-task.num_pairs * task.needle_len:].tolist()
-            if len(piece) == max_doc_len - 1 and find(tail, task.head.tolist()):
+            if len(piece) == max_doc_len - 1 and find(piece.tolist(), task.head.tolist()):
                 synthetic += len(piece)
     assert batches.synthetic > 10
     assert synthetic == batches.synthetic * (max_doc_len - 1)
