@@ -1,13 +1,20 @@
 """Synthetic key-value retrieval in real code: a task that training mixes in and eval/retrieval.py scores by distance.
 
 Vocabulary:
-- needle: a line `KEY_<key> = <value>` inserted before a line break of real code (the filler), so it sits on a
-  line of its own; as tokens it starts with the line break;
-- key: one lowercase word token of the vocabulary (up to 8 letters: `name`, `self`, `x`, ...), distinct within
-  a document or probe; as many such tokens as make 1024 keys where a small vocabulary has fewer than 1024 words;
-- value: 6 digits, each one single-character token;
+- word: a lowercase token of the vocabulary, up to 8 letters (`name`, `self`, `ative`, ...);
+- needle: a line `KEY_<key><value>` inserted before a line break of real code (the filler), so it sits on a line
+  of its own; as tokens it starts with the line break;
+- key: one word (as many as make 1024 keys where a small vocabulary has fewer words), value: VALUE_TOKENS words.
+  The keys and values of a document or probe are words that its filler does not hold, each used once, so the
+  token after the key is unique in the context and so is each value token: copying what followed the last
+  occurrence of the current token (an induction head) answers every step. Where a small vocabulary has too few
+  such words, keys are still distinct and values may repeat;
 - cue: the needle up to its value, line break included; the value's tokens should follow it;
 - query: a needle's line again, later in the same training document.
+
+The value follows the key with no separator: after `KEY_<key> = `, the first step would need a match on the three
+tokens before it, which models of the study's size did not learn from 15M tokens of such documents (every probe
+scored 0, at chance on every digit).
 
 Needles, cues and values are built in token space, from the token ids of their pieces, never by encoding a joined
 text: the tokenizer cannot merge them with their neighbours differently in the needle and in the cue, so copying
@@ -25,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-VALUE_CHARS = 6
+VALUE_TOKENS = 4
 PAIR_SPACING = 64   # tokens of training document per needle: dense enough that every document teaches the task
 MIN_DISTANCE = 16   # filler tokens from a needle to its query, at least
 
@@ -51,12 +58,7 @@ class RetrievalTask:
             return np.array(ids, dtype=np.int64)
 
         vocab = [tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())]
-        digits = [tokenizer.token_to_id(c) for c in '0123456789']
-        if None in digits:  # a byte-level BPE has every printable ASCII character as a token
-            raise ValueError('the tokenizer lacks single-character tokens for the digits')
         self.head = np.concatenate([piece('\n'), piece('KEY_')])
-        self.equals = piece(' = ')
-        self.digits = np.array(digits, dtype=np.int64)
         self.words = np.array([i for i, text in enumerate(vocab) if re.fullmatch('[a-z]{1,8}', text)], dtype=np.int64)
         if len(self.words) < 2:  # a byte-level BPE has every letter as a token
             raise ValueError('the tokenizer lacks lowercase word tokens for the keys')
@@ -66,21 +68,25 @@ class RetrievalTask:
             raise ValueError(f'num_pairs={num_pairs}, expected at most {self.max_pairs} for this tokenizer')
         # insertion points: before a token that starts a new line (BPE joins a line break to the indent after it)
         self.starts_line = np.array([text.startswith('\n') for text in vocab], dtype=bool)
-        self.needle_len = len(self.head) + self.key_len + len(self.equals) + VALUE_CHARS
+        self.needle_len = len(self.head) + self.key_len + VALUE_TOKENS
         self.min_document_len = max(PAIR_SPACING, 2 * self.needle_len + 1)  # one needle, its query and filler
 
-    def _pairs(self, rng, n):
-        """n distinct keys and their values, as token arrays."""
-        keys = {}  # insertion-ordered: the draws decide the order
+    def _pairs(self, rng, n, filler):
+        """n (key, value) token arrays for a context of filler: words it does not hold, each used once."""
+        absent = np.setdiff1d(self.words, filler)
+        if self.key_len == 1 and len(absent) >= n * (1 + VALUE_TOKENS):
+            picks = rng.choice(absent, size=(n, 1 + VALUE_TOKENS), replace=False)
+            return [(pick[:1], pick[1:]) for pick in picks]
+        keys = {}  # a small vocabulary: distinct keys, in the order drawn
         while len(keys) < n:
             keys[tuple(rng.choice(self.words, self.key_len))] = None
-        return [(np.array(key), self.digits[rng.integers(0, 10, VALUE_CHARS)]) for key in keys]
+        return [(np.array(key), rng.choice(self.words, VALUE_TOKENS)) for key in keys]
 
     def _cue(self, key):
-        return np.concatenate([self.head, key, self.equals])
+        return np.concatenate([self.head, key])
 
     def _line(self, key, value):
-        return np.concatenate([self.head, key, self.equals, value])
+        return np.concatenate([self.head, key, value])
 
     def _line_starts(self, filler):
         starts = np.flatnonzero(self.starts_line[filler])
@@ -110,7 +116,7 @@ class RetrievalTask:
         # a query goes before the first line start at its distance, or at the end
         later = np.searchsorted(starts, needle_at + distance)
         query_at = np.where(later < len(starts), starts[np.minimum(later, len(starts) - 1)], text_len)
-        lines = [self._line(key, value) for key, value in self._pairs(rng, pairs)]
+        lines = [self._line(key, value) for key, value in self._pairs(rng, pairs, filler)]
         at = np.concatenate([needle_at, query_at])
         order = np.argsort(at, kind='stable')  # at one line start, needles before queries
         return self._insert(filler, at[order], [lines[i % pairs] for i in order])
@@ -126,10 +132,10 @@ class RetrievalTask:
         if len(filler) < n:
             raise ValueError(f'{len(filler)} tokens of filler, {n} needed for distance {distance}')
         filler = np.asarray(filler[:n], dtype=np.int64)
-        (key, value), *distractors = self._pairs(rng, self.num_pairs)
+        (key, value), *distractors = self._pairs(rng, self.num_pairs, filler)
         starts = self._line_starts(filler)
         # the needle's value, the distractor lines expected after it and the cue count towards the distance too
-        expected = VALUE_CHARS + len(distractors) * self.needle_len * distance / n + len(self._cue(key))
+        expected = VALUE_TOKENS + len(distractors) * self.needle_len * distance / n + len(self._cue(key))
         where = starts[np.abs(starts - (n - distance + expected)).argmin()]
         at = [where] + list(rng.choice(starts, size=len(distractors), replace=len(starts) <= len(distractors)))
         lines = [self._line(k, v) for k, v in [(key, value)] + distractors]

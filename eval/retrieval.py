@@ -6,9 +6,9 @@ length.
     python eval/retrieval.py --ckpt out/wall/ckpt.pt out/rope/ckpt.pt --trials 32 --batch 8
 
 A probe (data.retrieval.RetrievalTask.probe) is held-out code (a random window of the val split, EOTs dropped) with
-needle lines `KEY_<word> = <6 digits>` at line breaks (--pairs of them, 16 by default), one of them about
-`distance` tokens before the end, and ends with that needle's cue `KEY_<key> = `. Needle and cue are joined in
-token space, so copying the needle's value tokens is exactly right. Every model that trained on the task (train.py's retrieval_mix) solves it inside the
+needle lines `KEY_<key><value>` at line breaks (--pairs of them, 16 by default; key and value are words the
+window does not hold), one of them about `distance` tokens before the end, and ends with that needle's cue
+`KEY_<key>`. Needle and cue are joined in token space, so copying the needle's value tokens is exactly right. Every model that trained on the task (train.py's retrieval_mix) solves it inside the
 training length; the question is whether it still does past it.
 
 Each probe, after an EOT, is prefilled into the cache --prefill_chunk tokens per forward, and the value's tokens go
@@ -137,9 +137,7 @@ def plot(runs, path):
         common.plot_bands(ax, [run | {key: series(run, key)} for run in runs], key,
                           'distance from needle to cue (tokens)', ylabel, x='distance')
     axes[0].set_ylim(-0.03, 1.03)
-    axes[1].axhline(np.log(10), color='gray', linestyle=':', linewidth=1, label='a guessed digit (ln 10)')
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f'trained-in retrieval: KEY_<word> = <6 digits> in held-out code, '
+    fig.suptitle(f'trained-in retrieval: KEY_<key><value> in held-out code, '
                  f'{runs[0]["by_distance"][0]["trials"]} probes per distance', fontsize=10)
     common.save(fig, path, 'dashed: training length; bands: 95% intervals (Wilson for exact match, bootstrap over '
                            'probes for the loss)')

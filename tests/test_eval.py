@@ -207,16 +207,16 @@ def test_copy_analysis_separates_repeat_and_other_tokens():
 
 def perfect_copier(vocab):
     """A hand-built model that copies: after each context, the token that followed the last earlier occurrence of
-    the context's last 8 tokens (an induction head), as logits 50 for it and 0 for every other."""
+    the context's last 5 tokens (an induction head), as logits 50 for it and 0 for every other."""
     def logits_of(prompts, answers):
         out = np.zeros((*answers.shape, vocab), dtype=np.float32)
         for b in range(len(prompts)):
             for i in range(answers.shape[1]):
                 context = np.concatenate([prompts[b], answers[b, :i]])
-                suffix = context[-8:]
-                windows = np.lib.stride_tricks.sliding_window_view(context[:-1], 8)
+                suffix = context[-5:]
+                windows = np.lib.stride_tricks.sliding_window_view(context[:-1], 5)
                 (earlier,) = np.nonzero((windows == suffix).all(1))
-                out[b, i, context[earlier[-1] + 8]] = 50.0
+                out[b, i, context[earlier[-1] + 5]] = 50.0
         return out
     return logits_of
 

@@ -56,7 +56,7 @@ def test_probe_distance_is_exact_and_its_value_occurs_once(task_and_filler, dist
     (at,) = find(prompt, probe.answer)
     assert len(prompt) - at == probe.distance
     assert abs(probe.distance - distance) <= 2 * task.num_pairs * task.needle_len + 64  # line ends and distractors
-    cue = prompt[-(len(task.head) + task.key_len + len(task.equals)):]
+    cue = prompt[-(len(task.head) + task.key_len):]
     assert find(prompt, cue + probe.answer) == [at - len(cue)]  # the cue, completed, is the needle
     with pytest.raises(ValueError, match='filler'):
         task.probe(np.random.default_rng(0), filler[:task.min_filler(distance) - 1], distance)
@@ -95,3 +95,23 @@ def test_mix_refuses_bad_fractions(corpus):  # noqa: F811
     for mix in (-0.1, 1.0):
         with pytest.raises(ValueError, match='retrieval_mix'):
             PackedBatches(data_dir, 'train', 2048, 600, retrieval_mix=mix)
+
+
+def test_keys_and_values_are_words_the_filler_lacks_each_used_once():
+    from data.prepare import train_tokenizer
+    rng = np.random.default_rng(0)
+    words = sorted({''.join(rng.choice(list('abcdefghij'), 5)) for _ in range(3000)})
+    tokenizer = train_tokenizer(['\n'.join(words)] * 4 + ['x = 1\n    y = 2\n'], vocab_size=3000, max_chars=10 ** 7)
+    task = RetrievalTask(tokenizer)
+    assert task.key_len == 1 and len(task.words) > 1000
+    code = ''.join(f'{w} = 1\n' for w in words[:300])  # code that uses some of the words
+    filler = np.array(tokenizer.encode(code).ids, dtype=np.int64)
+    doc = task.document(np.random.default_rng(1), filler, 2000).tolist()
+    heads = find(doc, task.head.tolist())
+    pieces = [doc[at + len(task.head):at + task.needle_len] for at in heads]
+    used = [token for piece in pieces for token in piece]
+    in_lines = {at + i for at in heads for i in range(task.needle_len)}
+    assert not set(used) & {token for i, token in enumerate(doc) if i not in in_lines}  # the filler it took
+    assert all(used.count(token) == 2 for token in used)  # once in the needle, once in its query
+    probe = task.probe(np.random.default_rng(2), filler, 300)
+    assert probe.prompt.tolist().count(probe.answer[0]) == 1  # the one token after the cue's key
