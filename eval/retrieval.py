@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from data.retrieval import RetrievalTask  # noqa: E402
+from data.retrieval import retrieval_task  # noqa: E402
 from eval import common  # noqa: E402
 from eval.common import plt  # noqa: E402
 
@@ -190,16 +190,18 @@ def main(argv=None):
         train_len = common.training_length(train_config)
         distances = distances or [max(1, round(m * train_len)) for m in MULTIPLES]
         tokenizer, eot = common.load_data_tokenizer(train_config)
-        try:
-            task = RetrievalTask(tokenizer, **({} if args.pairs is None else {'num_pairs': args.pairs}))
+        stream = common.held_out_stream(train_config['data_dir'], eot)
+        try:  # the words of the task it trained on, the common ones counted on the held-out text
+            task = retrieval_task(tokenizer, train_config.get('retrieval_words', 'all'), stream,
+                                  **({} if args.pairs is None else {'num_pairs': args.pairs}))
         except ValueError as e:
             raise SystemExit(f'error: --ckpt {path}: its tokenizer cannot build the task: {e}')
-        stream = common.held_out_stream(train_config['data_dir'], eot)
         timer = common.Timer(args.device)
         rows = evaluate(cached_answer_logits(model, args.prefill_chunk, not args.eager, path), task, stream, eot,
                         distances, args.trials, args.batch, args.seed, args.device, f'{path}: ')
         runs.append({'ckpt': path, 'attention': model.config.attention, 'train_len': train_len,
-                     'retrieval_mix': train_config.get('retrieval_mix', 0.0), 'pairs': task.num_pairs,
+                     'retrieval_mix': train_config.get('retrieval_mix', 0.0),
+                     'retrieval_words': train_config.get('retrieval_words', 'all'), 'pairs': task.num_pairs,
                      'seconds': round(timer(), 2), 'by_distance': rows})
         print(f'{path}: {len(distances)} distances x {args.trials} probes in {runs[-1]["seconds"]:.1f} s', flush=True)
         del model
