@@ -51,7 +51,6 @@ max_doc_len = 16384               # longer documents are cut into pieces of at m
 gradient_accumulation_steps = 8   # micro-batches per optimizer step, summed over all ranks
 data_seed = 0                     # document order
 retrieval_mix = 0.0               # fraction of training tokens from synthetic retrieval documents (data/retrieval.py)
-retrieval_words = 'all'           # their keys and values: 'all' lowercase word tokens or the 'common' ones
 # AdamW
 learning_rate = 6e-4
 max_iters = 10000
@@ -155,8 +154,7 @@ random.seed(seed)
 try:
     vocab_size = load_tokenizer(data_dir).get_vocab_size()
     train_batches = PackedBatches(data_dir, 'train', tokens_per_batch, max_doc_len, rank=rank,
-                                  world_size=world_size, seed=data_seed, retrieval_mix=retrieval_mix,
-                                  retrieval_words=retrieval_words)
+                                  world_size=world_size, seed=data_seed, retrieval_mix=retrieval_mix)
     PackedBatches(data_dir, 'val', tokens_per_batch, max_doc_len)  # read at every evaluation: checked now
 except (OSError, ValueError) as e:
     fail(f'data_dir={data_dir!r}: {e}')

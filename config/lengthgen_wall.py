@@ -1,6 +1,6 @@
 # Length-generalisation study (docs/length_generalization.md): a 34M-parameter Wall model trained on 4096-token
-# documents of the installed-source corpus (python data/prepare.py --source=installed --vocab_size=16384), a tenth
-# of its tokens synthetic key-value retrieval (data/retrieval.py), 151M tokens. The other lengthgen configs change
+# documents of the installed-source corpus (python data/prepare.py --source=installed --vocab_size=16384), 30% of
+# its tokens synthetic key-value retrieval (data/retrieval.py), 151M tokens. The other lengthgen configs change
 # the attention only. One command trains and evaluates it to 16x the training length: bash eval/lengthgen.sh wall
 out_dir = 'out/lengthgen_wall'
 wandb_run_name = 'lengthgen_wall'
@@ -11,7 +11,7 @@ always_save_checkpoint = True     # the comparison uses the models at the end of
 data_dir = 'data/installed'
 tokens_per_batch = 65536
 max_doc_len = 4096
-retrieval_mix = 0.1
+retrieval_mix = 0.3               # 0.1 taught a study model no retrieval; 0.3 taught a small one (docs)
 gradient_accumulation_steps = 1
 max_iters = 2300                  # 2300 x 65536 = 151M tokens
 lr_decay_iters = 2300

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from data.retrieval import retrieval_task
+from data.retrieval import RetrievalTask
 
 EOT = '<|endoftext|>'
 SPLITS = ('train', 'val', 'test')
@@ -97,7 +97,7 @@ class PackedBatches:
     """
 
     def __init__(self, data_dir, split, tokens_per_batch, max_doc_len, *, rank=0, world_size=1, seed=0,
-                 retrieval_mix=0.0, retrieval_words='all'):
+                 retrieval_mix=0.0):
         if tokens_per_batch < 2:
             raise ValueError(f'tokens_per_batch={tokens_per_batch}, expected at least 2')
         if max_doc_len < 2:
@@ -122,7 +122,7 @@ class PackedBatches:
             raise ValueError(f'the {split} split of {data_dir} holds no tokens')
         self.retrieval_mix, self.synthetic_len = retrieval_mix, min(max_doc_len, tokens_per_batch) - 1
         if retrieval_mix:
-            self.task = retrieval_task(tokenizer, retrieval_words, self.tokens)
+            self.task = RetrievalTask(tokenizer)
             if len(self.tokens) <= self.synthetic_len:
                 raise ValueError(f'retrieval_mix: the {split} split has {len(self.tokens)} tokens, fewer than the '
                                  f'{self.synthetic_len} of filler one retrieval document needs')

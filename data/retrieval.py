@@ -1,8 +1,7 @@
 """Synthetic key-value retrieval in real code: a task that training mixes in and eval/retrieval.py scores by distance.
 
 Vocabulary:
-- word: a lowercase token of the vocabulary, up to 8 letters (`name`, `self`, `ative`, ...); given the corpus's
-  token counts, only the COMMON_WORDS most frequent of them, whose embeddings training has shaped;
+- word: a lowercase token of the vocabulary, up to 8 letters (`name`, `self`, `ative`, ...);
 - needle: a line `KEY_<key><value>` inserted before a line break of real code (the filler), so it sits on a line
   of its own; as tokens it starts with the line break;
 - key: one word (as many as make 1024 keys where a small vocabulary has fewer words), value: VALUE_TOKENS words.
@@ -34,7 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 
 VALUE_TOKENS = 4
-COMMON_WORDS = 2048
 PAIR_SPACING = 64   # tokens of training document per needle: dense enough that every document teaches the task
 MIN_DISTANCE = 16   # filler tokens from a needle to its query, at least
 
@@ -48,7 +46,7 @@ class Probe:
 
 class RetrievalTask:
 
-    def __init__(self, tokenizer, num_pairs=16, token_counts=None):
+    def __init__(self, tokenizer, num_pairs=16):
         if num_pairs < 1:
             raise ValueError(f'num_pairs={num_pairs}, expected at least 1')
         self.num_pairs = num_pairs
@@ -62,9 +60,6 @@ class RetrievalTask:
         vocab = [tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())]
         self.head = np.concatenate([piece('\n'), piece('KEY_')])
         self.words = np.array([i for i, text in enumerate(vocab) if re.fullmatch('[a-z]{1,8}', text)], dtype=np.int64)
-        if token_counts is not None:
-            self.words = np.sort(self.words[np.argsort(-np.asarray(token_counts)[self.words], kind='stable')
-                                 [:COMMON_WORDS]])
         if len(self.words) < 2:  # a byte-level BPE has every letter as a token
             raise ValueError('the tokenizer lacks lowercase word tokens for the keys')
         self.key_len = int(np.ceil(np.log(1024) / np.log(len(self.words)) - 1e-9))
@@ -149,11 +144,3 @@ class RetrievalTask:
                                  self._cue(key)])
         value_at = where + sum(len(lines[i]) for i in order[:list(order).index(0)]) + len(self._cue(key))
         return Probe(prompt=prompt, answer=value.tolist(), distance=int(len(prompt) - value_at))
-
-
-def retrieval_task(tokenizer, words='all', corpus=None, **kwargs):
-    """The task of a training run's `retrieval_words`: 'all' words, or the 'common' ones of corpus (token ids)."""
-    if words not in ('all', 'common'):
-        raise ValueError(f"retrieval_words={words!r}, expected 'all' or 'common'")
-    counts = None if words == 'all' else np.bincount(np.asarray(corpus), minlength=tokenizer.get_vocab_size())
-    return RetrievalTask(tokenizer, token_counts=counts, **kwargs)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from data.retrieval import retrieval_task  # noqa: E402
+from data.retrieval import RetrievalTask  # noqa: E402
 from eval import common  # noqa: E402
 from eval.common import plt  # noqa: E402
 
@@ -137,6 +137,7 @@ def plot(runs, path):
         common.plot_bands(ax, [run | {key: series(run, key)} for run in runs], key,
                           'distance from needle to cue (tokens)', ylabel, x='distance')
     axes[0].set_ylim(-0.03, 1.03)
+    axes[1].legend(fontsize=8)
     fig.suptitle(f'trained-in retrieval: KEY_<key><value> in held-out code, '
                  f'{runs[0]["by_distance"][0]["trials"]} probes per distance', fontsize=10)
     common.save(fig, path, 'dashed: training length; bands: 95% intervals (Wilson for exact match, bootstrap over '
@@ -190,18 +191,16 @@ def main(argv=None):
         train_len = common.training_length(train_config)
         distances = distances or [max(1, round(m * train_len)) for m in MULTIPLES]
         tokenizer, eot = common.load_data_tokenizer(train_config)
-        stream = common.held_out_stream(train_config['data_dir'], eot)
-        try:  # the words of the task it trained on, the common ones counted on the held-out text
-            task = retrieval_task(tokenizer, train_config.get('retrieval_words', 'all'), stream,
-                                  **({} if args.pairs is None else {'num_pairs': args.pairs}))
+        try:
+            task = RetrievalTask(tokenizer, **({} if args.pairs is None else {'num_pairs': args.pairs}))
         except ValueError as e:
             raise SystemExit(f'error: --ckpt {path}: its tokenizer cannot build the task: {e}')
+        stream = common.held_out_stream(train_config['data_dir'], eot)
         timer = common.Timer(args.device)
         rows = evaluate(cached_answer_logits(model, args.prefill_chunk, not args.eager, path), task, stream, eot,
                         distances, args.trials, args.batch, args.seed, args.device, f'{path}: ')
         runs.append({'ckpt': path, 'attention': model.config.attention, 'train_len': train_len,
-                     'retrieval_mix': train_config.get('retrieval_mix', 0.0),
-                     'retrieval_words': train_config.get('retrieval_words', 'all'), 'pairs': task.num_pairs,
+                     'retrieval_mix': train_config.get('retrieval_mix', 0.0), 'pairs': task.num_pairs,
                      'seconds': round(timer(), 2), 'by_distance': rows})
         print(f'{path}: {len(distances)} distances x {args.trials} probes in {runs[-1]["seconds"]:.1f} s', flush=True)
         del model

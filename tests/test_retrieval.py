@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 
 from data.loader import PackedBatches, load_tokenizer, read_shard
-import data.retrieval
-from data.retrieval import PAIR_SPACING, RetrievalTask, retrieval_task
+from data.retrieval import PAIR_SPACING, RetrievalTask
 from tests.test_data import corpus, piece_contents  # noqa: F401 (corpus is a fixture)
 
 
@@ -116,16 +115,3 @@ def test_keys_and_values_are_words_the_filler_lacks_each_used_once():
     assert all(used.count(token) == 2 for token in used)  # once in the needle, once in its query
     probe = task.probe(np.random.default_rng(2), filler, 300)
     assert probe.prompt.tolist().count(probe.answer[0]) == 1  # the one token after the cue's key
-
-
-def test_common_words_are_the_corpus_most_frequent(corpus, monkeypatch):  # noqa: F811
-    tokenizer = load_tokenizer(corpus[0])
-    tokens, _ = read_shard(f'{corpus[0]}/train.bin')
-    everything = retrieval_task(tokenizer, 'all')
-    counts = np.bincount(np.asarray(tokens), minlength=tokenizer.get_vocab_size())
-    monkeypatch.setattr(data.retrieval, 'COMMON_WORDS', 2)  # the tiny corpus has fewer words than the default
-    common = retrieval_task(tokenizer, 'common', tokens)
-    assert set(common.words.tolist()) == set(everything.words[np.argsort(-counts[everything.words],
-                                                                          kind='stable')[:2]].tolist())
-    with pytest.raises(ValueError, match="retrieval_words='rare'"):
-        retrieval_task(tokenizer, 'rare', tokens)
