@@ -282,6 +282,9 @@ def chunked_cross_entropy(x, weight, targets, chunk_rows):
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
+    if len(x) <= chunk_rows:  # one chunk: keeping its logits for backward saves recomputing them
+        count = (targets != -1).sum().clamp(min=1)
+        return F.cross_entropy(upcast_logits(x, weight), targets, ignore_index=-1, reduction='sum') / count
     return ChunkedCrossEntropy.apply(x, weight, targets, chunk_rows)
 
 

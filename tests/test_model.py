@@ -74,19 +74,24 @@ def test_attention_kernels_get_q_k_v_contiguous(attention, monkeypatch):
     assert seen == [[True, True, True]] * 2
 
 
-def test_chunked_loss_equals_cross_entropy_on_full_logits():
+@pytest.mark.parametrize('chunk_rows', [8, 50])  # chunked, and the one-chunk path
+def test_chunked_loss_equals_cross_entropy_on_full_logits(chunk_rows):
     torch.manual_seed(0)
     x = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 37, (50,))
     targets[[0, 7, 49]] = -1
-    loss = chunked_cross_entropy(x, weight, targets, chunk_rows=8)
+    loss = chunked_cross_entropy(x, weight, targets, chunk_rows=chunk_rows)
     grads = torch.autograd.grad(3 * loss, (x, weight))
     expected = F.cross_entropy(x @ weight.T, targets, ignore_index=-1)
     expected_grads = torch.autograd.grad(3 * expected, (x, weight))
     torch.testing.assert_close(loss, expected)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad)
+    nothing = torch.full_like(targets, -1)  # no target at all: a loss of 0 with zero gradients, not NaN
+    for rows in (8, 50):
+        empty = chunked_cross_entropy(x, weight, nothing, chunk_rows=rows)
+        assert empty.item() == 0 and all((grad == 0).all() for grad in torch.autograd.grad(empty, (x, weight)))
 
 
 def test_model_loss_is_the_mean_over_targets_that_are_not_ignored():
