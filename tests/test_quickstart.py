@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import wall_attn_reference
+from kernels import reference, wall_attn_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The final val loss that the README states for `python train.py config/tiny.py` (keep the two in step), and how far
@@ -76,8 +76,16 @@ CASES = {
 }
 
 
+@pytest.fixture(params=['any', 'blocks'])
+def path(request, monkeypatch):
+    """Both of the reference's paths: as it chooses (one anchor per document where the decay allows), or blocks."""
+    if request.param == 'blocks':
+        monkeypatch.setattr(reference, 'dense_nats', lambda dtype: -1.0)
+    return request.param
+
+
 @pytest.mark.parametrize('case', CASES)
-def test_reference_is_the_formula(case):
+def test_reference_is_the_formula(case, path):
     """Outputs and every gradient of the chunked reference against the explicit formula, in float64."""
     torch.manual_seed(len(case))
     shape, options = CASES[case]
@@ -93,6 +101,24 @@ def test_reference_is_the_formula(case):
     o_naive.backward(do)
     for name in ours:
         torch.testing.assert_close(ours[name].grad, theirs[name].grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize('nats', [20, 120])
+def test_reference_one_anchor_path_in_float32(nats, monkeypatch):
+    """float32 documents whose channels decay by up to `nats`, near the one-anchor path's limit of 124: that path
+    is taken, finite, and as close to the float64 formula as the blocks are."""
+    torch.manual_seed(nats)
+    x = inputs(B=2, T=64, gates='weak', scalar_gate=True, sink=True)
+    x['g'] = -torch.rand_like(x['g']) * (2 * nats / 64)  # about `nats` over the document on the fastest channels
+    x['g'] *= nats / -x['g'].sum(1).min()
+    taken = []
+    monkeypatch.setattr(reference, '_dense', lambda *a, dense=reference._dense: taken.append(1) or dense(*a))
+    fp32 = {n: t.float().requires_grad_() for n, t in x.items()}
+    o = wall_attn_reference(**fp32)
+    o.backward(torch.ones_like(o))
+    assert taken and torch.isfinite(o).all() and all(torch.isfinite(t.grad).all() for t in fp32.values())
+    expected = naive(**x)
+    torch.testing.assert_close(o.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_reference_ignores_a_constant_prefix_shift():
