@@ -7,8 +7,8 @@ Vocabulary:
 - key: one word (as many as make 1024 keys where a small vocabulary has fewer words), value: VALUE_TOKENS words.
   The keys and values of a document or probe are words that its filler does not hold, each used once, so the
   token after the key is unique in the context and so is each value token: copying what followed the last
-  occurrence of the current token (an induction head) answers every step. Where a small vocabulary has too few
-  such words, keys are still distinct and values may repeat;
+  occurrence of the current token (an induction head) answers every step. With a small vocabulary (keys of more
+  than one token), keys are still distinct, but they and the values may occur in the filler;
 - cue: the needle up to its value, line break included; the value's tokens should follow it;
 - query: a needle's line again, later in the same training document.
 
@@ -73,8 +73,11 @@ class RetrievalTask:
 
     def _pairs(self, rng, n, filler):
         """n (key, value) token arrays for a context of filler: words it does not hold, each used once."""
-        absent = np.setdiff1d(self.words, filler)
-        if self.key_len == 1 and len(absent) >= n * (1 + VALUE_TOKENS):
+        if self.key_len == 1:
+            absent = np.setdiff1d(self.words, filler)
+            if len(absent) < n * (1 + VALUE_TOKENS):
+                raise ValueError(f'{len(filler)} tokens of filler leave {len(absent)} words unused, fewer than the '
+                                 f'{n * (1 + VALUE_TOKENS)} that {n} needles take')
             picks = rng.choice(absent, size=(n, 1 + VALUE_TOKENS), replace=False)
             return [(pick[:1], pick[1:]) for pick in picks]
         keys = {}  # a small vocabulary: distinct keys, in the order drawn

@@ -115,3 +115,6 @@ def test_keys_and_values_are_words_the_filler_lacks_each_used_once():
     assert all(used.count(token) == 2 for token in used)  # once in the needle, once in its query
     probe = task.probe(np.random.default_rng(2), filler, 300)
     assert probe.prompt.tolist().count(probe.answer[0]) == 1  # the one token after the cue's key
+    every_word = np.tile(task.words, 2)  # a window that holds every word leaves none for the needles
+    with pytest.raises(ValueError, match='words unused'):
+        task.probe(np.random.default_rng(3), every_word, len(every_word) - 256)
