@@ -5,12 +5,11 @@
     PYTHONPATH=/tmp/triton36 python bench/registers.py      # with another Triton (e.g. the GPU machine's 3.6)
 
 This reads ptxas's own report of each compile, a check that costs no GPU time (whether a spill costs time is for
-the GPU to say: bench/results_attn.md has cases where it does not). It loads kernels/parallel.py directly, so Triton
-compiles for the GPU instead of running its CPU interpreter.
+the GPU to say: bench/results_attn.md has cases where it does not). It loads kernels/parallel.py without
+kernels/__init__.py (bench/kernel_files.py), so Triton compiles for the GPU instead of running its CPU interpreter.
 """
 import argparse
 import contextlib
-import importlib.util
 import io
 import os
 import re
@@ -19,15 +18,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernel_files import load_kernel_file
+
 os.environ['TRITON_DUMP_PTXAS_LOG'] = '1'
 os.environ['TRITON_ALWAYS_COMPILE'] = '1'
 parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
 parser.add_argument('path', nargs='?', default=os.path.join(os.path.dirname(__file__), '..', 'kernels', 'parallel.py'))
 parser.add_argument('--ir', metavar='DIR', help='also write each compile\'s TTGIR (layouts, shared-memory traffic)')
 args = parser.parse_args()
-spec = importlib.util.spec_from_file_location('wall_parallel', args.path)
-parallel = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(parallel)
+parallel = load_kernel_file(args.path, 'parallel')
 
 SHAPE = dict(HQ=16, H=16, HG=16, K=128, V=128, KP=128, VP=128, BLOCK=64, SUB=16, FAST_RANGE=96.0, HAS_GS=False,
              HAS_WINDOW=False)

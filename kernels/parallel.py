@@ -60,6 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .domain import check_gates
+
 BLOCK = 64   # query and key block; also the granularity of the decay anchors
 SUB = 16     # sub-block of the steep-diagonal path: pairs inside one are computed elementwise
 # Widest value tile of one launch; wider values (up to MAX_VALUE_DIM) go through several launches (wall_attn).
@@ -949,7 +951,6 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     HQ = dims['HQ']
     Pl, Pstart, kt, kg, _, _, gate_max = _prep(q, k, g, layout, dims)
     gate_maxima = [('g', gate_max.amax())] + ([] if g_scalar is None else [('g_scalar', g_scalar.amax())])
-    from .domain import check_gates  # here, not at the top: bench/registers.py loads this file on its own
     check_gates('wall_attn', gate_maxima)
     Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
     qk_scale = scale * LOG2E
