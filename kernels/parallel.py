@@ -50,6 +50,8 @@ Glossary (names used throughout; P is in log2 units, natural-log inputs are conv
   its anchor moves; dg from the block totals (`totals`) and their float64 suffix sums (`suffix`).
 - Gentle / steep: a block whose per-channel decay stays under FAST_RANGE (one-dot diagonal) or not (sub-blocks).
 - Switches: HAS_GS scalar gate, HAS_SINK attention sink, HAS_WINDOW sliding window (WINDOW its size).
+- From triton_helpers.py (shared with decode.py; its docstring defines rows and tiles): load_rows, store_rows,
+  load_row, add_to_rows, load_lse_and_delta, softmax_step, LOG2E, the head-dim limits and padded_dim.
 """
 import concurrent.futures
 import functools
@@ -61,17 +63,16 @@ import triton
 import triton.language as tl
 
 from .domain import check_gates
+from .triton_helpers import (LOG2E, MAX_HEAD_DIM, MAX_VALUE_DIM, MAX_VALUE_TILE, add_to_rows, load_lse_and_delta,
+                             load_row, load_rows, padded_dim, softmax_step, store_rows)
 
 BLOCK = 64   # query and key block; also the granularity of the decay anchors
 SUB = 16     # sub-block of the steep-diagonal path: pairs inside one are computed elementwise
-# Widest value tile of one launch; wider values (up to MAX_VALUE_DIM) go through several launches (wall_attn).
-MAX_VALUE_TILE, MAX_VALUE_DIM = 256, 512
 # dk/dv's query tiles: half a block keeps the transposed logits' registers for the resident key block
 DKV_QUERY_ROWS = tl.constexpr(32)
 # Blocks per anchor group, per kernel: off-diagonal operands are rescaled once per group of keys (forward, dq) or
 # queries (dk/dv); larger groups rescale less often, but dq's own group, anchored per block, grows with them.
 GROUPS = dict(fwd=32, dq=8, dkv=16)
-LOG2E = 1.4426950408889634
 # Largest per-channel decay (log2 units) over a block for the one-dot diagonal: k * 2^FAST_RANGE must not
 # overflow the dot's input type (fp16 tops out at 2^16, bf16 and fp32 at 2^128).
 FAST_RANGE = {torch.float16: 8.0, torch.bfloat16: 96.0, torch.float32: 96.0}
@@ -93,36 +94,7 @@ TUNE_KEY = ['K', 'V', 'HAS_GS', 'HAS_WINDOW']
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# row loads and stores
-
-@triton.jit
-def _load_rows(ptr, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
-    """Rows `rows` of head `head` of a contiguous [tokens, H, D] tensor, padded to DP columns with zeros."""
-    cols = tl.arange(0, DP)
-    offs = (rows.to(tl.int64)[:, None] * H + head) * D + cols[None, :]
-    return tl.load(ptr + offs, mask=row_ok[:, None] & (cols[None, :] < D), other=0.0)
-
-
-@triton.jit
-def _store_rows(ptr, x, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
-    cols = tl.arange(0, DP)
-    offs = (rows.to(tl.int64)[:, None] * H + head) * D + cols[None, :]
-    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < D))
-
-
-@triton.jit
-def _add_to_rows(ptr, x, rows, row_ok, head, H: tl.constexpr):
-    """Adds x to rows `rows` of head `head` of a contiguous [tokens, H] tensor."""
-    offs = rows.to(tl.int64) * H + head
-    tl.store(ptr + offs, tl.load(ptr + offs, mask=row_ok) + x, mask=row_ok)
-
-
-@triton.jit
-def _load_row(ptr, row, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
-    cols = tl.arange(0, DP)
-    row64 = tl.zeros([DP], dtype=tl.int64) + row  # `row` may be a plain int (a loop variable)
-    return tl.load(ptr + (row64 * H + head) * D + cols, mask=cols < D, other=0.0)
-
+# operand staging
 
 @triton.jit
 def _staged(x, buf_ptr, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
@@ -131,9 +103,9 @@ def _staged(x, buf_ptr, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP
     once and the tensor cores read it there. Used where it measured faster: both forward loops, dq's own-group loop
     (bench/results_attn.md, tuning notes)."""
     tl.debug_barrier()  # every thread is done reading the previous tile
-    _store_rows(buf_ptr, x, rows, row_ok, head, H, D, DP)
+    store_rows(buf_ptr, x, rows, row_ok, head, H, D, DP)
     tl.debug_barrier()  # the whole tile is written
-    return _load_rows(buf_ptr, rows, row_ok, head, H, D, DP)
+    return load_rows(buf_ptr, rows, row_ok, head, H, D, DP)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,21 +130,21 @@ def _query_block_program(blocks_ptr, HQ: tl.constexpr, H: tl.constexpr, HG: tl.c
 @triton.jit
 def _anchor_gap(Pstart_ptr, id_from, id_to, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
     """P[first token of block id_to] - P[first token of block id_from], in float32 from the float64 anchors."""
-    to = _load_row(Pstart_ptr, id_to, hg, HG, K, KP)
-    return (to - _load_row(Pstart_ptr, id_from, hg, HG, K, KP)).to(tl.float32)
+    to = load_row(Pstart_ptr, id_to, hg, HG, K, KP)
+    return (to - load_row(Pstart_ptr, id_from, hg, HG, K, KP)).to(tl.float32)
 
 
 @triton.jit
 def _fall(Pstart_ptr, Pl_ptr, a, id_a, b, id_b, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
     """P[a] - P[b] >= 0 for tokens a <= b of blocks id_a, id_b: how far the prefix falls between them (log2)."""
-    return (_anchor_gap(Pstart_ptr, id_b, id_a, hg, HG, K, KP) + _load_row(Pl_ptr, a, hg, HG, K, KP)
-            - _load_row(Pl_ptr, b, hg, HG, K, KP))
+    return (_anchor_gap(Pstart_ptr, id_b, id_a, hg, HG, K, KP) + load_row(Pl_ptr, a, hg, HG, K, KP)
+            - load_row(Pl_ptr, b, hg, HG, K, KP))
 
 
 @triton.jit
 def _decay_log2(Pstart_ptr, Pl_ptr, id_a, id_b, b, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
     """P[first token of block id_a] - P[b] for a token b of an earlier block id_b: the log2 decay between them, <= 0."""
-    return tl.minimum(_anchor_gap(Pstart_ptr, id_b, id_a, hg, HG, K, KP) - _load_row(Pl_ptr, b, hg, HG, K, KP), 0.0)
+    return tl.minimum(_anchor_gap(Pstart_ptr, id_b, id_a, hg, HG, K, KP) - load_row(Pl_ptr, b, hg, HG, K, KP), 0.0)
 
 
 @triton.jit
@@ -184,7 +156,7 @@ def _rescaled(x, log2_factor):
 @triton.jit
 def _is_gentle(Pl_ptr, last, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, FAST_RANGE: tl.constexpr):
     """Whether the block decays by less than FAST_RANGE in every channel (one-dot diagonal)."""
-    return tl.max(-_load_row(Pl_ptr, last, hg, HG, K, KP)) < FAST_RANGE
+    return tl.max(-load_row(Pl_ptr, last, hg, HG, K, KP)) < FAST_RANGE
 
 
 @triton.jit
@@ -208,7 +180,7 @@ def _steep_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG: tl.constexpr, K: tl
                       SUB: tl.constexpr):
     """k * 2^(A - P_j) with A the end of each key's own sub-block (all exponents <= 0)."""
     anchor_rows = tl.minimum(i0 + (rows - i0) // SUB * SUB + SUB - 1, last)
-    A = _load_rows(Pl_ptr, anchor_rows, rows <= last, hg, HG, K, KP)
+    A = load_rows(Pl_ptr, anchor_rows, rows <= last, hg, HG, K, KP)
     return k.to(tl.float32) * tl.exp2(tl.minimum(A - Pl, 0.0))
 
 
@@ -216,7 +188,7 @@ def _steep_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG: tl.constexpr, K: tl
 def _steep_query_factor(Pl, Pl_ptr, i0, last, s: tl.constexpr, hg, HG: tl.constexpr, K: tl.constexpr,
                         KP: tl.constexpr, SUB: tl.constexpr):
     """2^(P_i - A_s) for the end A_s of key sub-block s; rows at or before A_s get values that are masked."""
-    A = _load_row(Pl_ptr, tl.minimum(i0 + s * SUB + SUB - 1, last), hg, HG, K, KP)
+    A = load_row(Pl_ptr, tl.minimum(i0 + s * SUB + SUB - 1, last), hg, HG, K, KP)
     return tl.exp2(tl.minimum(Pl - A[None, :], 0.0))
 
 
@@ -293,11 +265,11 @@ def _offdiag_tile(qf, kx_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq,
     """Logits (log2 units) of query rows against the earlier key block j0, with its keys and values: `kx` holds the
     keys rescaled to an anchor, `qf` the queries rescaled from the same anchor."""
     cols = j0 + tl.arange(0, BLOCK)
-    kx = _load_rows(kx_ptr, cols, cols < i0, hg, HG, K, KP)
+    kx = load_rows(kx_ptr, cols, cols < i0, hg, HG, K, KP)
     s = tl.dot(qf, tl.trans(kx)) * qk_scale
     ck = _gate_offset(Cl_ptr, Cs_ptr, cols, cols < i0, id_m - (i0 - j0) // BLOCK, id_m, hq, HQ, HAS_GS)
     s = _gate_and_window(s, rows, cols, cq, ck, WINDOW, HAS_GS, HAS_WINDOW)
-    return s, kx, _load_rows(v_ptr, cols, cols < i0, hk, H, V, VP)
+    return s, kx, load_rows(v_ptr, cols, cols < i0, hk, H, V, VP)
 
 
 @triton.jit
@@ -316,25 +288,6 @@ def _move_anchor(acc, lg, x, lg_new):
     """Moves a gradient accumulator held divided by 2^lg to a nearer anchor's 2^lg_new >= 2^lg (it shrinks by their
     ratio, <= 1), and rescales the operand x to the new anchor."""
     return acc * tl.exp2(tl.minimum(lg - lg_new, 0.0))[None, :], lg_new, _rescaled(x, lg_new)
-
-
-@triton.jit
-def _raised_max(m_i, tile_max):
-    """The running max after a tile whose row maxima are tile_max, the shift its exponentials take, and the factor
-    2^(m_i - shift) that rescales the running sum and output."""
-    m_new = tl.maximum(m_i, tile_max)
-    # A row with nothing visible yet keeps max -inf: shift by 0 instead so no exp2 sees -inf - -inf.
-    m_shift = tl.where(m_new == float('-inf'), 0.0, m_new)
-    return m_new, m_shift, tl.exp2(m_i - m_shift)
-
-
-@triton.jit
-def _softmax_step(s, m_i, l_i, acc, v):
-    """One online-softmax step over a tile of logits (log2 units, -inf where hidden); fully masked rows stay at
-    zero. The decode kernel takes it too."""
-    m_new, m_shift, alpha = _raised_max(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_shift[:, None])
-    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
 @triton.jit
@@ -367,9 +320,8 @@ def _dkv_tile(qf, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr
         s_t += cq[None, :] - ck[:, None]
     if HAS_WINDOW:
         s_t = tl.where((rows[None, :] - cols[:, None]) < WINDOW, s_t, float('-inf'))
-    do = _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
-    lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=float('inf'))  # p = 0 past the end
-    delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+    do = load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
+    lse, delta = load_lse_and_delta(lse_ptr, delta_ptr, rows, row_ok, hq, HQ)
     p_t = tl.exp2(s_t - lse[None, :])
     ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
     dv = tl.dot(p_t.to(do.dtype), do, dv)
@@ -391,17 +343,17 @@ def _prefix_kernel(g_ptr, do_ptr, o_ptr, Pl_ptr, delta_ptr, gate_max_ptr, blocks
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
     if BACKWARD:
-        g = _load_rows(g_ptr, rows, row_ok & (rows > i0), hg, HG, K, KP).to(tl.float32) * 1.4426950408889634
+        g = load_rows(g_ptr, rows, row_ok & (rows > i0), hg, HG, K, KP).to(tl.float32) * LOG2E
     else:  # every gate, the block's first too, enters the check; Pl starts at 0 on the first
-        g = _load_rows(g_ptr, rows, row_ok, hg, HG, K, KP).to(tl.float32)
+        g = load_rows(g_ptr, rows, row_ok, hg, HG, K, KP).to(tl.float32)
         tl.store(gate_max_ptr + tl.program_id(0) * HG + hg, tl.max(tl.max(g, 1), 0))
-        g = tl.where((rows > i0)[:, None], g, 0.0) * 1.4426950408889634
-    _store_rows(Pl_ptr, tl.cumsum(g, 0), rows, row_ok, hg, HG, K, KP)
+        g = tl.where((rows > i0)[:, None], g, 0.0) * LOG2E
+    store_rows(Pl_ptr, tl.cumsum(g, 0), rows, row_ok, hg, HG, K, KP)
     if BACKWARD:
         for h in range(HQ // HG):
             hq = hg * (HQ // HG) + h
-            delta = tl.sum(_load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP).to(tl.float32)
-                           * _load_rows(o_ptr, rows, row_ok, hq, HQ, V, VP).to(tl.float32), 1)
+            delta = tl.sum(load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP).to(tl.float32)
+                           * load_rows(o_ptr, rows, row_ok, hq, HQ, V, VP).to(tl.float32), 1)
             tl.store(delta_ptr + rows.to(tl.int64) * HQ + hq, delta, mask=row_ok)
 
 
@@ -413,7 +365,7 @@ def _block_prefix_kernel(Pl_ptr, g_ptr, start_ptr, last_ptr, Pstart_ptr, num_blo
     hg = tl.program_id(0)
     cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
     col_ok = cols < K
-    log2e = tl.full((), 1.4426950408889634, tl.float64)
+    log2e = tl.full((), LOG2E, tl.float64)
     carry = tl.zeros([COLS], dtype=tl.float64)
     for c0 in range(0, num_blocks, CHUNK):
         b = c0 + tl.arange(0, CHUNK)
@@ -442,22 +394,22 @@ def _rescale_kernel(k_ptr, q_ptr, Pl_ptr, Pstart_ptr, kt_ptr, kg_ptr, qh_ptr, qg
     hg = tl.program_id(1)
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
-    Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+    Pl = load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
     last = _group_bounds(i0, bos, eos, BLOCK, KEY_GROUP)[1]
-    block_end = _load_row(Pl_ptr, tl.minimum(i0 + BLOCK, eos) - 1, hg, HG, K, KP)
+    block_end = load_row(Pl_ptr, tl.minimum(i0 + BLOCK, eos) - 1, hg, HG, K, KP)
     group_end = (_anchor_gap(Pstart_ptr, id_i, id_i + (last - i0) // BLOCK, hg, HG, K, KP)
-                 + _load_row(Pl_ptr, last, hg, HG, K, KP))
-    k = _load_rows(k_ptr, rows, row_ok, hg // (HG // H), H, K, KP).to(tl.float32)
-    _store_rows(kt_ptr, k * tl.exp2(tl.minimum(block_end[None, :] - Pl, 0.0)), rows, row_ok, hg, HG, K, KP)
-    _store_rows(kg_ptr, k * tl.exp2(tl.minimum(group_end[None, :] - Pl, 0.0)), rows, row_ok, hg, HG, K, KP)
+                 + load_row(Pl_ptr, last, hg, HG, K, KP))
+    k = load_rows(k_ptr, rows, row_ok, hg // (HG // H), H, K, KP).to(tl.float32)
+    store_rows(kt_ptr, k * tl.exp2(tl.minimum(block_end[None, :] - Pl, 0.0)), rows, row_ok, hg, HG, K, KP)
+    store_rows(kg_ptr, k * tl.exp2(tl.minimum(group_end[None, :] - Pl, 0.0)), rows, row_ok, hg, HG, K, KP)
     if BACKWARD:
         first = _group_bounds(i0, bos, eos, BLOCK, QUERY_GROUP)[0]
         from_group_start = Pl + _anchor_gap(Pstart_ptr, id_i - (i0 - first) // BLOCK, id_i, hg, HG, K, KP)[None, :]
         for h in range(HQ // HG):
             hq = hg * (HQ // HG) + h
-            q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP).to(tl.float32)
-            _store_rows(qh_ptr, q * tl.exp2(Pl), rows, row_ok, hq, HQ, K, KP)
-            _store_rows(qg_ptr, q * tl.exp2(tl.minimum(from_group_start, 0.0)), rows, row_ok, hq, HQ, K, KP)
+            q = load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP).to(tl.float32)
+            store_rows(qh_ptr, q * tl.exp2(Pl), rows, row_ok, hq, HQ, K, KP)
+            store_rows(qg_ptr, q * tl.exp2(tl.minimum(from_group_start, 0.0)), rows, row_ok, hq, HQ, K, KP)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -474,22 +426,22 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
 
-    q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
-    Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+    q = load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
+    Pl = load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
     q_hat = (q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype)
     cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
 
     # Diagonal tile first, its logits from _diag_fwd_kernel
-    s = _mask_and_gate(_load_rows(S_ptr, rows, row_ok, hq, HQ, BLOCK, BLOCK), rows, rows,
+    s = _mask_and_gate(load_rows(S_ptr, rows, row_ok, hq, HQ, BLOCK, BLOCK), rows, rows,
                        row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS, HAS_WINDOW)
     if HAS_SINK:
-        m_i = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(sink_ptr + hq).to(tl.float32) * 1.4426950408889634
+        m_i = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(sink_ptr + hq).to(tl.float32) * LOG2E
         l_i = tl.full([BLOCK], 1.0, dtype=tl.float32)
     else:
         m_i = tl.full([BLOCK], float('-inf'), dtype=tl.float32)
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, VP], dtype=tl.float32)
-    m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+    m_i, l_i, acc = softmax_step(s, m_i, l_i, acc, load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
 
     lo = _window_start(i0, bos, WINDOW, BLOCK, HAS_WINDOW)
     own_group, own_last = _group_bounds(i0, bos, eos, BLOCK, GROUP)
@@ -506,7 +458,7 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr
         for j0 in range(tl.maximum(g0, lo), g0 + GROUP * BLOCK, BLOCK):
             s, _, v = _offdiag_tile(qf, kg_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq, hk, hg, 1.0,
                                     WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
-            m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
+            m_i, l_i, acc = softmax_step(s, m_i, l_i, acc, v)
     if _is_gentle_group(Pstart_ptr, Pl_ptr, own_group, id_m - (i0 - own_group) // BLOCK, own_last, id_own_last, hg,
                         HG, K, KP, FAST_RANGE):
         # The own group's keys anchor on its last token too (kg): the query factor 2^(P_m - P_last) >= 1 is below
@@ -516,16 +468,16 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr
         for j0 in range(tl.maximum(lo, own_group), i0, BLOCK):
             s, _, v = _offdiag_tile(qf, kg_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq, hk, hg, qk_scale,
                                     WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
-            m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
+            m_i, l_i, acc = softmax_step(s, m_i, l_i, acc, v)
     else:
         for j0 in range(tl.maximum(lo, own_group), i0, BLOCK):  # per-block anchors
             qf = _staged(_rescaled(q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, j0 + BLOCK - 1, i0, id_m, hg, HG, K, KP,
                                                           BLOCK) + log2_qk_scale), qf_ptr, rows, row_ok, hq, HQ, K, KP)
             s, _, v = _offdiag_tile(qf, kt_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq, hk, hg, 1.0,
                                     WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
-            m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
+            m_i, l_i, acc = softmax_step(s, m_i, l_i, acc, v)
 
-    _store_rows(o_ptr, acc / l_i[:, None], rows, row_ok, hq, HQ, V, VP)
+    store_rows(o_ptr, acc / l_i[:, None], rows, row_ok, hq, HQ, V, VP)
     tl.store(lse_ptr + rows.to(tl.int64) * HQ + hq, m_i + tl.log2(l_i), mask=row_ok)
 
 
@@ -574,9 +526,9 @@ def _diag_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
     i0, _, eos, _, hq, hk, hg, last = _query_block_program(blocks_ptr, HQ, H, HG, BLOCK)
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
-    q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
-    k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
-    Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+    q = load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
+    k = load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
+    Pl = load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
     if _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
         k_hat = (k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype)
         s = tl.dot((q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype), tl.trans(k_hat)) * qk_scale
@@ -585,7 +537,7 @@ def _diag_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
         tl.debug_barrier()  # other threads read L back
         s = _steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG, K, KP, BLOCK,
                           SUB)
-    _store_rows(S_ptr, s, rows, row_ok, hq, HQ, BLOCK, BLOCK)
+    store_rows(S_ptr, s, rows, row_ok, hq, HQ, BLOCK, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -602,13 +554,12 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
 
-    q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
-    Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+    q = load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
+    Pl = load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
     q_hat = (q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype)
     cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
-    do = _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
-    lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=float('inf'))  # p = 0 past the end
-    delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+    do = load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
+    lse, delta = load_lse_and_delta(lse_ptr, delta_ptr, rows, row_ok, hq, HQ)
 
     # dq accumulates divided by 2^lg, the decay from the current anchor to the query block's start, so that each tile
     # adds its dot straight into it; when the anchor moves later, dq shrinks by the decay between the two anchors.
@@ -634,15 +585,15 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
     dq *= tl.exp2(lg)[None, :]
 
     if _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
-        k_hat = (_load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * tl.exp2(-Pl)).to(q.dtype)
+        k_hat = (load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * tl.exp2(-Pl)).to(q.dtype)
         s = _mask_and_gate(tl.dot(q_hat, tl.trans(k_hat)) * qk_scale, rows, rows,
                            row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS, HAS_WINDOW)
-        p, ds = _probs_and_dscores(s, lse, delta, do, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+        p, ds = _probs_and_dscores(s, lse, delta, do, load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
         dcq += tl.sum(ds, 1)
         dq += tl.dot(ds.to(k_hat.dtype), k_hat)
     dq *= tl.exp2(Pl)  # a steep block's diagonal tile: _steep_bwd_kernel adds it afterwards
 
-    _store_rows(dq_ptr, dq * scale, rows, row_ok, hq, HQ, K, KP)
+    store_rows(dq_ptr, dq * scale, rows, row_ok, hq, HQ, K, KP)
     tl.store(dcq_ptr + rows.to(tl.int64) * HQ + hq, dcq, mask=row_ok)
 
 
@@ -663,7 +614,7 @@ def _bwd_dkv_kernel(qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl
     col_ok = cols < eos
     last = tl.minimum(j0 + BLOCK, eos) - 1
 
-    v = _load_rows(v_ptr, cols, col_ok, hk, H, V, VP)
+    v = load_rows(v_ptr, cols, col_ok, hk, H, V, VP)
     ck = _gate_offset(Cl_ptr, Cs_ptr, cols, col_ok, id_n, id_n, hq, HQ, HAS_GS)
 
     # dk accumulates in the frame of kt (true dk = dk * 2^(Pl_end - Pl)), while the loop over later groups runs
@@ -682,33 +633,32 @@ def _bwd_dkv_kernel(qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl
         first = near_end + (num_far - 1 - t) * (GROUP * BLOCK)
         # kt is reloaded, not kept live through the loop: far fewer registers, much faster
         lh_new = _decay_log2(Pstart_ptr, Pl_ptr, id_n + (first - j0) // BLOCK, id_n, last, hg, HG, K, KP)
-        dk, lh, kf = _move_anchor(dk, lh, _load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP), lh_new)
+        dk, lh, kf = _move_anchor(dk, lh, load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP), lh_new)
         for i0 in range(first, tl.minimum(first + GROUP * BLOCK, hi), DKV_QUERY_ROWS):
             rows = i0 + tl.arange(0, DKV_QUERY_ROWS)
-            qg = _load_rows(qg_ptr, rows, rows < eos, hq, HQ, K, KP)
+            qg = load_rows(qg_ptr, rows, rows < eos, hq, HQ, K, KP)
             dk, dv, dck = _dkv_tile(qg, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr, Cl_ptr, Cs_ptr,
                                     dk, dv, dck, hq, qk_scale, WINDOW, HQ, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
     dk *= tl.exp2(lh)[None, :]
-    kt = _load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP)
+    kt = load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP)
     for i0 in range(j0 + BLOCK, tl.minimum(near_end, hi), DKV_QUERY_ROWS):  # queries of the key block's own group
         rows = i0 + tl.arange(0, DKV_QUERY_ROWS)
-        qf = _rescaled(_load_rows(qh_ptr, rows, rows < eos, hq, HQ, K, KP),
+        qf = _rescaled(load_rows(qh_ptr, rows, rows < eos, hq, HQ, K, KP),
                        _decay_log2(Pstart_ptr, Pl_ptr, id_n + (i0 - j0) // BLOCK, id_n, last, hg, HG, K, KP))
         dk, dv, dck = _dkv_tile(qf, kt, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr, Cl_ptr, Cs_ptr,
                                 dk, dv, dck, hq, qk_scale, WINDOW, HQ, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
 
     # Diagonal tile: queries are the key rows themselves.
-    Pl = _load_rows(Pl_ptr, cols, col_ok, hg, HG, K, KP)
-    Pl_end = _load_row(Pl_ptr, last, hg, HG, K, KP)
+    Pl = load_rows(Pl_ptr, cols, col_ok, hg, HG, K, KP)
+    Pl_end = load_row(Pl_ptr, last, hg, HG, K, KP)
     gentle = _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE)
     if gentle:  # a steep block's diagonal tile: _steep_bwd_kernel adds it afterwards
-        q_hat = _load_rows(qh_ptr, cols, col_ok, hq, HQ, K, KP)
-        k_hat = (_load_rows(k_ptr, cols, col_ok, hk, H, K, KP).to(tl.float32) * tl.exp2(-Pl)).to(q_hat.dtype)
+        q_hat = load_rows(qh_ptr, cols, col_ok, hq, HQ, K, KP)
+        k_hat = (load_rows(k_ptr, cols, col_ok, hk, H, K, KP).to(tl.float32) * tl.exp2(-Pl)).to(q_hat.dtype)
         s = _mask_and_gate(tl.dot(q_hat, tl.trans(k_hat)) * qk_scale, cols, cols,
                            col_ok[:, None] & (cols[None, :] <= cols[:, None]), ck, ck, WINDOW, HAS_GS, HAS_WINDOW)
-        do = _load_rows(do_ptr, cols, col_ok, hq, HQ, V, VP)
-        lse = tl.load(lse_ptr + cols.to(tl.int64) * HQ + hq, mask=col_ok, other=float('inf'))
-        delta = tl.load(delta_ptr + cols.to(tl.int64) * HQ + hq, mask=col_ok, other=0.0)
+        do = load_rows(do_ptr, cols, col_ok, hq, HQ, V, VP)
+        lse, delta = load_lse_and_delta(lse_ptr, delta_ptr, cols, col_ok, hq, HQ)
         p, ds = _probs_and_dscores(s, lse, delta, do, v)
         dv += tl.dot(tl.trans(p).to(do.dtype), do)
         dck += tl.sum(ds, 0)
@@ -716,11 +666,11 @@ def _bwd_dkv_kernel(qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl
         dk += tl.dot(tl.trans(ds).to(q_hat.dtype), q_hat) * tl.exp2(-Pl_end)[None, :]
     dk *= tl.exp2(tl.minimum(Pl_end[None, :] - Pl, 0.0))
 
-    _store_rows(dk_ptr, dk * scale, cols, col_ok, hq, HQ, K, KP)
+    store_rows(dk_ptr, dk * scale, cols, col_ok, hq, HQ, K, KP)
     # a steep block's dv is not final yet: it waits in fp32 for its diagonal tile (two masked stores, not a branch,
     # which made the compiler spill more)
-    _store_rows(dv_ptr, dv, cols, tl.where(gentle, col_ok, False), hq, HQ, V, VP)
-    _store_rows(dv_part_ptr, dv, cols, tl.where(gentle, False, col_ok), hq, HQ, V, VP)
+    store_rows(dv_ptr, dv, cols, tl.where(gentle, col_ok, False), hq, HQ, V, VP)
+    store_rows(dv_part_ptr, dv, cols, tl.where(gentle, False, col_ok), hq, HQ, V, VP)
     tl.store(dck_ptr + cols.to(tl.int64) * HQ + hq, dck, mask=col_ok)
 
 
@@ -750,10 +700,9 @@ def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_pt
             if HAS_GS:
                 C = tl.load(Cl_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
                 s += C[:, None] - C[None, :]
-            lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-            delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-            p, ds = _probs_and_dscores(s, lse, delta, _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP),
-                                       _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+            lse, delta = load_lse_and_delta(lse_ptr, delta_ptr, rows, row_ok, hq, HQ)
+            p, ds = _probs_and_dscores(s, lse, delta, load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP),
+                                       load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
             ds = tl.where(visible, ds, 0.0) * scale
             for d0 in range(0, K, DK):
                 q, k, decay, ok, offs = _intra_channels(q_ptr, k_ptr, Pl_ptr, base, row_ok, d0, hq, hk, hg, HQ, H, HG,
@@ -777,22 +726,21 @@ def _steep_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr
     if not _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
         rows = i0 + tl.arange(0, BLOCK)
         row_ok = rows < eos
-        q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
-        k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
-        Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+        q = load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
+        k = load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
+        Pl = load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
         cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
         s = _mask_and_gate(_steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG,
                                          K, KP, BLOCK, SUB),
                            rows, rows, row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS,
                            HAS_WINDOW)
-        do = _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
-        lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=float('inf'))  # p = 0 past the end
-        delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-        p, ds = _probs_and_dscores(s, lse, delta, do, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
-        dv = tl.dot(tl.trans(p).to(do.dtype), do, _load_rows(dv_part_ptr, rows, row_ok, hq, HQ, V, VP))
-        _store_rows(dv_ptr, dv, rows, row_ok, hq, HQ, V, VP)
-        _add_to_rows(dcq_ptr, tl.sum(ds, 1), rows, row_ok, hq, HQ)
-        _add_to_rows(dck_ptr, tl.sum(ds, 0), rows, row_ok, hq, HQ)
+        do = load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
+        lse, delta = load_lse_and_delta(lse_ptr, delta_ptr, rows, row_ok, hq, HQ)
+        p, ds = _probs_and_dscores(s, lse, delta, do, load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, load_rows(dv_part_ptr, rows, row_ok, hq, HQ, V, VP))
+        store_rows(dv_ptr, dv, rows, row_ok, hq, HQ, V, VP)
+        add_to_rows(dcq_ptr, tl.sum(ds, 1), rows, row_ok, hq, HQ)
+        add_to_rows(dck_ptr, tl.sum(ds, 0), rows, row_ok, hq, HQ)
         ds *= scale
         # pairs in different sub-blocks factor through the key sub-block's end
         ds_outer = tl.where(_intra_mask(BLOCK, SUB), 0.0, ds)
@@ -805,9 +753,9 @@ def _steep_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr
             factor = _steep_query_factor(Pl, Pl_ptr, i0, last, sb, hg, HG, K, KP, SUB)
             dq += tl.dot(ds_sb, kb) * factor
             dk += tl.dot(tl.trans(ds_sb), (q.to(tl.float32) * factor).to(q.dtype))
-        _store_rows(dq_ptr, _load_rows(dq_ptr, rows, row_ok, hq, HQ, K, KP) + dq, rows, row_ok, hq, HQ, K, KP)
+        store_rows(dq_ptr, load_rows(dq_ptr, rows, row_ok, hq, HQ, K, KP) + dq, rows, row_ok, hq, HQ, K, KP)
         dk = _steep_key_factor(dk, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB)
-        _store_rows(dk_ptr, _load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP) + dk, rows, row_ok, hq, HQ, K, KP)
+        store_rows(dk_ptr, load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP) + dk, rows, row_ok, hq, HQ, K, KP)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -829,19 +777,19 @@ def _decay_grad_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr, suffix_
     for h in range(HQ // HG):
         hq = hg * (HQ // HG) + h
         hk = hq // (HQ // H)
-        dq = _load_rows(dq_ptr, rows, row_ok, hq, HQ, K, KP)
-        dk = _load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP)
-        x += _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP).to(tl.float32) * dq
-        x -= _load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * dk
+        dq = load_rows(dq_ptr, rows, row_ok, hq, HQ, K, KP)
+        dk = load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP)
+        x += load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP).to(tl.float32) * dq
+        x -= load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * dk
         if FINAL:
-            _store_rows(dq_out_ptr, dq, rows, row_ok, hq, HQ, K, KP)
+            store_rows(dq_out_ptr, dq, rows, row_ok, hq, HQ, K, KP)
             if DK_OUT:
-                _store_rows(dk_out_ptr, dk, rows, row_ok, hq, HQ, K, KP)
+                store_rows(dk_out_ptr, dk, rows, row_ok, hq, HQ, K, KP)
     total = tl.sum(x, 0)
     if FINAL:
         inside = (total[None, :] - tl.cumsum(x, 0) + x).to(tl.float64)
-        _store_rows(dg_ptr, inside + _load_row(suffix_ptr, block_id, hg, HG, K, KP)[None, :], rows, row_ok, hg, HG,
-                    K, KP)
+        store_rows(dg_ptr, inside + load_row(suffix_ptr, block_id, hg, HG, K, KP)[None, :], rows, row_ok, hg, HG,
+                   K, KP)
     else:
         cols = tl.arange(0, KP)
         tl.store(totals_ptr + (block_id * HG + hg) * K + cols, total, mask=cols < K)
@@ -878,7 +826,7 @@ class _Layout:
     def scalar_prefix(self, g_scalar):
         """The scalar gate's prefix C = cumsum(g_scalar) in log2 units as (C - C[own block start] in float32,
         C[block starts] in float64): the kernels read float32 per token and one float64 pair per block."""
-        C = _cumsum_rows(g_scalar.double()) * LOG2E
+        C = _cumsum_rows(g_scalar.double()) * LOG2E.value
         Cs = C[self.block_start]
         return (C - Cs[self.token_block]).float(), Cs
 
@@ -914,7 +862,7 @@ def _reverse_cumsum(x, doc_end):
 
 def _dims(q, k, v, g):
     return dict(HQ=q.shape[1], H=k.shape[1], HG=g.shape[1], K=q.shape[2], V=v.shape[2],
-                KP=max(16, triton.next_power_of_2(q.shape[2])), VP=max(16, triton.next_power_of_2(v.shape[2])),
+                KP=padded_dim(q.shape[2]), VP=padded_dim(v.shape[2]),
                 BLOCK=BLOCK, SUB=SUB, FAST_RANGE=FAST_RANGE[q.dtype])
 
 
@@ -953,7 +901,7 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     gate_maxima = [('g', gate_max.amax())] + ([] if g_scalar is None else [('g_scalar', g_scalar.amax())])
     check_gates('wall_attn', gate_maxima)
     Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
-    qk_scale = scale * LOG2E
+    qk_scale = scale * LOG2E.value
     grid = (layout.table.shape[0], HQ)
     L = torch.empty(q.shape[0], HQ, SUB, device=q.device, dtype=torch.float32)
     S = torch.empty(q.shape[0], HQ, BLOCK, device=q.device, dtype=torch.float32)
@@ -972,7 +920,7 @@ def _dq_and_dkv_launches(t, num_blocks, scale, window_size):
     """The dq and dk/dv kernels, each with its arguments taken from t (name -> tensor, or name -> dtype to compile it
     ahead) and its anchor-group size."""
     shared = (t['Pl'], t['Pstart'], t['Cl'], t['Cs'], t['do'], t['lse'], t['delta'])
-    scalars = (scale * LOG2E, scale, window_size or 0)
+    scalars = (scale * LOG2E.value, scale, window_size or 0)
     return ((_bwd_dq_kernel, (t['q'], t['kt'], t['kg'], t['k'], t['v'], *shared, t['dq'], t['dcq'], t['qf'],
                               t['table'], *scalars), GROUPS['dq']),
             (_bwd_dkv_kernel, (t['q_hat'], t['qg'], t['kt'], t['k'], t['v'], *shared, t['dk'], t['dv'],
@@ -1043,7 +991,7 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     for kernel, args, group in _dq_and_dkv_launches(tensors, num_blocks, scale, window_size):
         kernel[grid](*args, GROUP=group, **flags, **dims)
     _steep_bwd_kernel[grid](q, k, v, Pl, Cl, Cs, L, do, lse, delta, dq, dk, dv_part, dv, dcq, dck, layout.table,
-                            scale * LOG2E, scale, window_size or 0, num_warps=8, num_stages=1, **flags,
+                            scale * LOG2E.value, scale, window_size or 0, num_warps=8, num_stages=1, **flags,
                             **dims)  # 8 warps: 4 spill far more
     _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0, DK=16,
                             num_warps=4, **flags, **dims)
@@ -1060,7 +1008,7 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     dg_scalar = None if g_scalar is None else _reverse_cumsum(dcq - dck, layout.doc_end).to(g_scalar.dtype)
     dsink = None
     if sink_bias is not None:
-        dsink = -(torch.exp2(sink_bias.float()[None, :] * LOG2E - lse) * delta).sum(0).to(sink_bias.dtype)
+        dsink = -(torch.exp2(sink_bias.float()[None, :] * LOG2E.value - lse) * delta).sum(0).to(sink_bias.dtype)
     if HQ != H:
         dk_out = dk.unflatten(1, (H, HQ // H)).sum(2).to(k.dtype)
         dv = dv.unflatten(1, (H, HQ // H)).sum(2).to(v.dtype)
@@ -1111,9 +1059,9 @@ def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlen
     if g.shape not in ((B, T, HQ, K), (B, T, H, K)):
         raise ValueError(f'`g` must be [{B}, {T}, {HQ}, {K}] (per query head) or [{B}, {T}, {H}, {K}] '
                          f'(per kv head), got {tuple(g.shape)}')
-    if K > 256 or V > MAX_VALUE_DIM:
-        raise ValueError(f'head dims up to 256 (K) and {MAX_VALUE_DIM} (V) are supported, got K={K} (`q`, `k`) and '
-                         f'V={V} (`v`)')
+    if K > MAX_HEAD_DIM or V > MAX_VALUE_DIM:
+        raise ValueError(f'head dims up to {MAX_HEAD_DIM} (K) and {MAX_VALUE_DIM} (V) are supported, got K={K} '
+                         f'(`q`, `k`) and V={V} (`v`)')
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f'`scale` must be a float, got {type(scale).__name__}')
     if not math.isfinite(scale):

@@ -139,6 +139,7 @@ def wall_attn_decode_reference(q, v, p_curr, k_tilde, r_cache, sink_bias=None, s
     Triton kernel runs in the interpreter. Returns `(o [B, T_q, HQ, V] in q's dtype, lse [B, T_q, HQ] float32,
     natural log, sink included)`."""
     from . import decode
+    from .triton_helpers import LOG2E
     B, T_q, HQ, K = q.shape
     T, H = v.shape[1], v.shape[2]
     HG = k_tilde.shape[2]
@@ -165,7 +166,7 @@ def wall_attn_decode_reference(q, v, p_curr, k_tilde, r_cache, sink_bias=None, s
     # What the kernel cannot decode exactly is NaN here too: pairs whose shifted query factor overflows fp32 (a row
     # far before its chunk's anchor), and non-finite logits (keys that overflowed when the cache was built).
     shifted = torch.exp2(exponent + decode.EXPONENT_SHIFT)[..., None, :]
-    factor = (q_groups.abs() * scale * decode.LOG2E)[:, :, None] * shifted
+    factor = (q_groups.abs() * scale * LOG2E.value)[:, :, None] * shifted
     overflow = (factor.masked_fill(~visible[None, :, :, None, None, None], 0.0) > torch.finfo(torch.float32).max)
     logits = logits.masked_fill(overflow.any(-1).permute(0, 1, 3, 4, 2).flatten(2, 3), float('nan'))
     logits = logits.masked_fill(logits == float('-inf'), float('nan'))
