@@ -32,7 +32,8 @@ Glossary (names used throughout; P is in log2 units, natural-log inputs are conv
 - Shapes: HQ query heads, H kv heads, HG gate heads (HQ or H); K, V head dims, KP, VP the powers of two they are
   padded to; hq, hk, hg a program's query, kv and gate head. BLOCK tokens per query/key block, SUB per sub-block
   of a steep diagonal, GROUP (GROUPS) blocks per anchor group, DK channels per elementwise step,
-  DKV_QUERY_ROWS queries per dk/dv tile, FAST_RANGE the largest in-block decay the one-dot diagonal takes.
+  DKV_QUERY_ROWS queries per dk/dv tile, FAST_RANGE the largest in-block decay the one-dot diagonal takes;
+  LAUNCH each kernel's (num_warps, num_stages), PREFIX_COLS / PREFIX_CHUNK the block-prefix scan's tile.
 - Block table (`_Layout.table`, `_block`): one row per block, (i0 first token, bos / eos its document's start and
   end, block id in position order); j0 is a key block's first token, id_m / id_n / id_i block ids, `last` a block's
   last token. Programs of the main kernels are (query block, query head), the dk/dv kernel's (key block, query head).
@@ -66,30 +67,49 @@ from .domain import check_gates
 from .triton_helpers import (LOG2E, MAX_HEAD_DIM, MAX_VALUE_DIM, MAX_VALUE_TILE, add_to_rows, load_lse_and_delta,
                              load_row, load_rows, padded_dim, softmax_step, store_rows)
 
-BLOCK = 64   # query and key block; also the granularity of the decay anchors
-SUB = 16     # sub-block of the steep-diagonal path: pairs inside one are computed elementwise
-# dk/dv's query tiles: half a block keeps the transposed logits' registers for the resident key block
-DKV_QUERY_ROWS = tl.constexpr(32)
+INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
+
+# ---------------------------------------------------------------------------------------------------------------
+# tunables, each passed to the kernels as a constexpr argument or launch option (the measurements behind them:
+# bench/results_attn.md, tuning notes)
+
+BLOCK = 64           # query and key block; also the granularity of the decay anchors
+SUB = 16             # sub-block of the steep-diagonal path: pairs inside one are computed elementwise
+DK = 16              # channels per step of those elementwise pairs: one [SUB, SUB, DK] fp32 product at a time
+DKV_QUERY_ROWS = 32  # dk/dv's query tiles: half a block leaves the transposed logits' registers to the key block
 # Blocks per anchor group, per kernel: off-diagonal operands are rescaled once per group of keys (forward, dq) or
 # queries (dk/dv); larger groups rescale less often, but dq's own group, anchored per block, grows with them.
 GROUPS = dict(fwd=32, dq=8, dkv=16)
+PREFIX_COLS = 32     # _block_prefix_kernel's channels per program: a gate head's K channels over several programs
+PREFIX_CHUNK = 64    # _block_prefix_kernel's blocks per scan step: the float64 scan over all blocks, a tile at a time
+# (num_warps, num_stages) of each launch, one per kernel: every config compiles for seconds at each new shape, so
+# the losers of the sweeps stay out. The prep and decay-gradient kernels launch with Triton's defaults.
+LAUNCH = dict(
+    fwd=(4, 3),        # 3 stages once both of its loops stage their query operand (_staged)
+    dq=(4, 2),         # pipelined since the steep diagonal left it
+    dkv=(4, 3),        # with 32-query tiles (DKV_QUERY_ROWS) the third stage pays
+    diag_fwd=(4, 3),   # 8 warps measured slower
+    steep_bwd=(8, 1),  # the sub-block dots spill far more at 4 warps
+    intra_bwd=(4, 3),  # its elementwise pairs ran slower inside steep_bwd's 8 warps than in a 4-warp kernel
+)
 # Largest per-channel decay (log2 units) over a block for the one-dot diagonal: k * 2^FAST_RANGE must not
 # overflow the dot's input type (fp16 tops out at 2^16, bf16 and fp32 at 2^128).
 FAST_RANGE = {torch.float16: 8.0, torch.bfloat16: 96.0, torch.float32: 96.0}
-INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 
 
-def _configs(*warps_stages):
+def _configs(kernel):
+    """The autotuner's one config: the kernel's launch shape."""
     if INTERPRET:  # the autotuner needs a GPU driver
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in warps_stages]
+    num_warps, num_stages = LAUNCH[kernel]
+    return [triton.Config({}, num_warps=num_warps, num_stages=num_stages)]
 
 
-# One config per kernel, the best of a sweep (bench/results_attn.md, tuning notes): every config compiles for
-# seconds at each new shape, so the losers stay out.
-FWD_CONFIGS = _configs((4, 3))
-DQ_CONFIGS = _configs((4, 2))
-DKV_CONFIGS = _configs((4, 3))
+def _launch_options(kernel):
+    num_warps, num_stages = LAUNCH[kernel]
+    return dict(num_warps=num_warps, num_stages=num_stages)
+
+
 TUNE_KEY = ['K', 'V', 'HAS_GS', 'HAS_WINDOW']
 
 
@@ -307,7 +327,7 @@ def _group_bounds(i0, bos, eos, BLOCK: tl.constexpr, GROUP: tl.constexpr):
 @triton.jit
 def _dkv_tile(qf, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr, Cl_ptr, Cs_ptr, dk, dv, dck, hq,
               qk_scale, WINDOW, HQ: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr,
-              HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+              DKV_QUERY_ROWS: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Adds the contributions of the DKV_QUERY_ROWS queries from i0 on to the key block's dk (in the frame that qf and
     kf share), dv and dck.
     Computed transposed, [keys, queries], so that p and dS are the left operands of the dv and dk dots as they come
@@ -415,12 +435,12 @@ def _rescale_kernel(k_ptr, q_ptr, Pl_ptr, Pstart_ptr, kt_ptr, kg_ptr, qh_ptr, qg
 # ---------------------------------------------------------------------------------------------------------------
 # forward
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=_configs('fwd'), key=TUNE_KEY)
 @triton.jit
 def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, S_ptr, sink_ptr, o_ptr,
                 lse_ptr, qf_ptr, blocks_ptr, qk_scale, WINDOW,
                 HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
+                KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
                 FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_WINDOW: tl.constexpr):
     i0, bos, eos, id_m, hq, hk, hg, last = _query_block_program(blocks_ptr, HQ, H, HG, BLOCK)
     rows = i0 + tl.arange(0, BLOCK)
@@ -543,12 +563,12 @@ def _diag_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
 # ---------------------------------------------------------------------------------------------------------------
 # backward
 
-@triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=_configs('dq'), key=TUNE_KEY)
 @triton.jit
 def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, do_ptr, lse_ptr,
                    delta_ptr, dq_ptr, dcq_ptr, qf_ptr, blocks_ptr, qk_scale, scale, WINDOW,
                    HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
+                   KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
                    FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     i0, bos, eos, id_m, hq, hk, hg, last = _query_block_program(blocks_ptr, HQ, H, HG, BLOCK)
     rows = i0 + tl.arange(0, BLOCK)
@@ -597,14 +617,15 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
     tl.store(dcq_ptr + rows.to(tl.int64) * HQ + hq, dcq, mask=row_ok)
 
 
-@triton.autotune(configs=DKV_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=_configs('dkv'), key=TUNE_KEY)
 @triton.jit
 def _bwd_dkv_kernel(qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, do_ptr,
                     lse_ptr, delta_ptr, dk_ptr, dv_ptr, dck_ptr, dv_part_ptr, blocks_ptr, num_blocks, qk_scale, scale,
                     WINDOW,
                     HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                    KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
-                    FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                    KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
+                    DKV_QUERY_ROWS: tl.constexpr, FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr):
     # The block table lists the longest query loops first; key loops are longest in reverse order.
     j0, bos, eos, id_n = _block(blocks_ptr, num_blocks - 1 - tl.program_id(0))
     hq = tl.program_id(1)
@@ -638,7 +659,8 @@ def _bwd_dkv_kernel(qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl
             rows = i0 + tl.arange(0, DKV_QUERY_ROWS)
             qg = load_rows(qg_ptr, rows, rows < eos, hq, HQ, K, KP)
             dk, dv, dck = _dkv_tile(qg, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr, Cl_ptr, Cs_ptr,
-                                    dk, dv, dck, hq, qk_scale, WINDOW, HQ, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
+                                    dk, dv, dck, hq, qk_scale, WINDOW, HQ, V, VP, BLOCK, DKV_QUERY_ROWS, HAS_GS,
+                                    HAS_WINDOW)
     dk *= tl.exp2(lh)[None, :]
     kt = load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP)
     for i0 in range(j0 + BLOCK, tl.minimum(near_end, hi), DKV_QUERY_ROWS):  # queries of the key block's own group
@@ -646,7 +668,7 @@ def _bwd_dkv_kernel(qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl
         qf = _rescaled(load_rows(qh_ptr, rows, rows < eos, hq, HQ, K, KP),
                        _decay_log2(Pstart_ptr, Pl_ptr, id_n + (i0 - j0) // BLOCK, id_n, last, hg, HG, K, KP))
         dk, dv, dck = _dkv_tile(qf, kt, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr, Cl_ptr, Cs_ptr,
-                                dk, dv, dck, hq, qk_scale, WINDOW, HQ, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
+                                dk, dv, dck, hq, qk_scale, WINDOW, HQ, V, VP, BLOCK, DKV_QUERY_ROWS, HAS_GS, HAS_WINDOW)
 
     # Diagonal tile: queries are the key rows themselves.
     Pl = load_rows(Pl_ptr, cols, col_ok, hg, HG, K, KP)
@@ -819,8 +841,9 @@ class _Layout:
     def block_prefix(self, Pl, g):
         num_blocks, (HG, K) = len(self.block_start), Pl.shape[1:]
         Pstart = torch.empty(num_blocks, HG, K, device=Pl.device, dtype=torch.float64)
-        _block_prefix_kernel[(HG, triton.cdiv(K, 32))](Pl, g, self.block_start, self.block_last, Pstart, num_blocks,
-                                                      HG=HG, K=K, COLS=32, CHUNK=64)
+        _block_prefix_kernel[(HG, triton.cdiv(K, PREFIX_COLS))](Pl, g, self.block_start, self.block_last, Pstart,
+                                                                num_blocks, HG=HG, K=K, COLS=PREFIX_COLS,
+                                                                CHUNK=PREFIX_CHUNK)
         return Pstart
 
     def scalar_prefix(self, g_scalar):
@@ -863,7 +886,7 @@ def _reverse_cumsum(x, doc_end):
 def _dims(q, k, v, g):
     return dict(HQ=q.shape[1], H=k.shape[1], HG=g.shape[1], K=q.shape[2], V=v.shape[2],
                 KP=padded_dim(q.shape[2]), VP=padded_dim(v.shape[2]),
-                BLOCK=BLOCK, SUB=SUB, FAST_RANGE=FAST_RANGE[q.dtype])
+                BLOCK=BLOCK, FAST_RANGE=FAST_RANGE[q.dtype])
 
 
 def _feature_flags(g_scalar, window_size):
@@ -906,7 +929,8 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     L = torch.empty(q.shape[0], HQ, SUB, device=q.device, dtype=torch.float32)
     S = torch.empty(q.shape[0], HQ, BLOCK, device=q.device, dtype=torch.float32)
     _diag_fwd_kernel[grid](q, k, Pl, L, S, layout.table, qk_scale, HQ=HQ, H=dims['H'], HG=dims['HG'], K=dims['K'],
-                            KP=dims['KP'], SUB=SUB, BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4)
+                           KP=dims['KP'], SUB=SUB, BLOCK=BLOCK, DK=DK, FAST_RANGE=dims['FAST_RANGE'],
+                           **_launch_options('diag_fwd'))
     o = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], HQ, device=q.device, dtype=torch.float32)
     _fwd_kernel[grid](q, kt, kg, v, Pl, Pstart, Cl, Cs, S, lse if sink_bias is None else sink_bias,
@@ -918,13 +942,14 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
 
 def _dq_and_dkv_launches(t, num_blocks, scale, window_size):
     """The dq and dk/dv kernels, each with its arguments taken from t (name -> tensor, or name -> dtype to compile it
-    ahead) and its anchor-group size."""
+    ahead) and the constexprs of its own (anchor-group size, dk/dv's query tile)."""
     shared = (t['Pl'], t['Pstart'], t['Cl'], t['Cs'], t['do'], t['lse'], t['delta'])
     scalars = (scale * LOG2E.value, scale, window_size or 0)
     return ((_bwd_dq_kernel, (t['q'], t['kt'], t['kg'], t['k'], t['v'], *shared, t['dq'], t['dcq'], t['qf'],
-                              t['table'], *scalars), GROUPS['dq']),
+                              t['table'], *scalars), dict(GROUP=GROUPS['dq'])),
             (_bwd_dkv_kernel, (t['q_hat'], t['qg'], t['kt'], t['k'], t['v'], *shared, t['dk'], t['dv'],
-                               t['dck'], t['dv_part'], t['table'], num_blocks, *scalars), GROUPS['dkv']))
+                               t['dck'], t['dv_part'], t['table'], num_blocks, *scalars),
+             dict(GROUP=GROUPS['dkv'], DKV_QUERY_ROWS=DKV_QUERY_ROWS)))
 
 
 _compiles_ahead = {}  # what the backward kernels were compiled ahead for -> their Futures
@@ -950,9 +975,9 @@ def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, layout, dims)
                   delta=f32, dq=f32, dcq=f32, dk=f32, dv=v.dtype if HQ == H else f32, dck=f32, dv_part=f32,
                   table=torch.int32)
 
-    def compile_ahead(kernel, args, group):
+    def compile_ahead(kernel, args, constexprs):
         with torch.cuda.device(q.device):
-            kernel.warmup(*args, grid=(num_blocks, HQ), GROUP=group, **flags, **dims)
+            kernel.warmup(*args, grid=(num_blocks, HQ), **constexprs, **flags, **dims)
 
     _compile_threads = _compile_threads or concurrent.futures.ThreadPoolExecutor(max_workers=2)
     _compiles_ahead[key] = [_compile_threads.submit(compile_ahead, *launch)
@@ -988,13 +1013,13 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     tensors = dict(q=q, k=k, v=v, kt=kt, kg=kg, q_hat=q_hat, qg=qg, qf=torch.empty_like(q), Pl=Pl, Pstart=Pstart,
                    Cl=Cl, Cs=Cs, do=do, lse=lse, delta=delta, dq=dq, dcq=dcq, dk=dk, dv=dv, dck=dck, dv_part=dv_part,
                    table=layout.table)
-    for kernel, args, group in _dq_and_dkv_launches(tensors, num_blocks, scale, window_size):
-        kernel[grid](*args, GROUP=group, **flags, **dims)
+    for kernel, args, constexprs in _dq_and_dkv_launches(tensors, num_blocks, scale, window_size):
+        kernel[grid](*args, **constexprs, **flags, **dims)
     _steep_bwd_kernel[grid](q, k, v, Pl, Cl, Cs, L, do, lse, delta, dq, dk, dv_part, dv, dcq, dck, layout.table,
-                            scale * LOG2E.value, scale, window_size or 0, num_warps=8, num_stages=1, **flags,
-                            **dims)  # 8 warps: 4 spill far more
-    _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0, DK=16,
-                            num_warps=4, **flags, **dims)
+                            scale * LOG2E.value, scale, window_size or 0, SUB=SUB, **_launch_options('steep_bwd'),
+                            **flags, **dims)
+    _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0, SUB=SUB,
+                            DK=DK, **_launch_options('intra_bwd'), **flags, **dims)
 
     dg = torch.empty(g.shape, device=g.device, dtype=g.dtype)
     totals = torch.empty(num_blocks, HG, dims['K'], device=g.device, dtype=torch.float32)
