@@ -29,11 +29,11 @@ parser.add_argument('--ir', metavar='DIR', help='also write each compile\'s TTGI
 args = parser.parse_args()
 parallel = load_kernel_file(args.path, 'parallel')
 
-# The shape every kernel compiles at, with the tunables the launches take from parallel.py; each kernel gets the
-# constexprs it declares.
+# The shape every kernel compiles at, with the tunables the launches take from parallel.py, and None for the inputs
+# that the switched-off features leave out (as the launches pass them); each kernel gets the constexprs it declares.
 SHAPE = dict(HQ=16, H=16, HG=16, K=128, V=128, KP=128, VP=128, BLOCK=parallel.BLOCK, SUB=parallel.SUB, DK=parallel.DK,
              DKV_QUERY_ROWS=parallel.DKV_QUERY_ROWS, FAST_RANGE=parallel.FAST_RANGE[torch.bfloat16], HAS_GS=False,
-             HAS_WINDOW=False, HAS_SINK=False)
+             HAS_WINDOW=False, HAS_SINK=False, Cl_ptr=None, Cs_ptr=None, sink_ptr=None)
 POINTERS = {'*bf16': ('q_ptr', 'kt_ptr', 'k_ptr', 'v_ptr', 'o_ptr', 'do_ptr', 'qh_ptr', 'kg_ptr', 'qg_ptr', 'qf_ptr',
                       'kf_ptr'),
             '*fp64': ('Pstart_ptr', 'Cs_ptr'), '*i32': ('blocks_ptr',)}

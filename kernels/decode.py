@@ -206,14 +206,14 @@ def _launch(q, v, p_curr, p_tail, k_tilde, r_cache, g_scalar_cumsum, sink_bias, 
     v_tiles = _cdiv(V, VP)
     o_part = torch.empty(B * HG, num_splits, rows, V, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B * HG, num_splits, rows, dtype=torch.float32, device=q.device)
-    # Absent optional inputs: pass a live tensor and strides of 0; their loads are compiled out.
+    # Without a scalar gate its loads are compiled out (None, strides 0). Without p_tail, p_curr stands in: the raw-key
+    # loop's bounds are runtime values (the device-position launch shares the code), so it is compiled in and runs
+    # zero times.
     p_tail_arg = p_curr if p_tail is None else p_tail
-    scalar_arg = p_curr if g_scalar_cumsum is None else g_scalar_cumsum
     scalar_strides = (0, 0, 0) if g_scalar_cumsum is None else g_scalar_cumsum.stride()
     grid = (B * HG, num_splits) if v_tiles == 1 else (B * HG, num_splits, v_tiles)
     wall_decode_split_kernel[grid](
-        q, k_tilde, v, p_curr, p_tail_arg, r_cache, scalar_arg, o_part, lse_part,
-        p_curr if position is None else position,
+        q, k_tilde, v, p_curr, p_tail_arg, r_cache, g_scalar_cumsum, o_part, lse_part, position,
         *q.stride(), *k_tilde.stride(), *v.stride(), *p_curr.stride(), *p_tail_arg.stride(), *r_cache.stride(),
         *scalar_strides,
         T0, n_anchored, key_lo, blocks_per_split, num_splits, window_size or 0, scale * LOG2E.value,
@@ -228,7 +228,7 @@ def _launch(q, v, p_curr, p_tail, k_tilde, r_cache, g_scalar_cumsum, sink_bias, 
     o = torch.empty(B, T_q, HQ, V, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T_q, HQ, dtype=torch.float32, device=q.device)
     wall_decode_combine_kernel[(B * HG * rows, v_tiles)](
-        o_part, lse_part, sink_bias if sink_bias is not None else lse, o, lse, num_splits,
+        o_part, lse_part, sink_bias, o, lse, num_splits,
         HG=HG, QPG=QPG, T_Q=T_q, HQ=HQ, V=V, VP=VP, V_TILES=v_tiles, BLOCK_S=COMBINE_BLOCK_SPLITS,
         HAS_SINK=sink_bias is not None,
     )
@@ -409,7 +409,8 @@ def wall_decode_split_kernel(
     p_curr += i_b * spb + i_g * sph
     p_tail += i_b * stb + i_g * sth
     r_cache += i_b * srb + i_g * srh
-    scalar += i_b * scb
+    if HAS_SCALAR:
+        scalar += i_b * scb
 
     q_rows = tl.load(q + row_t[:, None] * sqt + row_head[:, None] * sqh + d_k[None, :] * sqd,
                      mask=_padded(row_ok[:, None], d_k, K, KP), other=0.0).to(tl.float32) * qk_scale

@@ -50,7 +50,9 @@ Glossary (names used throughout; P is in log2 units, natural-log inputs are conv
   dv_part a steep block's dv before its diagonal; lg / lh the log2 frame a gradient accumulator is held in while
   its anchor moves; dg from the block totals (`totals`) and their float64 suffix sums (`suffix`).
 - Gentle / steep: a block whose per-channel decay stays under FAST_RANGE (one-dot diagonal) or not (sub-blocks).
-- Switches: HAS_GS scalar gate, HAS_SINK attention sink, HAS_WINDOW sliding window (WINDOW its size).
+- Switches: HAS_GS scalar gate, HAS_SINK attention sink, HAS_WINDOW sliding window (WINDOW its size). An input that
+  a launch's switches leave unread is passed as None: Cl, Cs without HAS_GS, the sink without HAS_SINK, and what
+  the prep and decay-gradient kernels skip under BACKWARD, FINAL and DK_OUT.
 - From triton_helpers.py (shared with decode.py; its docstring defines rows and tiles): load_rows, store_rows,
   load_row, add_to_rows, load_lse_and_delta, softmax_step, LOG2E, the head-dim limits and padded_dim.
 """
@@ -902,14 +904,13 @@ def _prep(q, k, g, layout, dims, do=None, o=None):
     Pl = torch.empty(g.shape, device=g.device, dtype=torch.float32)
     delta = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32) if backward else None
     gate_max = None if backward else torch.empty(grid, device=g.device, dtype=torch.float32)
-    _prefix_kernel[grid](g, do if backward else q, o if backward else q, Pl, delta if backward else Pl,
-                         Pl if backward else gate_max, layout.table,
+    _prefix_kernel[grid](g, do, o, Pl, delta, gate_max, layout.table,
                          HQ=dims['HQ'], HG=dims['HG'], K=dims['K'], KP=dims['KP'], V=dims['V'], VP=dims['VP'],
                          BLOCK=BLOCK, BACKWARD=backward)
     Pstart = layout.block_prefix(Pl, g)
     kt, kg = (torch.empty(q.shape[0], dims['HG'], dims['K'], device=q.device, dtype=q.dtype) for _ in range(2))
     q_hat, qg = (torch.empty_like(q), torch.empty_like(q)) if backward else (None, None)
-    _rescale_kernel[grid](k, q, Pl, Pstart, kt, kg, q_hat if backward else kt, qg if backward else kt, layout.table,
+    _rescale_kernel[grid](k, q if backward else None, Pl, Pstart, kt, kg, q_hat, qg, layout.table,
                           HQ=dims['HQ'], H=dims['H'], HG=dims['HG'], K=dims['K'], KP=dims['KP'], BLOCK=BLOCK,
                           KEY_GROUP=GROUPS['dq' if backward else 'fwd'], QUERY_GROUP=GROUPS['dkv'],
                           BACKWARD=backward)
@@ -923,7 +924,7 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
     Pl, Pstart, kt, kg, _, _, gate_max = _prep(q, k, g, layout, dims)
     gate_maxima = [('g', gate_max.amax())] + ([] if g_scalar is None else [('g_scalar', g_scalar.amax())])
     check_gates('wall_attn', gate_maxima)
-    Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
+    Cl, Cs = (None, None) if g_scalar is None else layout.scalar_prefix(g_scalar)
     qk_scale = scale * LOG2E.value
     grid = (layout.table.shape[0], HQ)
     L = torch.empty(q.shape[0], HQ, SUB, device=q.device, dtype=torch.float32)
@@ -933,8 +934,8 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
                            **_launch_options('diag_fwd'))
     o = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], HQ, device=q.device, dtype=torch.float32)
-    _fwd_kernel[grid](q, kt, kg, v, Pl, Pstart, Cl, Cs, S, lse if sink_bias is None else sink_bias,
-                      o, lse, torch.empty_like(q), layout.table, qk_scale, window_size or 0,
+    _fwd_kernel[grid](q, kt, kg, v, Pl, Pstart, Cl, Cs, S, sink_bias, o, lse, torch.empty_like(q), layout.table,
+                      qk_scale, window_size or 0,
                       HAS_SINK=sink_bias is not None, GROUP=GROUPS['fwd'], **_feature_flags(g_scalar, window_size),
                       **dims)
     return o, lse, L
@@ -971,9 +972,9 @@ def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, layout, dims)
     f32, f64 = torch.float32, torch.float64
     HQ, H = dims['HQ'], dims['H']
     dtypes = dict(q=q.dtype, k=k.dtype, v=v.dtype, kt=q.dtype, kg=q.dtype, q_hat=q.dtype, qg=q.dtype, qf=q.dtype,
-                  Pl=f32, Pstart=f64, Cl=f64 if g_scalar is None else f32, Cs=f64, do=q.dtype, lse=f32,
-                  delta=f32, dq=f32, dcq=f32, dk=f32, dv=v.dtype if HQ == H else f32, dck=f32, dv_part=f32,
-                  table=torch.int32)
+                  Pl=f32, Pstart=f64, Cl=None if g_scalar is None else f32, Cs=None if g_scalar is None else f64,
+                  do=q.dtype, lse=f32, delta=f32, dq=f32, dcq=f32, dk=f32, dv=v.dtype if HQ == H else f32, dck=f32,
+                  dv_part=f32, table=torch.int32)
 
     def compile_ahead(kernel, args, constexprs):
         with torch.cuda.device(q.device):
@@ -997,7 +998,7 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     HQ, H, HG = dims['HQ'], dims['H'], dims['HG']
     do = do.contiguous()  # o.sum().backward() passes a stride-0 do: every kernel below reads do as [tokens, HQ, V]
     Pl, Pstart, kt, kg, q_hat, qg, delta = _prep(q, k, g, layout, dims, do, o)
-    Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
+    Cl, Cs = (None, None) if g_scalar is None else layout.scalar_prefix(g_scalar)
     _wait_for_compiles_ahead()
     dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # per query head: dg needs it
@@ -1024,11 +1025,11 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     dg = torch.empty(g.shape, device=g.device, dtype=g.dtype)
     totals = torch.empty(num_blocks, HG, dims['K'], device=g.device, dtype=torch.float32)
     dq_out = torch.empty_like(q)
-    dk_out = torch.empty_like(k) if HQ == H else dq_out
+    dk_out = torch.empty_like(k) if HQ == H else None  # with GQA, dk is summed over the query heads below
     shape = dict(HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], BLOCK=BLOCK, DK_OUT=HQ == H)
-    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, totals, totals, layout.table, dq_out, dk_out, FINAL=False,
+    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, None, totals, None, layout.table, None, None, FINAL=False,
                                          **shape)
-    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, totals, layout.suffix_after_block(totals), layout.table,
+    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, None, layout.suffix_after_block(totals), layout.table,
                                          dq_out, dk_out, FINAL=True, **shape)
     dg_scalar = None if g_scalar is None else _reverse_cumsum(dcq - dck, layout.doc_end).to(g_scalar.dtype)
     dsink = None
