@@ -53,15 +53,6 @@ import triton.language as tl
 from .triton_helpers import (LN2, LOG2E, MAX_HEAD_DIM, MAX_VALUE_DIM, MAX_VALUE_TILE, padded_dim,
                              softmax_merge_step, softmax_step, softmax_step_one_key, softmax_step_two_tiles)
 
-COMBINE_BLOCK_SPLITS = 16
-# Launch shape of the split kernel (bench/bench_decode.py --sweep times others; on an H200, two chunks per step with
-# two stages beat one chunk with three by 19-27% at three of the four decode targets, bench/results_decode.md).
-# NUM_WARPS None: default_num_warps decides. Three stages of 64 x 128 fp32 keys and values would need 300 KB of shared
-# memory: 4-byte caches take at most two.
-NUM_WARPS = None
-NUM_STAGES = 2
-# Anchored chunks folded per loop iteration: two give the loop two independent logit chains between softmax updates.
-CHUNKS_PER_STEP = 2
 # Anchored chunks: the query factor is 2^(P_i - R_c + EXPONENT_SHIFT), the logit then scaled back by as much. A
 # query exponent from -190 to about 63 then gives a normal fp32/bf16 factor, no finite key times it overflows for a
 # visible pair (P_i - P_j <= 0), and keys the cache stored below the normal range cost at most 2^-62 of a logit.
@@ -69,6 +60,39 @@ CHUNKS_PER_STEP = 2
 # time what the shift costs (bench/bench_decode.py).
 EXPONENT_SHIFT = 64
 
+# ---------------------------------------------------------------------------------------------------------------
+# tunables: the kernels' launch shapes and work split, each passed as a constexpr argument or launch option (the
+# measurements behind them: bench/results_decode.md; bench/bench_decode.py --sweep times other values)
+
+NUM_WARPS = None  # the split kernel's warps; None: default_num_warps picks them per launch
+# The split kernel's pipeline stages: two beat three alongside two chunks per step. 4-byte caches take at most two:
+# three stages of 64 x 128 fp32 keys and values would need 300 KB of shared memory.
+NUM_STAGES = 2
+CHUNKS_PER_STEP = 2  # anchored chunks per loop iteration: two independent logit chains between softmax updates
+COMBINE_BLOCK_SPLITS = 16  # partial results the combine kernel merges per loop iteration, a [16, VP] fp32 tile
+
+
+def default_num_splits(device, programs_per_split, n_blocks, rows_per_program):
+    """Enough programs that one long sequence at batch 1 fills the GPU: programs of one query row run best about 4 per
+    multiprocessor; programs of several rows (a query group under a shared gate) do that many times the arithmetic
+    per cache byte and run best about one per multiprocessor."""
+    if device.type != 'cuda':
+        return min(n_blocks, 2)  # the CPU interpreter runs programs one by one
+    sms = _multiprocessors(device)
+    programs = 4 * sms if rows_per_program == 1 else sms
+    return max(1, min(n_blocks, _cdiv(programs, programs_per_split)))
+
+
+def default_num_warps(device, programs_per_split, rows_per_program):
+    """4 warps, or 2 for programs of one query row once the batch's gate heads reach a quarter of the multiprocessors
+    (at batch 1, where the programs come from splits, two warps lose)."""
+    if device.type == 'cuda' and rows_per_program == 1 and 4 * programs_per_split >= _multiprocessors(device):
+        return 2
+    return 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building and decoding a cache
 
 def build_wall_kv_cache(k, P, chunk_size=64, *, raw_tail=0, out_dtype=None):
     """Pre-rescale keys for decoding.
@@ -263,26 +287,8 @@ def _multiprocessors_of(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_num_splits(device, programs_per_split, n_blocks, rows_per_program):
-    """Enough programs that one long sequence at batch 1 fills the GPU. Measured on an H100 (bench/results_decode.md,
-    --sweep): programs of one query row run best about 4 per multiprocessor; programs of several rows (a query group
-    under a shared gate) do that many times the arithmetic per cache byte and run best about one per multiprocessor
-    (31 us instead of 46 at 32k cached tokens, 96 instead of 113 at 131k)."""
-    if device.type != 'cuda':
-        return min(n_blocks, 2)  # the CPU interpreter runs programs one by one
-    sms = _multiprocessors(device)
-    programs = 4 * sms if rows_per_program == 1 else sms
-    return max(1, min(n_blocks, _cdiv(programs, programs_per_split)))
-
-
-def default_num_warps(device, programs_per_split, rows_per_program):
-    """4 warps, or 2 for programs of one query row once the batch's gate heads reach a quarter of the multiprocessors.
-    H200, gate per query head (graph time): B=16 8k 195 us instead of 224, B=8 8k 116 instead of 132, B=4 32k 233
-    instead of 278; at batch 1, where the programs come from splits, two warps lose (131k: 239 against 222)."""
-    if device.type == 'cuda' and rows_per_program == 1 and 4 * programs_per_split >= _multiprocessors(device):
-        return 2
-    return 4
-
+# ---------------------------------------------------------------------------------------------------------------
+# kernels
 
 @triton.jit
 def _padded(mask, cols, N: tl.constexpr, NP: tl.constexpr):

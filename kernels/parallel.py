@@ -959,8 +959,8 @@ _compile_threads = None
 
 def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, layout, dims):
     """At a new specialization's first forward, compile the two largest backward kernels on other threads. Triton
-    releases the GIL while it compiles, so they overlap with the forward's own compiles (about half the first
-    call's compile time)."""
+    releases the GIL while it compiles, so they overlap with the forward's own compiles (bench/results_attn.md,
+    tuning notes)."""
     global _compile_threads
     flags = _feature_flags(g_scalar, window_size)
     num_blocks = layout.table.shape[0]
