@@ -34,7 +34,7 @@ Glossary (names used throughout; P is in log2 units, natural-log inputs are conv
   of a steep diagonal, GROUP (GROUPS) blocks per anchor group, DK channels per elementwise step,
   DKV_QUERY_ROWS queries per dk/dv tile, FAST_RANGE the largest in-block decay the one-dot diagonal takes;
   LAUNCH each kernel's (num_warps, num_stages), PREFIX_COLS / PREFIX_CHUNK the block-prefix scan's tile.
-- Block table (`_Layout.table`, `_block`): one row per block, (i0 first token, bos / eos its document's start and
+- Block table (`_Blocks.table`, `_block`): one row per block, (i0 first token, bos / eos its document's start and
   end, block id in position order); j0 is a key block's first token, id_m / id_n / id_i block ids, `last` a block's
   last token. Programs of the main kernels are (query block, query head), the dk/dv kernel's (key block, query head).
 - Prefixes: Pl = P - P[block start] per token (float32), Pstart = P at each block's first token (float64);
@@ -65,6 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .documents import check_cu_seqlens, layout_of
 from .domain import check_gates
 from .triton_helpers import (LOG2E, MAX_HEAD_DIM, MAX_VALUE_DIM, MAX_VALUE_TILE, add_to_rows, load_lse_and_delta,
                              load_row, load_rows, padded_dim, softmax_step, store_rows)
@@ -822,8 +823,8 @@ def _decay_grad_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr, suffix_
 # ---------------------------------------------------------------------------------------------------------------
 # autograd and launch
 
-class _Layout:
-    """Everything derived from the document boundaries, shared by forward and backward."""
+class _Blocks:
+    """The documents' BLOCK-token blocks and everything derived from them, shared by forward and backward."""
 
     def __init__(self, bounds, device, block):
         blocks = [(s, bos, eos) for bos, eos in zip(bounds[:-1], bounds[1:]) for s in range(bos, eos, block)]
@@ -862,9 +863,9 @@ class _Layout:
 
 
 @functools.lru_cache(maxsize=16)
-def _layout(bounds, device, block):
+def _blocks_of(bounds, device, block):
     """Every layer of a model sees the same documents: build their block tables once."""
-    return _Layout(bounds, device, block)
+    return _Blocks(bounds, device, block)
 
 
 def _cumsum_rows(x):
@@ -896,45 +897,45 @@ def _feature_flags(g_scalar, window_size):
     return dict(HAS_GS=g_scalar is not None, HAS_WINDOW=window_size is not None)
 
 
-def _prep(q, k, g, layout, dims, do=None, o=None):
+def _prep(q, k, g, blocks, dims, do=None, o=None):
     """Pl, Pstart and the rescaled keys kt, kg; given do and o (the backward), also q_hat, qg and delta; without
     them (the forward), the largest gate of each (block, gate head) instead."""
     backward = do is not None
-    grid = (layout.table.shape[0], dims['HG'])
+    grid = (blocks.table.shape[0], dims['HG'])
     Pl = torch.empty(g.shape, device=g.device, dtype=torch.float32)
     delta = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32) if backward else None
     gate_max = None if backward else torch.empty(grid, device=g.device, dtype=torch.float32)
-    _prefix_kernel[grid](g, do, o, Pl, delta, gate_max, layout.table,
+    _prefix_kernel[grid](g, do, o, Pl, delta, gate_max, blocks.table,
                          HQ=dims['HQ'], HG=dims['HG'], K=dims['K'], KP=dims['KP'], V=dims['V'], VP=dims['VP'],
                          BLOCK=BLOCK, BACKWARD=backward)
-    Pstart = layout.block_prefix(Pl, g)
+    Pstart = blocks.block_prefix(Pl, g)
     kt, kg = (torch.empty(q.shape[0], dims['HG'], dims['K'], device=q.device, dtype=q.dtype) for _ in range(2))
     q_hat, qg = (torch.empty_like(q), torch.empty_like(q)) if backward else (None, None)
-    _rescale_kernel[grid](k, q if backward else None, Pl, Pstart, kt, kg, q_hat, qg, layout.table,
+    _rescale_kernel[grid](k, q if backward else None, Pl, Pstart, kt, kg, q_hat, qg, blocks.table,
                           HQ=dims['HQ'], H=dims['H'], HG=dims['HG'], K=dims['K'], KP=dims['KP'], BLOCK=BLOCK,
                           KEY_GROUP=GROUPS['dq' if backward else 'fwd'], QUERY_GROUP=GROUPS['dkv'],
                           BACKWARD=backward)
     return Pl, Pstart, kt, kg, q_hat, qg, delta if backward else gate_max
 
 
-def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
+def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, blocks):
     """q, k, v, g flattened to [tokens, heads, dim]. Returns o, lse (log2 units) and what backward needs."""
     dims = _dims(q, k, v, g)
     HQ = dims['HQ']
-    Pl, Pstart, kt, kg, _, _, gate_max = _prep(q, k, g, layout, dims)
+    Pl, Pstart, kt, kg, _, _, gate_max = _prep(q, k, g, blocks, dims)
     gate_maxima = [('g', gate_max.amax())] + ([] if g_scalar is None else [('g_scalar', g_scalar.amax())])
     check_gates('wall_attn', gate_maxima)
-    Cl, Cs = (None, None) if g_scalar is None else layout.scalar_prefix(g_scalar)
+    Cl, Cs = (None, None) if g_scalar is None else blocks.scalar_prefix(g_scalar)
     qk_scale = scale * LOG2E.value
-    grid = (layout.table.shape[0], HQ)
+    grid = (blocks.table.shape[0], HQ)
     L = torch.empty(q.shape[0], HQ, SUB, device=q.device, dtype=torch.float32)
     S = torch.empty(q.shape[0], HQ, BLOCK, device=q.device, dtype=torch.float32)
-    _diag_fwd_kernel[grid](q, k, Pl, L, S, layout.table, qk_scale, HQ=HQ, H=dims['H'], HG=dims['HG'], K=dims['K'],
+    _diag_fwd_kernel[grid](q, k, Pl, L, S, blocks.table, qk_scale, HQ=HQ, H=dims['H'], HG=dims['HG'], K=dims['K'],
                            KP=dims['KP'], SUB=SUB, BLOCK=BLOCK, DK=DK, FAST_RANGE=dims['FAST_RANGE'],
                            **_launch_options('diag_fwd'))
     o = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], HQ, device=q.device, dtype=torch.float32)
-    _fwd_kernel[grid](q, kt, kg, v, Pl, Pstart, Cl, Cs, S, sink_bias, o, lse, torch.empty_like(q), layout.table,
+    _fwd_kernel[grid](q, kt, kg, v, Pl, Pstart, Cl, Cs, S, sink_bias, o, lse, torch.empty_like(q), blocks.table,
                       qk_scale, window_size or 0,
                       HAS_SINK=sink_bias is not None, GROUP=GROUPS['fwd'], **_feature_flags(g_scalar, window_size),
                       **dims)
@@ -957,13 +958,13 @@ _compiles_ahead = {}  # what the backward kernels were compiled ahead for -> the
 _compile_threads = None
 
 
-def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, layout, dims):
+def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, blocks, dims):
     """At a new specialization's first forward, compile the two largest backward kernels on other threads. Triton
     releases the GIL while it compiles, so they overlap with the forward's own compiles (bench/results_attn.md,
     tuning notes)."""
     global _compile_threads
     flags = _feature_flags(g_scalar, window_size)
-    num_blocks = layout.table.shape[0]
+    num_blocks = blocks.table.shape[0]
     # what Triton specializes a launch on: dtypes, constexprs, and integers equal to 1 or divisible by 16
     key = (q.device, q.dtype, v.dtype, tuple(dims.items()), tuple(flags.items()), window_size,
            num_blocks == 1, num_blocks % 16 == 0)
@@ -993,12 +994,12 @@ def _wait_for_compiles_ahead():
         concurrent.futures.wait(futures)
 
 
-def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size, layout):
+def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size, blocks):
     dims = _dims(q, k, v, g)
     HQ, H, HG = dims['HQ'], dims['H'], dims['HG']
     do = do.contiguous()  # o.sum().backward() passes a stride-0 do: every kernel below reads do as [tokens, HQ, V]
-    Pl, Pstart, kt, kg, q_hat, qg, delta = _prep(q, k, g, layout, dims, do, o)
-    Cl, Cs = (None, None) if g_scalar is None else layout.scalar_prefix(g_scalar)
+    Pl, Pstart, kt, kg, q_hat, qg, delta = _prep(q, k, g, blocks, dims, do, o)
+    Cl, Cs = (None, None) if g_scalar is None else blocks.scalar_prefix(g_scalar)
     _wait_for_compiles_ahead()
     dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # per query head: dg needs it
@@ -1007,19 +1008,19 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     dcq = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
     dck = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
     flags = _feature_flags(g_scalar, window_size)
-    num_blocks = layout.table.shape[0]
+    num_blocks = blocks.table.shape[0]
     grid = (num_blocks, HQ)
     # a steep block's dv waits in fp32 for its diagonal tile (written for steep blocks only)
     dv_part = dv if dv.dtype == torch.float32 else torch.empty_like(dv, dtype=torch.float32)
     tensors = dict(q=q, k=k, v=v, kt=kt, kg=kg, q_hat=q_hat, qg=qg, qf=torch.empty_like(q), Pl=Pl, Pstart=Pstart,
                    Cl=Cl, Cs=Cs, do=do, lse=lse, delta=delta, dq=dq, dcq=dcq, dk=dk, dv=dv, dck=dck, dv_part=dv_part,
-                   table=layout.table)
+                   table=blocks.table)
     for kernel, args, constexprs in _dq_and_dkv_launches(tensors, num_blocks, scale, window_size):
         kernel[grid](*args, **constexprs, **flags, **dims)
-    _steep_bwd_kernel[grid](q, k, v, Pl, Cl, Cs, L, do, lse, delta, dq, dk, dv_part, dv, dcq, dck, layout.table,
+    _steep_bwd_kernel[grid](q, k, v, Pl, Cl, Cs, L, do, lse, delta, dq, dk, dv_part, dv, dcq, dck, blocks.table,
                             scale * LOG2E.value, scale, window_size or 0, SUB=SUB, **_launch_options('steep_bwd'),
                             **flags, **dims)
-    _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0, SUB=SUB,
+    _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, blocks.table, scale, window_size or 0, SUB=SUB,
                             DK=DK, **_launch_options('intra_bwd'), **flags, **dims)
 
     dg = torch.empty(g.shape, device=g.device, dtype=g.dtype)
@@ -1027,11 +1028,11 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     dq_out = torch.empty_like(q)
     dk_out = torch.empty_like(k) if HQ == H else None  # with GQA, dk is summed over the query heads below
     shape = dict(HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], BLOCK=BLOCK, DK_OUT=HQ == H)
-    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, None, totals, None, layout.table, None, None, FINAL=False,
+    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, None, totals, None, blocks.table, None, None, FINAL=False,
                                          **shape)
-    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, None, layout.suffix_after_block(totals), layout.table,
+    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, None, blocks.suffix_after_block(totals), blocks.table,
                                          dq_out, dk_out, FINAL=True, **shape)
-    dg_scalar = None if g_scalar is None else _reverse_cumsum(dcq - dck, layout.doc_end).to(g_scalar.dtype)
+    dg_scalar = None if g_scalar is None else _reverse_cumsum(dcq - dck, blocks.doc_end).to(g_scalar.dtype)
     dsink = None
     if sink_bias is not None:
         dsink = -(torch.exp2(sink_bias.float()[None, :] * LOG2E.value - lse) * delta).sum(0).to(sink_bias.dtype)
@@ -1045,22 +1046,22 @@ class WallAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, g_scalar, sink_bias, scale, window_size, bounds):
-        layout = _layout(tuple(bounds), q.device, BLOCK)
+        blocks = _blocks_of(tuple(bounds), q.device, BLOCK)
         if any(ctx.needs_input_grad[:6]):
-            _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, layout, _dims(q, k, v, g))
-        o, lse, L = _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout)
+            _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, blocks, _dims(q, k, v, g))
+        o, lse, L = _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, blocks)
         ctx.save_for_backward(q, k, v, g, g_scalar, sink_bias, o, lse, L)
-        ctx.scale, ctx.window_size, ctx.layout = scale, window_size, layout
+        ctx.scale, ctx.window_size, ctx.blocks = scale, window_size, blocks
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, g, g_scalar, sink_bias, o, lse, L = ctx.saved_tensors
-        grads = _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, ctx.scale, ctx.window_size, ctx.layout)
+        grads = _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, ctx.scale, ctx.window_size, ctx.blocks)
         return (*grads, None, None, None)
 
 
-def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlens):
+def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlens, layout):
     for name, x in (('q', q), ('k', k), ('v', v), ('g', g)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f'`{name}` must be a torch.Tensor, got {type(x).__name__}')
@@ -1113,14 +1114,13 @@ def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlen
         if isinstance(x, torch.Tensor) and x.device != q.device:
             raise ValueError(f'`{name}` is on {x.device} but `q` is on {q.device}: all inputs must share a device')
     if cu_seqlens is None:
+        if layout is not None:
+            raise ValueError('`layout` describes a `cu_seqlens`: pass it with that cu_seqlens, not without one')
         return list(range(0, B * T + 1, T)) if T else [0, 0]
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError('`cu_seqlens` must be a 1-D tensor [num_docs + 1]')
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f'`cu_seqlens` must be int32 or int64, got {cu_seqlens.dtype}')
+    check_cu_seqlens(cu_seqlens)
     if B != 1:
         raise ValueError(f'`cu_seqlens` needs batch size 1 (documents packed along time), got batch {B}')
-    bounds = cu_seqlens.tolist()
+    bounds = layout_of(cu_seqlens, layout).bounds  # without a layout, the device-to-host read of cu_seqlens
     if bounds[0] != 0 or bounds[-1] != T:
         raise ValueError(f'`cu_seqlens` must start at 0 and end at T={T}, got {bounds[0]} ... {bounds[-1]}')
     if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
@@ -1128,7 +1128,8 @@ def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlen
     return bounds
 
 
-def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_size=None, cu_seqlens=None):
+def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_size=None, cu_seqlens=None,
+              layout=None):
     """Wall Attention (docs/operator.md), differentiable in q, k, v, g, g_scalar and sink_bias.
 
     q [B,T,HQ,K], k [B,T,H,K], v [B,T,H,V], g [B,T,HQ,K] or [B,T,H,K] (natural-log decay, <= 0),
@@ -1136,13 +1137,17 @@ def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_s
     Any K up to 256 and V up to 512 (values wider than 256 are attended 256 columns per launch, each launch
     computing the logits again).
 
+    layout: `kernels.document_layout(cu_seqlens)`, to spare each call on the same batch a device-to-host read of
+    cu_seqlens (kernels/documents.py); it must be the layout of this cu_seqlens: only its number of boundaries and
+    its last one (= T) are checked, its boundaries are used as given.
+
     A positive `g` or `g_scalar` raises a ValueError naming it and its largest value: at once on CPUs and at the
     first call on a GPU, later GPU calls at the latest at the first call after the next synchronisation;
     `kernels.set_gate_check('sync')` (or WALL_GATE_CHECK=sync) raises at the offending call everywhere, at the cost
     of a synchronisation per call (kernels/domain.py).
     """
     scale = q.shape[-1] ** -0.5 if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4 else scale
-    bounds = _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlens)
+    bounds = _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlens, layout)
     B, T, HQ, _ = q.shape
     if B * T == 0:
         return q.new_zeros(B, T, HQ, v.shape[-1])

@@ -19,6 +19,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .documents import layout_of
+
 SLAB_ELEMENTS = 1 << 24
 
 
@@ -29,7 +31,8 @@ def block_size(T):
 
 
 def wall_attn_reference(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_size=None,
-                        cu_seqlens=None):
+                        cu_seqlens=None, layout=None):
+    """kernels.wall_attn's arguments and result (`layout`: kernels/documents.py), without its input checks."""
     B, T, HQ, K = q.shape
     H, HG, V = k.shape[2], g.shape[2], v.shape[3]
     scale = K ** -0.5 if scale is None else scale
@@ -37,7 +40,7 @@ def wall_attn_reference(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None
     if cu_seqlens is None:
         starts, lengths = [0] * B, [T] * B
     else:
-        bounds = cu_seqlens.tolist()
+        bounds = layout_of(cu_seqlens, layout).bounds  # without a layout, the device-to-host read of cu_seqlens
         starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
         starts, lengths = [s for s, n in zip(starts, lengths) if n], [n for n in lengths if n]
     o = torch.zeros(B, T, HQ, V, dtype=dtype, device=q.device)  # positions in no document stay 0
