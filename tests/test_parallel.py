@@ -1,5 +1,6 @@
 """The fused training kernel against the float64 eager oracle: outputs and every gradient."""
 import math
+import os
 import zlib
 
 import pytest
@@ -302,6 +303,16 @@ def test_varlen_needs_batch_one():
     inputs = make_inputs(B=2, T=8, device='cpu')
     with pytest.raises(ValueError, match='batch size 1'):
         wall_attn(**inputs, cu_seqlens=torch.tensor([0, 8]))
+
+
+def test_parallel_loads_as_a_kernel_file(monkeypatch):
+    """bench/registers.py and bench/variants.py load parallel.py by path without kernels/__init__.py
+    (bench/kernel_files.py): its relative imports must resolve that way too."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), '..', 'bench'))
+    from kernel_files import load_kernel_file
+    import kernels.parallel as parallel
+    lone = load_kernel_file(parallel.__file__, 'parallel')
+    assert lone is not parallel and lone.LAUNCH == parallel.LAUNCH and callable(lone.wall_attn)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs two devices')
