@@ -80,15 +80,16 @@ def wall_attention(impl, q, k, v, g, **kwargs):
 
 
 @torch.compiler.disable
-def softmax_attention(q, k, v, cu_seqlens, window_size):
-    """Document-causal softmax attention; q [B, T, HQ, D], k and v [B, T, H, D], cu_seqlens requires B == 1."""
+def softmax_attention(q, k, v, cu_seqlens, window_size, layout=None):
+    """Document-causal softmax attention; q [B, T, HQ, D], k and v [B, T, H, D], cu_seqlens requires B == 1 (layout:
+    kernels.document_layout(cu_seqlens), whose max_seqlen spares FlashAttention's launch a device-to-host read)."""
     B, T = q.shape[:2]
     if cu_seqlens is None:  # every row is one document: pack the rows
         cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
         q, k, v = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v))
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):  # FlashAttention's varlen kernel: no mask in memory
         from torch.nn.attention.varlen import varlen_attn
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if layout is None else layout.max_seqlen
         left = -1 if window_size is None else window_size - 1  # flash counts keys strictly left of the query
         gqa = {}
         if k.shape[2] != q.shape[2]:
@@ -183,14 +184,15 @@ class Attention(nn.Module):
         g_scalar = log_gate(self.scalar_gate, x) if hasattr(self, 'scalar_gate') else None
         return q, k, v, g, g_scalar
 
-    def forward(self, x, cu_seqlens=None, rope=None, cache=None):
-        """Attention within x (training). With `cache` (this layer's, see generate.py), x holds the tokens that
-        follow the cached ones: the cache appends them and attends them to everything it holds."""
+    def forward(self, x, cu_seqlens=None, rope=None, cache=None, layout=None):
+        """Attention within x (training; layout: kernels.document_layout(cu_seqlens), computed once per batch). With
+        `cache` (this layer's, see generate.py), x holds the tokens that follow the cached ones: the cache appends
+        them and attends them to everything it holds."""
         B, T, _ = x.shape
         q, k, v, g, g_scalar = self.project(x, rope)
         sink_bias = self.sink_bias if self.config.sink else None
         if cache is None:
-            y = self.attend(q, k, v, g, g_scalar, sink_bias, cu_seqlens)
+            y = self.attend(q, k, v, g, g_scalar, sink_bias, cu_seqlens, layout)
         else:
             y = cache.update(q, k, v, g, g_scalar, sink_bias)
         y = y.reshape(B, T, -1)
@@ -198,12 +200,12 @@ class Attention(nn.Module):
             y = y * torch.sigmoid(self.out_gate(x))
         return self.c_proj(y)
 
-    def attend(self, q, k, v, g, g_scalar, sink_bias, cu_seqlens=None):
+    def attend(self, q, k, v, g, g_scalar, sink_bias, cu_seqlens=None, layout=None):
         """Causal attention within one chunk of tokens (per document with cu_seqlens), as in training."""
         if self.config.attention == 'rope':
-            return softmax_attention(q, k, v, cu_seqlens, self.window_size)
+            return softmax_attention(q, k, v, cu_seqlens, self.window_size, layout)
         return wall_attention(self.config.attn_impl, q, k, v, g, g_scalar=g_scalar, sink_bias=sink_bias,
-                              window_size=self.window_size, cu_seqlens=cu_seqlens)
+                              window_size=self.window_size, cu_seqlens=cu_seqlens, layout=layout)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,8 +233,8 @@ class Block(nn.Module):
         self.norm_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cu_seqlens=None, rope=None, cache=None):
-        x = x + self.attn(self.norm_1(x), cu_seqlens, rope, cache)
+    def forward(self, x, cu_seqlens=None, rope=None, cache=None, layout=None):
+        x = x + self.attn(self.norm_1(x), cu_seqlens, rope, cache, layout)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -346,12 +348,14 @@ class GPT(nn.Module):
             if cu_seqlens is not None:
                 positions = positions - cu_seqlens.long()[document_ids(cu_seqlens, T)]
             rope = rotary(positions, self.config.n_embd // self.config.n_head, self.config.rope_base)
+        # the documents on the host, read once for every layer (and its recomputation under checkpointing)
+        layout = None if cu_seqlens is None else kernels.document_layout(cu_seqlens)
         x = self.wte(idx)
         for i, block in enumerate(self.blocks):
             if self.config.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cu_seqlens, rope, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cu_seqlens, rope, layout=layout, use_reentrant=False)
             else:
-                x = block(x, cu_seqlens, rope, None if cache is None else cache.layers[i])
+                x = block(x, cu_seqlens, rope, None if cache is None else cache.layers[i], layout)
         return self.norm_f(x)
 
     def forward(self, idx, targets=None, cu_seqlens=None, cache=None):

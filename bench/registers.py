@@ -5,19 +5,21 @@
     PYTHONPATH=/tmp/triton36 python bench/registers.py      # with another Triton (e.g. the GPU machine's 3.6)
 
 This reads ptxas's own report of each compile, a check that costs no GPU time (whether a spill costs time is for
-the GPU to say: bench/results_attn.md has cases where it does not). It loads kernels/parallel.py directly, so Triton
-compiles for the GPU instead of running its CPU interpreter.
+the GPU to say: bench/results_attn.md has cases where it does not). It loads kernels/parallel.py without
+kernels/__init__.py (bench/kernel_files.py), so Triton compiles for the GPU instead of running its CPU interpreter.
 """
 import argparse
 import contextlib
-import importlib.util
 import io
 import os
 import re
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from kernel_files import load_kernel_file
 
 os.environ['TRITON_DUMP_PTXAS_LOG'] = '1'
 os.environ['TRITON_ALWAYS_COMPILE'] = '1'
@@ -25,12 +27,13 @@ parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
 parser.add_argument('path', nargs='?', default=os.path.join(os.path.dirname(__file__), '..', 'kernels', 'parallel.py'))
 parser.add_argument('--ir', metavar='DIR', help='also write each compile\'s TTGIR (layouts, shared-memory traffic)')
 args = parser.parse_args()
-spec = importlib.util.spec_from_file_location('wall_parallel', args.path)
-parallel = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(parallel)
+parallel = load_kernel_file(args.path, 'parallel')
 
-SHAPE = dict(HQ=16, H=16, HG=16, K=128, V=128, KP=128, VP=128, BLOCK=64, SUB=16, FAST_RANGE=96.0, HAS_GS=False,
-             HAS_WINDOW=False)
+# The shape every kernel compiles at, with the tunables the launches take from parallel.py, and None for the inputs
+# that the switched-off features leave out (as the launches pass them); each kernel gets the constexprs it declares.
+SHAPE = dict(HQ=16, H=16, HG=16, K=128, V=128, KP=128, VP=128, BLOCK=parallel.BLOCK, SUB=parallel.SUB, DK=parallel.DK,
+             DKV_QUERY_ROWS=parallel.DKV_QUERY_ROWS, FAST_RANGE=parallel.FAST_RANGE[torch.bfloat16], HAS_GS=False,
+             HAS_WINDOW=False, HAS_SINK=False, Cl_ptr=None, Cs_ptr=None, sink_ptr=None)
 POINTERS = {'*bf16': ('q_ptr', 'kt_ptr', 'k_ptr', 'v_ptr', 'o_ptr', 'do_ptr', 'qh_ptr', 'kg_ptr', 'qg_ptr', 'qf_ptr',
                       'kf_ptr'),
             '*fp64': ('Pstart_ptr', 'Cs_ptr'), '*i32': ('blocks_ptr',)}
@@ -39,6 +42,7 @@ SCALARS = {'i32': ('WINDOW', 'num_blocks'), 'fp32': ('qk_scale', 'scale')}
 
 def report(kernel, constexprs, num_warps, num_stages):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    constexprs = {n: v for n, v in constexprs.items() if n in fn.arg_names}
     types = {name: kind for kind, names in {**POINTERS, **SCALARS}.items() for name in names}
     signature = {n: 'constexpr' if n in constexprs else types.get(n, '*fp32') for n in fn.arg_names}
     # as a launch specializes them: every tensor 16-byte aligned (torch's allocations are), so loads vectorize and
@@ -61,13 +65,10 @@ def report(kernel, constexprs, num_warps, num_stages):
 
 
 print('triton', triton.__version__)
-for kernel, extra in ((parallel._fwd_kernel, dict(HAS_SINK=False, GROUP=parallel.GROUPS['fwd'])),
-                      (parallel._bwd_dq_kernel, dict(GROUP=parallel.GROUPS['dq'])),
-                      (parallel._bwd_dkv_kernel, dict(GROUP=parallel.GROUPS['dkv']))):
+for kernel, name in ((parallel._fwd_kernel, 'fwd'), (parallel._bwd_dq_kernel, 'dq'), (parallel._bwd_dkv_kernel, 'dkv')):
     for config in kernel.configs:
-        report(kernel, {**SHAPE, **extra}, config.num_warps, config.num_stages)
-# the steep blocks' diagonal kernels, as _forward and _backward launch them
-report(parallel._diag_fwd_kernel, {**{n: SHAPE[n] for n in ('HQ', 'H', 'HG', 'K', 'KP', 'SUB', 'BLOCK', 'FAST_RANGE')},
-                                    'DK': 16}, 4, 3)
-report(parallel._steep_bwd_kernel, SHAPE, 8, 1)
-report(parallel._intra_bwd_kernel, {**SHAPE, 'DK': 16}, 4, 1)
+        report(kernel, {**SHAPE, 'GROUP': parallel.GROUPS[name]}, config.num_warps, config.num_stages)
+# the diagonal kernels, at their launch shapes
+for kernel, name in ((parallel._diag_fwd_kernel, 'diag_fwd'), (parallel._steep_bwd_kernel, 'steep_bwd'),
+                     (parallel._intra_bwd_kernel, 'intra_bwd')):
+    report(kernel, SHAPE, *parallel.LAUNCH[name])

@@ -3,19 +3,21 @@
     python bench/variants.py kernels/parallel.py /tmp/variant_a.py /tmp/variant_b.py [--B 2 --T 8192 --H 16 --K 128]
                              [--gate_bias 4]   (gates logsigmoid(gate_bias + randn); -2 makes every block steep)
 
-Each file is loaded as its own module (its own Triton kernels and autotune cache) and runs `wall_attn` on the same
-random bf16 inputs: first call (compile + autotune), forward and forward+backward medians of `triton.testing.do_bench`,
-each kernel's own time from the profiler, and the relative difference of o, dq, dk, dv, dg from the first file's (a
-variant that changes results shows here; the GPU tests are still what decides). A variant that fails to compile or
-run prints its error and the others go on. The table is printed again at the end.
+Each file is loaded as its own module (its own Triton kernels and autotune cache), next to the kernels package's
+other files (bench/kernel_files.py), and runs `wall_attn` on the same random bf16 inputs: first call (compile +
+autotune), forward and forward+backward medians of `triton.testing.do_bench`, each kernel's own time from the
+profiler, and the relative difference of o, dq, dk, dv, dg from the first file's (a variant that changes results shows
+here; the GPU tests are still what decides). A variant that fails to compile or run prints its error and the others
+go on. The table is printed again at the end.
 """
 import argparse
-import importlib.util
 import time
 
 import torch
 import torch.nn.functional as F
 import triton
+
+from kernel_files import load_kernel_file
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
 parser.add_argument('files', nargs='+')
@@ -52,9 +54,7 @@ def kernel_times(wall_attn, repeats=3):
 
 
 def measure(index, path, reference):
-    spec = importlib.util.spec_from_file_location(f'variant{index}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_kernel_file(path, f'variant{index}')
     start = time.time()
     result = outputs(module.wall_attn)
     torch.cuda.synchronize()

@@ -14,9 +14,10 @@ if not torch.cuda.is_available():
 
 from .cache import WallKVCache  # noqa: E402
 from .decode import build_wall_kv_cache, wall_attn_decode  # noqa: E402
+from .documents import DocumentLayout, document_layout  # noqa: E402
 from .domain import set_gate_check  # noqa: E402
 from .parallel import wall_attn  # noqa: E402
 from .reference import wall_attn_decode_reference, wall_attn_reference  # noqa: E402
 
 __all__ = ['wall_attn', 'wall_attn_reference', 'build_wall_kv_cache', 'wall_attn_decode', 'WallKVCache',
-           'wall_attn_decode_reference', 'set_gate_check']
+           'wall_attn_decode_reference', 'set_gate_check', 'document_layout', 'DocumentLayout']

@@ -45,25 +45,14 @@ the kernel derives the anchored and raw parts from it and the grid is fixed by t
 captured in a CUDA graph, serves every decode step.
 """
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .parallel import _raised_max, _softmax_step
+from .triton_helpers import (LN2, LOG2E, MAX_HEAD_DIM, MAX_VALUE_DIM, MAX_VALUE_TILE, padded_dim,
+                             softmax_merge_step, softmax_step, softmax_step_one_key, softmax_step_two_tiles)
 
-LOG2E = math.log2(math.e)
-COMBINE_BLOCK_SPLITS = 16
-# Launch shape of the split kernel (bench/bench_decode.py --sweep times others; on an H200, two chunks per step with
-# two stages beat one chunk with three by 19-27% at three of the four decode targets, bench/results_decode.md).
-# NUM_WARPS None: default_num_warps decides. Three stages of 64 x 128 fp32 keys and values would need 300 KB of shared
-# memory: 4-byte caches take at most two.
-NUM_WARPS = None
-NUM_STAGES = 2
-# Anchored chunks folded per loop iteration: two give the loop two independent logit chains between softmax updates.
-CHUNKS_PER_STEP = 2
-MAX_HEAD_DIM, MAX_VALUE_DIM, MAX_VALUE_TILE = 256, 512, 256
 # Anchored chunks: the query factor is 2^(P_i - R_c + EXPONENT_SHIFT), the logit then scaled back by as much. A
 # query exponent from -190 to about 63 then gives a normal fp32/bf16 factor, no finite key times it overflows for a
 # visible pair (P_i - P_j <= 0), and keys the cache stored below the normal range cost at most 2^-62 of a logit.
@@ -71,6 +60,39 @@ MAX_HEAD_DIM, MAX_VALUE_DIM, MAX_VALUE_TILE = 256, 512, 256
 # time what the shift costs (bench/bench_decode.py).
 EXPONENT_SHIFT = 64
 
+# ---------------------------------------------------------------------------------------------------------------
+# tunables: the kernels' launch shapes and work split, each passed as a constexpr argument or launch option (the
+# measurements behind them: bench/results_decode.md; bench/bench_decode.py --sweep times other values)
+
+NUM_WARPS = None  # the split kernel's warps; None: default_num_warps picks them per launch
+# The split kernel's pipeline stages: two beat three alongside two chunks per step. 4-byte caches take at most two:
+# three stages of 64 x 128 fp32 keys and values would need 300 KB of shared memory.
+NUM_STAGES = 2
+CHUNKS_PER_STEP = 2  # anchored chunks per loop iteration: two independent logit chains between softmax updates
+COMBINE_BLOCK_SPLITS = 16  # partial results the combine kernel merges per loop iteration, a [16, VP] fp32 tile
+
+
+def default_num_splits(device, programs_per_split, n_blocks, rows_per_program):
+    """Enough programs that one long sequence at batch 1 fills the GPU: programs of one query row run best about 4 per
+    multiprocessor; programs of several rows (a query group under a shared gate) do that many times the arithmetic
+    per cache byte and run best about one per multiprocessor."""
+    if device.type != 'cuda':
+        return min(n_blocks, 2)  # the CPU interpreter runs programs one by one
+    sms = _multiprocessors(device)
+    programs = 4 * sms if rows_per_program == 1 else sms
+    return max(1, min(n_blocks, _cdiv(programs, programs_per_split)))
+
+
+def default_num_warps(device, programs_per_split, rows_per_program):
+    """4 warps, or 2 for programs of one query row once the batch's gate heads reach a quarter of the multiprocessors
+    (at batch 1, where the programs come from splits, two warps lose)."""
+    if device.type == 'cuda' and rows_per_program == 1 and 4 * programs_per_split >= _multiprocessors(device):
+        return 2
+    return 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building and decoding a cache
 
 def build_wall_kv_cache(k, P, chunk_size=64, *, raw_tail=0, out_dtype=None):
     """Pre-rescale keys for decoding.
@@ -197,11 +219,6 @@ def wall_attn_decode_at(q, v, k_tilde, r_cache, raw_prefix, position, num_splits
                    0, 0, 0, 0, position=position)
 
 
-def _padded_dim(n):
-    """The power of two >= n (and >= 16, tl.dot's smallest) that a dim is padded to inside the kernels."""
-    return max(16, 1 << (n - 1).bit_length())
-
-
 def _launch(q, v, p_curr, p_tail, k_tilde, r_cache, g_scalar_cumsum, sink_bias, scale, C, window_size, num_splits,
             T0, n_anchored, key_lo, blocks_per_split, position=None):
     B, T_q, HQ, K = q.shape
@@ -209,23 +226,23 @@ def _launch(q, v, p_curr, p_tail, k_tilde, r_cache, g_scalar_cumsum, sink_bias, 
     scale = K ** -0.5 if scale is None else scale
     QPG = HQ // HG
     rows = T_q * QPG
-    VP = min(_padded_dim(V), MAX_VALUE_TILE)
+    VP = min(padded_dim(V), MAX_VALUE_TILE)
     v_tiles = _cdiv(V, VP)
     o_part = torch.empty(B * HG, num_splits, rows, V, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B * HG, num_splits, rows, dtype=torch.float32, device=q.device)
-    # Absent optional inputs: pass a live tensor and strides of 0; their loads are compiled out.
+    # Without a scalar gate its loads are compiled out (None, strides 0). Without p_tail, p_curr stands in: the raw-key
+    # loop's bounds are runtime values (the device-position launch shares the code), so it is compiled in and runs
+    # zero times.
     p_tail_arg = p_curr if p_tail is None else p_tail
-    scalar_arg = p_curr if g_scalar_cumsum is None else g_scalar_cumsum
     scalar_strides = (0, 0, 0) if g_scalar_cumsum is None else g_scalar_cumsum.stride()
     grid = (B * HG, num_splits) if v_tiles == 1 else (B * HG, num_splits, v_tiles)
     wall_decode_split_kernel[grid](
-        q, k_tilde, v, p_curr, p_tail_arg, r_cache, scalar_arg, o_part, lse_part,
-        p_curr if position is None else position,
+        q, k_tilde, v, p_curr, p_tail_arg, r_cache, g_scalar_cumsum, o_part, lse_part, position,
         *q.stride(), *k_tilde.stride(), *v.stride(), *p_curr.stride(), *p_tail_arg.stride(), *r_cache.stride(),
         *scalar_strides,
-        T0, n_anchored, key_lo, blocks_per_split, num_splits, window_size or 0, scale * LOG2E,
-        HG=HG, QPG=QPG, GPV=HG // H, T_Q=T_q, M=max(16, 1 << (rows - 1).bit_length()), K=K, KP=_padded_dim(K),
-        V=V, VP=VP, V_TILES=v_tiles, C=C, CP=_padded_dim(C),
+        T0, n_anchored, key_lo, blocks_per_split, num_splits, window_size or 0, scale * LOG2E.value,
+        HG=HG, QPG=QPG, GPV=HG // H, T_Q=T_q, M=padded_dim(rows), K=K, KP=padded_dim(K),
+        V=V, VP=VP, V_TILES=v_tiles, C=C, CP=padded_dim(C),
         HAS_SCALAR=g_scalar_cumsum is not None, HAS_WINDOW=window_size is not None,
         POSITION_ON_DEVICE=position is not None, CHUNKS=CHUNKS_PER_STEP, DOT_F32=k_tilde.dtype == torch.float16,
         SHIFT=EXPONENT_SHIFT, UNSHIFT=2.0 ** -EXPONENT_SHIFT,
@@ -235,7 +252,7 @@ def _launch(q, v, p_curr, p_tail, k_tilde, r_cache, g_scalar_cumsum, sink_bias, 
     o = torch.empty(B, T_q, HQ, V, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, T_q, HQ, dtype=torch.float32, device=q.device)
     wall_decode_combine_kernel[(B * HG * rows, v_tiles)](
-        o_part, lse_part, sink_bias if sink_bias is not None else lse, o, lse, num_splits,
+        o_part, lse_part, sink_bias, o, lse, num_splits,
         HG=HG, QPG=QPG, T_Q=T_q, HQ=HQ, V=V, VP=VP, V_TILES=v_tiles, BLOCK_S=COMBINE_BLOCK_SPLITS,
         HAS_SINK=sink_bias is not None,
     )
@@ -270,26 +287,8 @@ def _multiprocessors_of(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_num_splits(device, programs_per_split, n_blocks, rows_per_program):
-    """Enough programs that one long sequence at batch 1 fills the GPU. Measured on an H100 (bench/results_decode.md,
-    --sweep): programs of one query row run best about 4 per multiprocessor; programs of several rows (a query group
-    under a shared gate) do that many times the arithmetic per cache byte and run best about one per multiprocessor
-    (31 us instead of 46 at 32k cached tokens, 96 instead of 113 at 131k)."""
-    if device.type != 'cuda':
-        return min(n_blocks, 2)  # the CPU interpreter runs programs one by one
-    sms = _multiprocessors(device)
-    programs = 4 * sms if rows_per_program == 1 else sms
-    return max(1, min(n_blocks, _cdiv(programs, programs_per_split)))
-
-
-def default_num_warps(device, programs_per_split, rows_per_program):
-    """4 warps, or 2 for programs of one query row once the batch's gate heads reach a quarter of the multiprocessors.
-    H200, gate per query head (graph time): B=16 8k 195 us instead of 224, B=8 8k 116 instead of 132, B=4 32k 233
-    instead of 278; at batch 1, where the programs come from splits, two warps lose (131k: 239 against 222)."""
-    if device.type == 'cuda' and rows_per_program == 1 and 4 * programs_per_split >= _multiprocessors(device):
-        return 2
-    return 4
-
+# ---------------------------------------------------------------------------------------------------------------
+# kernels
 
 @triton.jit
 def _padded(mask, cols, N: tl.constexpr, NP: tl.constexpr):
@@ -314,7 +313,7 @@ def _padded_vec(cols, N: tl.constexpr, NP: tl.constexpr):
 def _scalar_gate_bias(scalar, c_rows, key_pos, row_head, visible, sct, sch, UNITS: tl.constexpr):
     """(C_i - C_j) log2(e) / UNITS for the FoX scalar gate, differenced in the prefix dtype."""
     c_keys = tl.load(scalar + key_pos[None, :] * sct + row_head[:, None] * sch, mask=visible, other=0.0)
-    return ((c_rows[:, None] - c_keys).to(tl.float32) * (1.4426950408889634 / UNITS))
+    return ((c_rows[:, None] - c_keys).to(tl.float32) * (LOG2E / UNITS))
 
 
 @triton.jit
@@ -339,7 +338,7 @@ def _fold_chunk(s, values, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, m
     """Visibility (cache length, window) and the scalar gate for a chunk's logits, then its online-softmax step."""
     s = _visible_logits(s, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, scalar, sct, sch, window_size,
                         HAS_WINDOW, HAS_SCALAR, T_Q)
-    return _softmax_step(s, m_i, l_i, acc, values)
+    return softmax_step(s, m_i, l_i, acc, values)
 
 
 @triton.jit
@@ -349,8 +348,8 @@ def _anchored_chunk(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, sk
                     CP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SCALAR: tl.constexpr, T_Q: tl.constexpr,
                     DOT_F32: tl.constexpr, SHIFT: tl.constexpr, UNSHIFT: tl.constexpr):
     """Logits of anchored chunk c, (q_i 2^(P_i - r_c)) . k_tilde_j as written, as _visible_logits leaves them
-    (nothing visible when c >= stop) but in units of UNSHIFT = 2^-SHIFT log2 (the folds scale them back inside
-    their exp2), and its values. Non-finite where the cache cannot be decoded exactly."""
+    (nothing visible when c >= stop) but in units of UNSHIFT = 2^-SHIFT log2 (softmax_step scales them back inside
+    its exp2), and its values. Non-finite where the cache cannot be decoded exactly."""
     key_pos = c * C + offs_c
     key_ok = (key_pos >= key_lo) & (key_pos < tl.minimum(n_anchored, stop * C)) & _padded_vec(offs_c, C, CP)
     # a chunk past stop: anchor +inf, so its query factor is 0 (its logits are hidden anyway)
@@ -374,34 +373,6 @@ def _anchored_chunk(c, stop, q_rows, p_rows, r_cache, src, srd, k_tilde, skt, sk
     s = _visible_logits(s, key_pos, key_ok, row_ok, row_pos, row_head, c_rows, scalar, sct, sch, window_size,
                         HAS_WINDOW, HAS_SCALAR, T_Q, UNSHIFT)
     return s, values
-
-
-@triton.jit
-def _fold_anchored_chunk(s, values, m_i, l_i, acc, SHIFT: tl.constexpr, UNSHIFT: tl.constexpr):
-    """_softmax_step over the logits of _anchored_chunk, scaled back inside the exp2 (one fused multiply-add)."""
-    if SHIFT == 0:
-        m_new, l_new, acc = _softmax_step(s, m_i, l_i, acc, values)
-    else:
-        m_new, m_shift, alpha = _raised_max(m_i, tl.max(s, 1) * UNSHIFT)
-        p = tl.exp2(s * UNSHIFT - m_shift[:, None])
-        l_new = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
-    return m_new, l_new, acc
-
-
-@triton.jit
-def _fold_two_chunks(s1, v1, s2, v2, m_i, l_i, acc, SHIFT: tl.constexpr, UNSHIFT: tl.constexpr):
-    """_fold_anchored_chunk over two chunks at once: one max and one rescale of the output for both."""
-    if SHIFT == 0:
-        m_new, m_shift, alpha = _raised_max(m_i, tl.maximum(tl.max(s1, 1), tl.max(s2, 1)))
-        p1 = tl.exp2(s1 - m_shift[:, None])
-        p2 = tl.exp2(s2 - m_shift[:, None])
-    else:
-        m_new, m_shift, alpha = _raised_max(m_i, tl.maximum(tl.max(s1, 1), tl.max(s2, 1)) * UNSHIFT)
-        p1 = tl.exp2(s1 * UNSHIFT - m_shift[:, None])
-        p2 = tl.exp2(s2 * UNSHIFT - m_shift[:, None])
-    acc = acc * alpha[:, None] + tl.dot(p1.to(v1.dtype), v1) + tl.dot(p2.to(v2.dtype), v2)
-    return m_new, l_i * alpha + tl.sum(p1, 1) + tl.sum(p2, 1), acc
 
 
 @triton.jit
@@ -444,7 +415,8 @@ def wall_decode_split_kernel(
     p_curr += i_b * spb + i_g * sph
     p_tail += i_b * stb + i_g * sth
     r_cache += i_b * srb + i_g * srh
-    scalar += i_b * scb
+    if HAS_SCALAR:
+        scalar += i_b * scb
 
     q_rows = tl.load(q + row_t[:, None] * sqt + row_head[:, None] * sqh + d_k[None, :] * sqd,
                      mask=_padded(row_ok[:, None], d_k, K, KP), other=0.0).to(tl.float32) * qk_scale
@@ -475,9 +447,9 @@ def wall_decode_split_kernel(
                                           v, svt, svd, key_lo, n_anchored, d_k, d_v, offs_c, row_ok, row_pos, row_head,
                                           c_rows, scalar, sct, sch, window_size, K, KP, V, VP, C, CP, HAS_WINDOW,
                                           HAS_SCALAR, T_Q, DOT_F32, SHIFT, UNSHIFT)
-            m_i, l_i, acc = _fold_two_chunks(s, values, s2, values2, m_i, l_i, acc, SHIFT, UNSHIFT)
+            m_i, l_i, acc = softmax_step_two_tiles(s, values, s2, values2, m_i, l_i, acc, UNSHIFT)
         else:
-            m_i, l_i, acc = _fold_anchored_chunk(s, values, m_i, l_i, acc, SHIFT, UNSHIFT)
+            m_i, l_i, acc = softmax_step(s, m_i, l_i, acc, values, UNSHIFT)
 
     # Raw keys before the queries, [n_anchored, T0): anchored on the fly at the first query row T0.
     p_first = tl.load(p_curr + d_k * spd, mask=_padded_vec(d_k, K, KP), other=0.0)
@@ -515,15 +487,8 @@ def wall_decode_split_kernel(
             s = tl.sum(q_rows * key[None, :] * decay, 1)
             if HAS_SCALAR:
                 c_key = tl.load(scalar + (T0 + j) * sct + row_head * sch, mask=visible, other=0.0)
-                s += (c_rows - c_key).to(tl.float32) * 1.4426950408889634
-            s = tl.where(visible, s, float('-inf'))
-            m_new = tl.maximum(m_i, s)
-            m_shift = tl.where(m_new == float('-inf'), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_shift)
-            p = tl.exp2(s - m_shift)
-            acc = acc * alpha[:, None] + p[:, None] * value[None, :]
-            l_i = l_i * alpha + p
-            m_i = m_new
+                s += (c_rows - c_key).to(tl.float32) * LOG2E
+            m_i, l_i, acc = softmax_step_one_key(tl.where(visible, s, float('-inf')), m_i, l_i, acc, value)
 
     # l_i == 0: no visible key in this split. A NaN sum (a cache that cannot be decoded) must stay NaN.
     has_keys = l_i != 0
@@ -556,7 +521,7 @@ def wall_decode_combine_kernel(
     m_i = tl.full([], float('-inf'), dtype=tl.float32)
     l_i = tl.full([], 0.0, dtype=tl.float32)
     if HAS_SINK:
-        m_i = tl.load(sink_bias + i_h).to(tl.float32) * 1.4426950408889634
+        m_i = tl.load(sink_bias + i_h).to(tl.float32) * LOG2E
         l_i = tl.full([], 1.0, dtype=tl.float32)
     acc = tl.zeros([VP], dtype=tl.float32)
     for s0 in tl.range(0, n_splits, BLOCK_S):
@@ -565,13 +530,7 @@ def wall_decode_combine_kernel(
         base = (i_bg * n_splits + split) * rows + row
         lse_s = tl.load(lse_part + base, mask=ok, other=float('-inf'))
         o_s = tl.load(o_part + base[:, None] * V + d_v[None, :], mask=_padded(ok[:, None], d_v, V, VP), other=0.0)
-        m_new = tl.maximum(m_i, tl.max(lse_s, 0))
-        m_shift = tl.where(m_new == float('-inf'), 0.0, m_new)
-        w = tl.exp2(lse_s - m_shift)
-        alpha = tl.exp2(m_i - m_shift)
-        acc = acc * alpha + tl.sum(w[:, None] * o_s, 0)
-        l_i = l_i * alpha + tl.sum(w, 0)
-        m_i = m_new
+        m_i, l_i, acc = softmax_merge_step(lse_s, o_s, m_i, l_i, acc)
     out_row = (i_b * T_Q + t) * HQ + i_h
     tl.store(o + out_row * V + d_v, (acc / l_i).to(o.dtype.element_ty), mask=v_ok)
-    tl.store(lse + out_row, (m_i + tl.log2(l_i)) * 0.6931471805599453)  # value tiles store the same lse
+    tl.store(lse + out_row, (m_i + tl.log2(l_i)) * LN2)  # value tiles store the same lse

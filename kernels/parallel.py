@@ -32,8 +32,9 @@ Glossary (names used throughout; P is in log2 units, natural-log inputs are conv
 - Shapes: HQ query heads, H kv heads, HG gate heads (HQ or H); K, V head dims, KP, VP the powers of two they are
   padded to; hq, hk, hg a program's query, kv and gate head. BLOCK tokens per query/key block, SUB per sub-block
   of a steep diagonal, GROUP (GROUPS) blocks per anchor group, DK channels per elementwise step,
-  DKV_QUERY_ROWS queries per dk/dv tile, FAST_RANGE the largest in-block decay the one-dot diagonal takes.
-- Block table (`_Layout.table`, `_block`): one row per block, (i0 first token, bos / eos its document's start and
+  DKV_QUERY_ROWS queries per dk/dv tile, FAST_RANGE the largest in-block decay the one-dot diagonal takes;
+  LAUNCH each kernel's (num_warps, num_stages), PREFIX_COLS / PREFIX_CHUNK the block-prefix scan's tile.
+- Block table (`_Blocks.table`, `_block`): one row per block, (i0 first token, bos / eos its document's start and
   end, block id in position order); j0 is a key block's first token, id_m / id_n / id_i block ids, `last` a block's
   last token. Programs of the main kernels are (query block, query head), the dk/dv kernel's (key block, query head).
 - Prefixes: Pl = P - P[block start] per token (float32), Pstart = P at each block's first token (float64);
@@ -49,7 +50,11 @@ Glossary (names used throughout; P is in log2 units, natural-log inputs are conv
   dv_part a steep block's dv before its diagonal; lg / lh the log2 frame a gradient accumulator is held in while
   its anchor moves; dg from the block totals (`totals`) and their float64 suffix sums (`suffix`).
 - Gentle / steep: a block whose per-channel decay stays under FAST_RANGE (one-dot diagonal) or not (sub-blocks).
-- Switches: HAS_GS scalar gate, HAS_SINK attention sink, HAS_WINDOW sliding window (WINDOW its size).
+- Switches: HAS_GS scalar gate, HAS_SINK attention sink, HAS_WINDOW sliding window (WINDOW its size). An input that
+  a launch's switches leave unread is passed as None: Cl, Cs without HAS_GS, the sink without HAS_SINK, and what
+  the prep and decay-gradient kernels skip under BACKWARD, FINAL and DK_OUT.
+- From triton_helpers.py (shared with decode.py; its docstring defines rows and tiles): load_rows, store_rows,
+  load_row, add_to_rows, load_lse_and_delta, softmax_step, LOG2E, the head-dim limits and padded_dim.
 """
 import concurrent.futures
 import functools
@@ -60,67 +65,59 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 64   # query and key block; also the granularity of the decay anchors
-SUB = 16     # sub-block of the steep-diagonal path: pairs inside one are computed elementwise
-# Widest value tile of one launch; wider values (up to MAX_VALUE_DIM) go through several launches (wall_attn).
-MAX_VALUE_TILE, MAX_VALUE_DIM = 256, 512
-# dk/dv's query tiles: half a block keeps the transposed logits' registers for the resident key block
-DKV_QUERY_ROWS = tl.constexpr(32)
+from .documents import check_cu_seqlens, layout_of
+from .domain import check_gates
+from .triton_helpers import (LOG2E, MAX_HEAD_DIM, MAX_VALUE_DIM, MAX_VALUE_TILE, add_to_rows, load_lse_and_delta,
+                             load_row, load_rows, padded_dim, softmax_step, store_rows)
+
+INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
+
+# ---------------------------------------------------------------------------------------------------------------
+# tunables, each passed to the kernels as a constexpr argument or launch option (the measurements behind them:
+# bench/results_attn.md, tuning notes)
+
+BLOCK = 64           # query and key block; also the granularity of the decay anchors
+SUB = 16             # sub-block of the steep-diagonal path: pairs inside one are computed elementwise
+DK = 16              # channels per step of those elementwise pairs: one [SUB, SUB, DK] fp32 product at a time
+DKV_QUERY_ROWS = 32  # dk/dv's query tiles: half a block leaves the transposed logits' registers to the key block
 # Blocks per anchor group, per kernel: off-diagonal operands are rescaled once per group of keys (forward, dq) or
 # queries (dk/dv); larger groups rescale less often, but dq's own group, anchored per block, grows with them.
 GROUPS = dict(fwd=32, dq=8, dkv=16)
-LOG2E = 1.4426950408889634
+PREFIX_COLS = 32     # _block_prefix_kernel's channels per program: a gate head's K channels over several programs
+PREFIX_CHUNK = 64    # _block_prefix_kernel's blocks per scan step: the float64 scan over all blocks, a tile at a time
+# (num_warps, num_stages) of each launch, one per kernel: every config compiles for seconds at each new shape, so
+# the losers of the sweeps stay out. The prep and decay-gradient kernels launch with Triton's defaults.
+LAUNCH = dict(
+    fwd=(4, 3),        # 3 stages once both of its loops stage their query operand (_staged)
+    dq=(4, 2),         # pipelined since the steep diagonal left it
+    dkv=(4, 3),        # with 32-query tiles (DKV_QUERY_ROWS) the third stage pays
+    diag_fwd=(4, 3),   # 8 warps measured slower
+    steep_bwd=(8, 1),  # the sub-block dots spill far more at 4 warps
+    intra_bwd=(4, 3),  # its elementwise pairs ran slower inside steep_bwd's 8 warps than in a 4-warp kernel
+)
 # Largest per-channel decay (log2 units) over a block for the one-dot diagonal: k * 2^FAST_RANGE must not
 # overflow the dot's input type (fp16 tops out at 2^16, bf16 and fp32 at 2^128).
 FAST_RANGE = {torch.float16: 8.0, torch.bfloat16: 96.0, torch.float32: 96.0}
-INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 
 
-def _configs(*warps_stages):
+def _configs(kernel):
+    """The autotuner's one config: the kernel's launch shape."""
     if INTERPRET:  # the autotuner needs a GPU driver
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in warps_stages]
+    num_warps, num_stages = LAUNCH[kernel]
+    return [triton.Config({}, num_warps=num_warps, num_stages=num_stages)]
 
 
-# One config per kernel, the best of a sweep (bench/results_attn.md, tuning notes): every config compiles for
-# seconds at each new shape, so the losers stay out.
-FWD_CONFIGS = _configs((4, 3))
-DQ_CONFIGS = _configs((4, 2))
-DKV_CONFIGS = _configs((4, 3))
+def _launch_options(kernel):
+    num_warps, num_stages = LAUNCH[kernel]
+    return dict(num_warps=num_warps, num_stages=num_stages)
+
+
 TUNE_KEY = ['K', 'V', 'HAS_GS', 'HAS_WINDOW']
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# row loads and stores
-
-@triton.jit
-def _load_rows(ptr, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
-    """Rows `rows` of head `head` of a contiguous [tokens, H, D] tensor, padded to DP columns with zeros."""
-    cols = tl.arange(0, DP)
-    offs = (rows.to(tl.int64)[:, None] * H + head) * D + cols[None, :]
-    return tl.load(ptr + offs, mask=row_ok[:, None] & (cols[None, :] < D), other=0.0)
-
-
-@triton.jit
-def _store_rows(ptr, x, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
-    cols = tl.arange(0, DP)
-    offs = (rows.to(tl.int64)[:, None] * H + head) * D + cols[None, :]
-    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < D))
-
-
-@triton.jit
-def _add_to_rows(ptr, x, rows, row_ok, head, H: tl.constexpr):
-    """Adds x to rows `rows` of head `head` of a contiguous [tokens, H] tensor."""
-    offs = rows.to(tl.int64) * H + head
-    tl.store(ptr + offs, tl.load(ptr + offs, mask=row_ok) + x, mask=row_ok)
-
-
-@triton.jit
-def _load_row(ptr, row, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
-    cols = tl.arange(0, DP)
-    row64 = tl.zeros([DP], dtype=tl.int64) + row  # `row` may be a plain int (a loop variable)
-    return tl.load(ptr + (row64 * H + head) * D + cols, mask=cols < D, other=0.0)
-
+# operand staging
 
 @triton.jit
 def _staged(x, buf_ptr, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
@@ -129,9 +126,9 @@ def _staged(x, buf_ptr, rows, row_ok, head, H: tl.constexpr, D: tl.constexpr, DP
     once and the tensor cores read it there. Used where it measured faster: both forward loops, dq's own-group loop
     (bench/results_attn.md, tuning notes)."""
     tl.debug_barrier()  # every thread is done reading the previous tile
-    _store_rows(buf_ptr, x, rows, row_ok, head, H, D, DP)
+    store_rows(buf_ptr, x, rows, row_ok, head, H, D, DP)
     tl.debug_barrier()  # the whole tile is written
-    return _load_rows(buf_ptr, rows, row_ok, head, H, D, DP)
+    return load_rows(buf_ptr, rows, row_ok, head, H, D, DP)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,21 +153,21 @@ def _query_block_program(blocks_ptr, HQ: tl.constexpr, H: tl.constexpr, HG: tl.c
 @triton.jit
 def _anchor_gap(Pstart_ptr, id_from, id_to, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
     """P[first token of block id_to] - P[first token of block id_from], in float32 from the float64 anchors."""
-    to = _load_row(Pstart_ptr, id_to, hg, HG, K, KP)
-    return (to - _load_row(Pstart_ptr, id_from, hg, HG, K, KP)).to(tl.float32)
+    to = load_row(Pstart_ptr, id_to, hg, HG, K, KP)
+    return (to - load_row(Pstart_ptr, id_from, hg, HG, K, KP)).to(tl.float32)
 
 
 @triton.jit
 def _fall(Pstart_ptr, Pl_ptr, a, id_a, b, id_b, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
     """P[a] - P[b] >= 0 for tokens a <= b of blocks id_a, id_b: how far the prefix falls between them (log2)."""
-    return (_anchor_gap(Pstart_ptr, id_b, id_a, hg, HG, K, KP) + _load_row(Pl_ptr, a, hg, HG, K, KP)
-            - _load_row(Pl_ptr, b, hg, HG, K, KP))
+    return (_anchor_gap(Pstart_ptr, id_b, id_a, hg, HG, K, KP) + load_row(Pl_ptr, a, hg, HG, K, KP)
+            - load_row(Pl_ptr, b, hg, HG, K, KP))
 
 
 @triton.jit
 def _decay_log2(Pstart_ptr, Pl_ptr, id_a, id_b, b, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
     """P[first token of block id_a] - P[b] for a token b of an earlier block id_b: the log2 decay between them, <= 0."""
-    return tl.minimum(_anchor_gap(Pstart_ptr, id_b, id_a, hg, HG, K, KP) - _load_row(Pl_ptr, b, hg, HG, K, KP), 0.0)
+    return tl.minimum(_anchor_gap(Pstart_ptr, id_b, id_a, hg, HG, K, KP) - load_row(Pl_ptr, b, hg, HG, K, KP), 0.0)
 
 
 @triton.jit
@@ -182,7 +179,7 @@ def _rescaled(x, log2_factor):
 @triton.jit
 def _is_gentle(Pl_ptr, last, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, FAST_RANGE: tl.constexpr):
     """Whether the block decays by less than FAST_RANGE in every channel (one-dot diagonal)."""
-    return tl.max(-_load_row(Pl_ptr, last, hg, HG, K, KP)) < FAST_RANGE
+    return tl.max(-load_row(Pl_ptr, last, hg, HG, K, KP)) < FAST_RANGE
 
 
 @triton.jit
@@ -206,7 +203,7 @@ def _steep_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG: tl.constexpr, K: tl
                       SUB: tl.constexpr):
     """k * 2^(A - P_j) with A the end of each key's own sub-block (all exponents <= 0)."""
     anchor_rows = tl.minimum(i0 + (rows - i0) // SUB * SUB + SUB - 1, last)
-    A = _load_rows(Pl_ptr, anchor_rows, rows <= last, hg, HG, K, KP)
+    A = load_rows(Pl_ptr, anchor_rows, rows <= last, hg, HG, K, KP)
     return k.to(tl.float32) * tl.exp2(tl.minimum(A - Pl, 0.0))
 
 
@@ -214,7 +211,7 @@ def _steep_key_factor(k, Pl, Pl_ptr, rows, i0, last, hg, HG: tl.constexpr, K: tl
 def _steep_query_factor(Pl, Pl_ptr, i0, last, s: tl.constexpr, hg, HG: tl.constexpr, K: tl.constexpr,
                         KP: tl.constexpr, SUB: tl.constexpr):
     """2^(P_i - A_s) for the end A_s of key sub-block s; rows at or before A_s get values that are masked."""
-    A = _load_row(Pl_ptr, tl.minimum(i0 + s * SUB + SUB - 1, last), hg, HG, K, KP)
+    A = load_row(Pl_ptr, tl.minimum(i0 + s * SUB + SUB - 1, last), hg, HG, K, KP)
     return tl.exp2(tl.minimum(Pl - A[None, :], 0.0))
 
 
@@ -291,11 +288,11 @@ def _offdiag_tile(qf, kx_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq,
     """Logits (log2 units) of query rows against the earlier key block j0, with its keys and values: `kx` holds the
     keys rescaled to an anchor, `qf` the queries rescaled from the same anchor."""
     cols = j0 + tl.arange(0, BLOCK)
-    kx = _load_rows(kx_ptr, cols, cols < i0, hg, HG, K, KP)
+    kx = load_rows(kx_ptr, cols, cols < i0, hg, HG, K, KP)
     s = tl.dot(qf, tl.trans(kx)) * qk_scale
     ck = _gate_offset(Cl_ptr, Cs_ptr, cols, cols < i0, id_m - (i0 - j0) // BLOCK, id_m, hq, HQ, HAS_GS)
     s = _gate_and_window(s, rows, cols, cq, ck, WINDOW, HAS_GS, HAS_WINDOW)
-    return s, kx, _load_rows(v_ptr, cols, cols < i0, hk, H, V, VP)
+    return s, kx, load_rows(v_ptr, cols, cols < i0, hk, H, V, VP)
 
 
 @triton.jit
@@ -317,25 +314,6 @@ def _move_anchor(acc, lg, x, lg_new):
 
 
 @triton.jit
-def _raised_max(m_i, tile_max):
-    """The running max after a tile whose row maxima are tile_max, the shift its exponentials take, and the factor
-    2^(m_i - shift) that rescales the running sum and output."""
-    m_new = tl.maximum(m_i, tile_max)
-    # A row with nothing visible yet keeps max -inf: shift by 0 instead so no exp2 sees -inf - -inf.
-    m_shift = tl.where(m_new == float('-inf'), 0.0, m_new)
-    return m_new, m_shift, tl.exp2(m_i - m_shift)
-
-
-@triton.jit
-def _softmax_step(s, m_i, l_i, acc, v):
-    """One online-softmax step over a tile of logits (log2 units, -inf where hidden); fully masked rows stay at
-    zero. The decode kernel takes it too."""
-    m_new, m_shift, alpha = _raised_max(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_shift[:, None])
-    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-
-
-@triton.jit
 def _probs_and_dscores(s, lse, delta, do, v):
     """Softmax probabilities and the logit gradient dS = p * (dp - delta) (natural units)."""
     p = tl.exp2(s - lse[:, None])
@@ -352,7 +330,7 @@ def _group_bounds(i0, bos, eos, BLOCK: tl.constexpr, GROUP: tl.constexpr):
 @triton.jit
 def _dkv_tile(qf, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr, Cl_ptr, Cs_ptr, dk, dv, dck, hq,
               qk_scale, WINDOW, HQ: tl.constexpr, V: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr,
-              HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+              DKV_QUERY_ROWS: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Adds the contributions of the DKV_QUERY_ROWS queries from i0 on to the key block's dk (in the frame that qf and
     kf share), dv and dck.
     Computed transposed, [keys, queries], so that p and dS are the left operands of the dv and dk dots as they come
@@ -365,9 +343,8 @@ def _dkv_tile(qf, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr
         s_t += cq[None, :] - ck[:, None]
     if HAS_WINDOW:
         s_t = tl.where((rows[None, :] - cols[:, None]) < WINDOW, s_t, float('-inf'))
-    do = _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
-    lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=float('inf'))  # p = 0 past the end
-    delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+    do = load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
+    lse, delta = load_lse_and_delta(lse_ptr, delta_ptr, rows, row_ok, hq, HQ)
     p_t = tl.exp2(s_t - lse[None, :])
     ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
     dv = tl.dot(p_t.to(do.dtype), do, dv)
@@ -389,17 +366,17 @@ def _prefix_kernel(g_ptr, do_ptr, o_ptr, Pl_ptr, delta_ptr, gate_max_ptr, blocks
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
     if BACKWARD:
-        g = _load_rows(g_ptr, rows, row_ok & (rows > i0), hg, HG, K, KP).to(tl.float32) * 1.4426950408889634
+        g = load_rows(g_ptr, rows, row_ok & (rows > i0), hg, HG, K, KP).to(tl.float32) * LOG2E
     else:  # every gate, the block's first too, enters the check; Pl starts at 0 on the first
-        g = _load_rows(g_ptr, rows, row_ok, hg, HG, K, KP).to(tl.float32)
+        g = load_rows(g_ptr, rows, row_ok, hg, HG, K, KP).to(tl.float32)
         tl.store(gate_max_ptr + tl.program_id(0) * HG + hg, tl.max(tl.max(g, 1), 0))
-        g = tl.where((rows > i0)[:, None], g, 0.0) * 1.4426950408889634
-    _store_rows(Pl_ptr, tl.cumsum(g, 0), rows, row_ok, hg, HG, K, KP)
+        g = tl.where((rows > i0)[:, None], g, 0.0) * LOG2E
+    store_rows(Pl_ptr, tl.cumsum(g, 0), rows, row_ok, hg, HG, K, KP)
     if BACKWARD:
         for h in range(HQ // HG):
             hq = hg * (HQ // HG) + h
-            delta = tl.sum(_load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP).to(tl.float32)
-                           * _load_rows(o_ptr, rows, row_ok, hq, HQ, V, VP).to(tl.float32), 1)
+            delta = tl.sum(load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP).to(tl.float32)
+                           * load_rows(o_ptr, rows, row_ok, hq, HQ, V, VP).to(tl.float32), 1)
             tl.store(delta_ptr + rows.to(tl.int64) * HQ + hq, delta, mask=row_ok)
 
 
@@ -411,7 +388,7 @@ def _block_prefix_kernel(Pl_ptr, g_ptr, start_ptr, last_ptr, Pstart_ptr, num_blo
     hg = tl.program_id(0)
     cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
     col_ok = cols < K
-    log2e = tl.full((), 1.4426950408889634, tl.float64)
+    log2e = tl.full((), LOG2E, tl.float64)
     carry = tl.zeros([COLS], dtype=tl.float64)
     for c0 in range(0, num_blocks, CHUNK):
         b = c0 + tl.arange(0, CHUNK)
@@ -440,54 +417,54 @@ def _rescale_kernel(k_ptr, q_ptr, Pl_ptr, Pstart_ptr, kt_ptr, kg_ptr, qh_ptr, qg
     hg = tl.program_id(1)
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
-    Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+    Pl = load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
     last = _group_bounds(i0, bos, eos, BLOCK, KEY_GROUP)[1]
-    block_end = _load_row(Pl_ptr, tl.minimum(i0 + BLOCK, eos) - 1, hg, HG, K, KP)
+    block_end = load_row(Pl_ptr, tl.minimum(i0 + BLOCK, eos) - 1, hg, HG, K, KP)
     group_end = (_anchor_gap(Pstart_ptr, id_i, id_i + (last - i0) // BLOCK, hg, HG, K, KP)
-                 + _load_row(Pl_ptr, last, hg, HG, K, KP))
-    k = _load_rows(k_ptr, rows, row_ok, hg // (HG // H), H, K, KP).to(tl.float32)
-    _store_rows(kt_ptr, k * tl.exp2(tl.minimum(block_end[None, :] - Pl, 0.0)), rows, row_ok, hg, HG, K, KP)
-    _store_rows(kg_ptr, k * tl.exp2(tl.minimum(group_end[None, :] - Pl, 0.0)), rows, row_ok, hg, HG, K, KP)
+                 + load_row(Pl_ptr, last, hg, HG, K, KP))
+    k = load_rows(k_ptr, rows, row_ok, hg // (HG // H), H, K, KP).to(tl.float32)
+    store_rows(kt_ptr, k * tl.exp2(tl.minimum(block_end[None, :] - Pl, 0.0)), rows, row_ok, hg, HG, K, KP)
+    store_rows(kg_ptr, k * tl.exp2(tl.minimum(group_end[None, :] - Pl, 0.0)), rows, row_ok, hg, HG, K, KP)
     if BACKWARD:
         first = _group_bounds(i0, bos, eos, BLOCK, QUERY_GROUP)[0]
         from_group_start = Pl + _anchor_gap(Pstart_ptr, id_i - (i0 - first) // BLOCK, id_i, hg, HG, K, KP)[None, :]
         for h in range(HQ // HG):
             hq = hg * (HQ // HG) + h
-            q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP).to(tl.float32)
-            _store_rows(qh_ptr, q * tl.exp2(Pl), rows, row_ok, hq, HQ, K, KP)
-            _store_rows(qg_ptr, q * tl.exp2(tl.minimum(from_group_start, 0.0)), rows, row_ok, hq, HQ, K, KP)
+            q = load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP).to(tl.float32)
+            store_rows(qh_ptr, q * tl.exp2(Pl), rows, row_ok, hq, HQ, K, KP)
+            store_rows(qg_ptr, q * tl.exp2(tl.minimum(from_group_start, 0.0)), rows, row_ok, hq, HQ, K, KP)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # forward
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=_configs('fwd'), key=TUNE_KEY)
 @triton.jit
 def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, S_ptr, sink_ptr, o_ptr,
                 lse_ptr, qf_ptr, blocks_ptr, qk_scale, WINDOW,
                 HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
+                KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
                 FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_WINDOW: tl.constexpr):
     i0, bos, eos, id_m, hq, hk, hg, last = _query_block_program(blocks_ptr, HQ, H, HG, BLOCK)
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
 
-    q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
-    Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+    q = load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
+    Pl = load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
     q_hat = (q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype)
     cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
 
     # Diagonal tile first, its logits from _diag_fwd_kernel
-    s = _mask_and_gate(_load_rows(S_ptr, rows, row_ok, hq, HQ, BLOCK, BLOCK), rows, rows,
+    s = _mask_and_gate(load_rows(S_ptr, rows, row_ok, hq, HQ, BLOCK, BLOCK), rows, rows,
                        row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS, HAS_WINDOW)
     if HAS_SINK:
-        m_i = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(sink_ptr + hq).to(tl.float32) * 1.4426950408889634
+        m_i = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(sink_ptr + hq).to(tl.float32) * LOG2E
         l_i = tl.full([BLOCK], 1.0, dtype=tl.float32)
     else:
         m_i = tl.full([BLOCK], float('-inf'), dtype=tl.float32)
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, VP], dtype=tl.float32)
-    m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+    m_i, l_i, acc = softmax_step(s, m_i, l_i, acc, load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
 
     lo = _window_start(i0, bos, WINDOW, BLOCK, HAS_WINDOW)
     own_group, own_last = _group_bounds(i0, bos, eos, BLOCK, GROUP)
@@ -504,7 +481,7 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr
         for j0 in range(tl.maximum(g0, lo), g0 + GROUP * BLOCK, BLOCK):
             s, _, v = _offdiag_tile(qf, kg_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq, hk, hg, 1.0,
                                     WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
-            m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
+            m_i, l_i, acc = softmax_step(s, m_i, l_i, acc, v)
     if _is_gentle_group(Pstart_ptr, Pl_ptr, own_group, id_m - (i0 - own_group) // BLOCK, own_last, id_own_last, hg,
                         HG, K, KP, FAST_RANGE):
         # The own group's keys anchor on its last token too (kg): the query factor 2^(P_m - P_last) >= 1 is below
@@ -514,16 +491,16 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr
         for j0 in range(tl.maximum(lo, own_group), i0, BLOCK):
             s, _, v = _offdiag_tile(qf, kg_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq, hk, hg, qk_scale,
                                     WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
-            m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
+            m_i, l_i, acc = softmax_step(s, m_i, l_i, acc, v)
     else:
         for j0 in range(tl.maximum(lo, own_group), i0, BLOCK):  # per-block anchors
             qf = _staged(_rescaled(q_hat, _decay_to_block(Pstart_ptr, Pl_ptr, j0 + BLOCK - 1, i0, id_m, hg, HG, K, KP,
                                                           BLOCK) + log2_qk_scale), qf_ptr, rows, row_ok, hq, HQ, K, KP)
             s, _, v = _offdiag_tile(qf, kt_ptr, v_ptr, Cl_ptr, Cs_ptr, j0, rows, cq, i0, id_m, hq, hk, hg, 1.0,
                                     WINDOW, HQ, H, HG, K, KP, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
-            m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, v)
+            m_i, l_i, acc = softmax_step(s, m_i, l_i, acc, v)
 
-    _store_rows(o_ptr, acc / l_i[:, None], rows, row_ok, hq, HQ, V, VP)
+    store_rows(o_ptr, acc / l_i[:, None], rows, row_ok, hq, HQ, V, VP)
     tl.store(lse_ptr + rows.to(tl.int64) * HQ + hq, m_i + tl.log2(l_i), mask=row_ok)
 
 
@@ -572,9 +549,9 @@ def _diag_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
     i0, _, eos, _, hq, hk, hg, last = _query_block_program(blocks_ptr, HQ, H, HG, BLOCK)
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
-    q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
-    k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
-    Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+    q = load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
+    k = load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
+    Pl = load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
     if _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
         k_hat = (k.to(tl.float32) * tl.exp2(-Pl)).to(k.dtype)
         s = tl.dot((q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype), tl.trans(k_hat)) * qk_scale
@@ -583,30 +560,29 @@ def _diag_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
         tl.debug_barrier()  # other threads read L back
         s = _steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG, K, KP, BLOCK,
                           SUB)
-    _store_rows(S_ptr, s, rows, row_ok, hq, HQ, BLOCK, BLOCK)
+    store_rows(S_ptr, s, rows, row_ok, hq, HQ, BLOCK, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # backward
 
-@triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=_configs('dq'), key=TUNE_KEY)
 @triton.jit
 def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, do_ptr, lse_ptr,
                    delta_ptr, dq_ptr, dcq_ptr, qf_ptr, blocks_ptr, qk_scale, scale, WINDOW,
                    HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
+                   KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
                    FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     i0, bos, eos, id_m, hq, hk, hg, last = _query_block_program(blocks_ptr, HQ, H, HG, BLOCK)
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
 
-    q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
-    Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+    q = load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
+    Pl = load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
     q_hat = (q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype)
     cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
-    do = _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
-    lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=float('inf'))  # p = 0 past the end
-    delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
+    do = load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
+    lse, delta = load_lse_and_delta(lse_ptr, delta_ptr, rows, row_ok, hq, HQ)
 
     # dq accumulates divided by 2^lg, the decay from the current anchor to the query block's start, so that each tile
     # adds its dot straight into it; when the anchor moves later, dq shrinks by the decay between the two anchors.
@@ -632,26 +608,27 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
     dq *= tl.exp2(lg)[None, :]
 
     if _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
-        k_hat = (_load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * tl.exp2(-Pl)).to(q.dtype)
+        k_hat = (load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * tl.exp2(-Pl)).to(q.dtype)
         s = _mask_and_gate(tl.dot(q_hat, tl.trans(k_hat)) * qk_scale, rows, rows,
                            row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS, HAS_WINDOW)
-        p, ds = _probs_and_dscores(s, lse, delta, do, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+        p, ds = _probs_and_dscores(s, lse, delta, do, load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
         dcq += tl.sum(ds, 1)
         dq += tl.dot(ds.to(k_hat.dtype), k_hat)
     dq *= tl.exp2(Pl)  # a steep block's diagonal tile: _steep_bwd_kernel adds it afterwards
 
-    _store_rows(dq_ptr, dq * scale, rows, row_ok, hq, HQ, K, KP)
+    store_rows(dq_ptr, dq * scale, rows, row_ok, hq, HQ, K, KP)
     tl.store(dcq_ptr + rows.to(tl.int64) * HQ + hq, dcq, mask=row_ok)
 
 
-@triton.autotune(configs=DKV_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=_configs('dkv'), key=TUNE_KEY)
 @triton.jit
 def _bwd_dkv_kernel(qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, do_ptr,
                     lse_ptr, delta_ptr, dk_ptr, dv_ptr, dck_ptr, dv_part_ptr, blocks_ptr, num_blocks, qk_scale, scale,
                     WINDOW,
                     HQ: tl.constexpr, H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                    KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
-                    FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                    KP: tl.constexpr, VP: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
+                    DKV_QUERY_ROWS: tl.constexpr, FAST_RANGE: tl.constexpr, HAS_GS: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr):
     # The block table lists the longest query loops first; key loops are longest in reverse order.
     j0, bos, eos, id_n = _block(blocks_ptr, num_blocks - 1 - tl.program_id(0))
     hq = tl.program_id(1)
@@ -661,7 +638,7 @@ def _bwd_dkv_kernel(qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl
     col_ok = cols < eos
     last = tl.minimum(j0 + BLOCK, eos) - 1
 
-    v = _load_rows(v_ptr, cols, col_ok, hk, H, V, VP)
+    v = load_rows(v_ptr, cols, col_ok, hk, H, V, VP)
     ck = _gate_offset(Cl_ptr, Cs_ptr, cols, col_ok, id_n, id_n, hq, HQ, HAS_GS)
 
     # dk accumulates in the frame of kt (true dk = dk * 2^(Pl_end - Pl)), while the loop over later groups runs
@@ -680,33 +657,33 @@ def _bwd_dkv_kernel(qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl
         first = near_end + (num_far - 1 - t) * (GROUP * BLOCK)
         # kt is reloaded, not kept live through the loop: far fewer registers, much faster
         lh_new = _decay_log2(Pstart_ptr, Pl_ptr, id_n + (first - j0) // BLOCK, id_n, last, hg, HG, K, KP)
-        dk, lh, kf = _move_anchor(dk, lh, _load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP), lh_new)
+        dk, lh, kf = _move_anchor(dk, lh, load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP), lh_new)
         for i0 in range(first, tl.minimum(first + GROUP * BLOCK, hi), DKV_QUERY_ROWS):
             rows = i0 + tl.arange(0, DKV_QUERY_ROWS)
-            qg = _load_rows(qg_ptr, rows, rows < eos, hq, HQ, K, KP)
+            qg = load_rows(qg_ptr, rows, rows < eos, hq, HQ, K, KP)
             dk, dv, dck = _dkv_tile(qg, kf, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr, Cl_ptr, Cs_ptr,
-                                    dk, dv, dck, hq, qk_scale, WINDOW, HQ, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
+                                    dk, dv, dck, hq, qk_scale, WINDOW, HQ, V, VP, BLOCK, DKV_QUERY_ROWS, HAS_GS,
+                                    HAS_WINDOW)
     dk *= tl.exp2(lh)[None, :]
-    kt = _load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP)
+    kt = load_rows(kt_ptr, cols, col_ok, hg, HG, K, KP)
     for i0 in range(j0 + BLOCK, tl.minimum(near_end, hi), DKV_QUERY_ROWS):  # queries of the key block's own group
         rows = i0 + tl.arange(0, DKV_QUERY_ROWS)
-        qf = _rescaled(_load_rows(qh_ptr, rows, rows < eos, hq, HQ, K, KP),
+        qf = _rescaled(load_rows(qh_ptr, rows, rows < eos, hq, HQ, K, KP),
                        _decay_log2(Pstart_ptr, Pl_ptr, id_n + (i0 - j0) // BLOCK, id_n, last, hg, HG, K, KP))
         dk, dv, dck = _dkv_tile(qf, kt, v, ck, i0, j0, cols, id_n, eos, do_ptr, lse_ptr, delta_ptr, Cl_ptr, Cs_ptr,
-                                dk, dv, dck, hq, qk_scale, WINDOW, HQ, V, VP, BLOCK, HAS_GS, HAS_WINDOW)
+                                dk, dv, dck, hq, qk_scale, WINDOW, HQ, V, VP, BLOCK, DKV_QUERY_ROWS, HAS_GS, HAS_WINDOW)
 
     # Diagonal tile: queries are the key rows themselves.
-    Pl = _load_rows(Pl_ptr, cols, col_ok, hg, HG, K, KP)
-    Pl_end = _load_row(Pl_ptr, last, hg, HG, K, KP)
+    Pl = load_rows(Pl_ptr, cols, col_ok, hg, HG, K, KP)
+    Pl_end = load_row(Pl_ptr, last, hg, HG, K, KP)
     gentle = _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE)
     if gentle:  # a steep block's diagonal tile: _steep_bwd_kernel adds it afterwards
-        q_hat = _load_rows(qh_ptr, cols, col_ok, hq, HQ, K, KP)
-        k_hat = (_load_rows(k_ptr, cols, col_ok, hk, H, K, KP).to(tl.float32) * tl.exp2(-Pl)).to(q_hat.dtype)
+        q_hat = load_rows(qh_ptr, cols, col_ok, hq, HQ, K, KP)
+        k_hat = (load_rows(k_ptr, cols, col_ok, hk, H, K, KP).to(tl.float32) * tl.exp2(-Pl)).to(q_hat.dtype)
         s = _mask_and_gate(tl.dot(q_hat, tl.trans(k_hat)) * qk_scale, cols, cols,
                            col_ok[:, None] & (cols[None, :] <= cols[:, None]), ck, ck, WINDOW, HAS_GS, HAS_WINDOW)
-        do = _load_rows(do_ptr, cols, col_ok, hq, HQ, V, VP)
-        lse = tl.load(lse_ptr + cols.to(tl.int64) * HQ + hq, mask=col_ok, other=float('inf'))
-        delta = tl.load(delta_ptr + cols.to(tl.int64) * HQ + hq, mask=col_ok, other=0.0)
+        do = load_rows(do_ptr, cols, col_ok, hq, HQ, V, VP)
+        lse, delta = load_lse_and_delta(lse_ptr, delta_ptr, cols, col_ok, hq, HQ)
         p, ds = _probs_and_dscores(s, lse, delta, do, v)
         dv += tl.dot(tl.trans(p).to(do.dtype), do)
         dck += tl.sum(ds, 0)
@@ -714,11 +691,11 @@ def _bwd_dkv_kernel(qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl
         dk += tl.dot(tl.trans(ds).to(q_hat.dtype), q_hat) * tl.exp2(-Pl_end)[None, :]
     dk *= tl.exp2(tl.minimum(Pl_end[None, :] - Pl, 0.0))
 
-    _store_rows(dk_ptr, dk * scale, cols, col_ok, hq, HQ, K, KP)
+    store_rows(dk_ptr, dk * scale, cols, col_ok, hq, HQ, K, KP)
     # a steep block's dv is not final yet: it waits in fp32 for its diagonal tile (two masked stores, not a branch,
     # which made the compiler spill more)
-    _store_rows(dv_ptr, dv, cols, tl.where(gentle, col_ok, False), hq, HQ, V, VP)
-    _store_rows(dv_part_ptr, dv, cols, tl.where(gentle, False, col_ok), hq, HQ, V, VP)
+    store_rows(dv_ptr, dv, cols, tl.where(gentle, col_ok, False), hq, HQ, V, VP)
+    store_rows(dv_part_ptr, dv, cols, tl.where(gentle, False, col_ok), hq, HQ, V, VP)
     tl.store(dck_ptr + cols.to(tl.int64) * HQ + hq, dck, mask=col_ok)
 
 
@@ -748,10 +725,9 @@ def _intra_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, L_ptr, do_ptr, lse_pt
             if HAS_GS:
                 C = tl.load(Cl_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
                 s += C[:, None] - C[None, :]
-            lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-            delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-            p, ds = _probs_and_dscores(s, lse, delta, _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP),
-                                       _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+            lse, delta = load_lse_and_delta(lse_ptr, delta_ptr, rows, row_ok, hq, HQ)
+            p, ds = _probs_and_dscores(s, lse, delta, load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP),
+                                       load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
             ds = tl.where(visible, ds, 0.0) * scale
             for d0 in range(0, K, DK):
                 q, k, decay, ok, offs = _intra_channels(q_ptr, k_ptr, Pl_ptr, base, row_ok, d0, hq, hk, hg, HQ, H, HG,
@@ -775,22 +751,21 @@ def _steep_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr
     if not _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
         rows = i0 + tl.arange(0, BLOCK)
         row_ok = rows < eos
-        q = _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
-        k = _load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
-        Pl = _load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+        q = load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
+        k = load_rows(k_ptr, rows, row_ok, hk, H, K, KP)
+        Pl = load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
         cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
         s = _mask_and_gate(_steep_logits(q, k, Pl, Pl_ptr, L_ptr, rows, row_ok, i0, last, hq, hg, qk_scale, HQ, HG,
                                          K, KP, BLOCK, SUB),
                            rows, rows, row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS,
                            HAS_WINDOW)
-        do = _load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
-        lse = tl.load(lse_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=float('inf'))  # p = 0 past the end
-        delta = tl.load(delta_ptr + rows.to(tl.int64) * HQ + hq, mask=row_ok, other=0.0)
-        p, ds = _probs_and_dscores(s, lse, delta, do, _load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
-        dv = tl.dot(tl.trans(p).to(do.dtype), do, _load_rows(dv_part_ptr, rows, row_ok, hq, HQ, V, VP))
-        _store_rows(dv_ptr, dv, rows, row_ok, hq, HQ, V, VP)
-        _add_to_rows(dcq_ptr, tl.sum(ds, 1), rows, row_ok, hq, HQ)
-        _add_to_rows(dck_ptr, tl.sum(ds, 0), rows, row_ok, hq, HQ)
+        do = load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
+        lse, delta = load_lse_and_delta(lse_ptr, delta_ptr, rows, row_ok, hq, HQ)
+        p, ds = _probs_and_dscores(s, lse, delta, do, load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, load_rows(dv_part_ptr, rows, row_ok, hq, HQ, V, VP))
+        store_rows(dv_ptr, dv, rows, row_ok, hq, HQ, V, VP)
+        add_to_rows(dcq_ptr, tl.sum(ds, 1), rows, row_ok, hq, HQ)
+        add_to_rows(dck_ptr, tl.sum(ds, 0), rows, row_ok, hq, HQ)
         ds *= scale
         # pairs in different sub-blocks factor through the key sub-block's end
         ds_outer = tl.where(_intra_mask(BLOCK, SUB), 0.0, ds)
@@ -803,9 +778,9 @@ def _steep_bwd_kernel(q_ptr, k_ptr, v_ptr, Pl_ptr, Cl_ptr, Cs_ptr, L_ptr, do_ptr
             factor = _steep_query_factor(Pl, Pl_ptr, i0, last, sb, hg, HG, K, KP, SUB)
             dq += tl.dot(ds_sb, kb) * factor
             dk += tl.dot(tl.trans(ds_sb), (q.to(tl.float32) * factor).to(q.dtype))
-        _store_rows(dq_ptr, _load_rows(dq_ptr, rows, row_ok, hq, HQ, K, KP) + dq, rows, row_ok, hq, HQ, K, KP)
+        store_rows(dq_ptr, load_rows(dq_ptr, rows, row_ok, hq, HQ, K, KP) + dq, rows, row_ok, hq, HQ, K, KP)
         dk = _steep_key_factor(dk, Pl, Pl_ptr, rows, i0, last, hg, HG, K, KP, SUB)
-        _store_rows(dk_ptr, _load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP) + dk, rows, row_ok, hq, HQ, K, KP)
+        store_rows(dk_ptr, load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP) + dk, rows, row_ok, hq, HQ, K, KP)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -827,19 +802,19 @@ def _decay_grad_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr, suffix_
     for h in range(HQ // HG):
         hq = hg * (HQ // HG) + h
         hk = hq // (HQ // H)
-        dq = _load_rows(dq_ptr, rows, row_ok, hq, HQ, K, KP)
-        dk = _load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP)
-        x += _load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP).to(tl.float32) * dq
-        x -= _load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * dk
+        dq = load_rows(dq_ptr, rows, row_ok, hq, HQ, K, KP)
+        dk = load_rows(dk_ptr, rows, row_ok, hq, HQ, K, KP)
+        x += load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP).to(tl.float32) * dq
+        x -= load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * dk
         if FINAL:
-            _store_rows(dq_out_ptr, dq, rows, row_ok, hq, HQ, K, KP)
+            store_rows(dq_out_ptr, dq, rows, row_ok, hq, HQ, K, KP)
             if DK_OUT:
-                _store_rows(dk_out_ptr, dk, rows, row_ok, hq, HQ, K, KP)
+                store_rows(dk_out_ptr, dk, rows, row_ok, hq, HQ, K, KP)
     total = tl.sum(x, 0)
     if FINAL:
         inside = (total[None, :] - tl.cumsum(x, 0) + x).to(tl.float64)
-        _store_rows(dg_ptr, inside + _load_row(suffix_ptr, block_id, hg, HG, K, KP)[None, :], rows, row_ok, hg, HG,
-                    K, KP)
+        store_rows(dg_ptr, inside + load_row(suffix_ptr, block_id, hg, HG, K, KP)[None, :], rows, row_ok, hg, HG,
+                   K, KP)
     else:
         cols = tl.arange(0, KP)
         tl.store(totals_ptr + (block_id * HG + hg) * K + cols, total, mask=cols < K)
@@ -848,8 +823,8 @@ def _decay_grad_kernel(q_ptr, k_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr, suffix_
 # ---------------------------------------------------------------------------------------------------------------
 # autograd and launch
 
-class _Layout:
-    """Everything derived from the document boundaries, shared by forward and backward."""
+class _Blocks:
+    """The documents' BLOCK-token blocks and everything derived from them, shared by forward and backward."""
 
     def __init__(self, bounds, device, block):
         blocks = [(s, bos, eos) for bos, eos in zip(bounds[:-1], bounds[1:]) for s in range(bos, eos, block)]
@@ -869,14 +844,15 @@ class _Layout:
     def block_prefix(self, Pl, g):
         num_blocks, (HG, K) = len(self.block_start), Pl.shape[1:]
         Pstart = torch.empty(num_blocks, HG, K, device=Pl.device, dtype=torch.float64)
-        _block_prefix_kernel[(HG, triton.cdiv(K, 32))](Pl, g, self.block_start, self.block_last, Pstart, num_blocks,
-                                                      HG=HG, K=K, COLS=32, CHUNK=64)
+        _block_prefix_kernel[(HG, triton.cdiv(K, PREFIX_COLS))](Pl, g, self.block_start, self.block_last, Pstart,
+                                                                num_blocks, HG=HG, K=K, COLS=PREFIX_COLS,
+                                                                CHUNK=PREFIX_CHUNK)
         return Pstart
 
     def scalar_prefix(self, g_scalar):
         """The scalar gate's prefix C = cumsum(g_scalar) in log2 units as (C - C[own block start] in float32,
         C[block starts] in float64): the kernels read float32 per token and one float64 pair per block."""
-        C = _cumsum_rows(g_scalar.double()) * LOG2E
+        C = _cumsum_rows(g_scalar.double()) * LOG2E.value
         Cs = C[self.block_start]
         return (C - Cs[self.token_block]).float(), Cs
 
@@ -887,9 +863,9 @@ class _Layout:
 
 
 @functools.lru_cache(maxsize=16)
-def _layout(bounds, device, block):
+def _blocks_of(bounds, device, block):
     """Every layer of a model sees the same documents: build their block tables once."""
-    return _Layout(bounds, device, block)
+    return _Blocks(bounds, device, block)
 
 
 def _cumsum_rows(x):
@@ -912,8 +888,8 @@ def _reverse_cumsum(x, doc_end):
 
 def _dims(q, k, v, g):
     return dict(HQ=q.shape[1], H=k.shape[1], HG=g.shape[1], K=q.shape[2], V=v.shape[2],
-                KP=max(16, triton.next_power_of_2(q.shape[2])), VP=max(16, triton.next_power_of_2(v.shape[2])),
-                BLOCK=BLOCK, SUB=SUB, FAST_RANGE=FAST_RANGE[q.dtype])
+                KP=padded_dim(q.shape[2]), VP=padded_dim(v.shape[2]),
+                BLOCK=BLOCK, FAST_RANGE=FAST_RANGE[q.dtype])
 
 
 def _feature_flags(g_scalar, window_size):
@@ -921,47 +897,46 @@ def _feature_flags(g_scalar, window_size):
     return dict(HAS_GS=g_scalar is not None, HAS_WINDOW=window_size is not None)
 
 
-def _prep(q, k, g, layout, dims, do=None, o=None):
+def _prep(q, k, g, blocks, dims, do=None, o=None):
     """Pl, Pstart and the rescaled keys kt, kg; given do and o (the backward), also q_hat, qg and delta; without
     them (the forward), the largest gate of each (block, gate head) instead."""
     backward = do is not None
-    grid = (layout.table.shape[0], dims['HG'])
+    grid = (blocks.table.shape[0], dims['HG'])
     Pl = torch.empty(g.shape, device=g.device, dtype=torch.float32)
     delta = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32) if backward else None
     gate_max = None if backward else torch.empty(grid, device=g.device, dtype=torch.float32)
-    _prefix_kernel[grid](g, do if backward else q, o if backward else q, Pl, delta if backward else Pl,
-                         Pl if backward else gate_max, layout.table,
+    _prefix_kernel[grid](g, do, o, Pl, delta, gate_max, blocks.table,
                          HQ=dims['HQ'], HG=dims['HG'], K=dims['K'], KP=dims['KP'], V=dims['V'], VP=dims['VP'],
                          BLOCK=BLOCK, BACKWARD=backward)
-    Pstart = layout.block_prefix(Pl, g)
+    Pstart = blocks.block_prefix(Pl, g)
     kt, kg = (torch.empty(q.shape[0], dims['HG'], dims['K'], device=q.device, dtype=q.dtype) for _ in range(2))
     q_hat, qg = (torch.empty_like(q), torch.empty_like(q)) if backward else (None, None)
-    _rescale_kernel[grid](k, q, Pl, Pstart, kt, kg, q_hat if backward else kt, qg if backward else kt, layout.table,
+    _rescale_kernel[grid](k, q if backward else None, Pl, Pstart, kt, kg, q_hat, qg, blocks.table,
                           HQ=dims['HQ'], H=dims['H'], HG=dims['HG'], K=dims['K'], KP=dims['KP'], BLOCK=BLOCK,
                           KEY_GROUP=GROUPS['dq' if backward else 'fwd'], QUERY_GROUP=GROUPS['dkv'],
                           BACKWARD=backward)
     return Pl, Pstart, kt, kg, q_hat, qg, delta if backward else gate_max
 
 
-def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
+def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, blocks):
     """q, k, v, g flattened to [tokens, heads, dim]. Returns o, lse (log2 units) and what backward needs."""
     dims = _dims(q, k, v, g)
     HQ = dims['HQ']
-    Pl, Pstart, kt, kg, _, _, gate_max = _prep(q, k, g, layout, dims)
+    Pl, Pstart, kt, kg, _, _, gate_max = _prep(q, k, g, blocks, dims)
     gate_maxima = [('g', gate_max.amax())] + ([] if g_scalar is None else [('g_scalar', g_scalar.amax())])
-    from .domain import check_gates  # here, not at the top: bench/registers.py loads this file on its own
     check_gates('wall_attn', gate_maxima)
-    Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
-    qk_scale = scale * LOG2E
-    grid = (layout.table.shape[0], HQ)
+    Cl, Cs = (None, None) if g_scalar is None else blocks.scalar_prefix(g_scalar)
+    qk_scale = scale * LOG2E.value
+    grid = (blocks.table.shape[0], HQ)
     L = torch.empty(q.shape[0], HQ, SUB, device=q.device, dtype=torch.float32)
     S = torch.empty(q.shape[0], HQ, BLOCK, device=q.device, dtype=torch.float32)
-    _diag_fwd_kernel[grid](q, k, Pl, L, S, layout.table, qk_scale, HQ=HQ, H=dims['H'], HG=dims['HG'], K=dims['K'],
-                            KP=dims['KP'], SUB=SUB, BLOCK=BLOCK, DK=16, FAST_RANGE=dims['FAST_RANGE'], num_warps=4)
+    _diag_fwd_kernel[grid](q, k, Pl, L, S, blocks.table, qk_scale, HQ=HQ, H=dims['H'], HG=dims['HG'], K=dims['K'],
+                           KP=dims['KP'], SUB=SUB, BLOCK=BLOCK, DK=DK, FAST_RANGE=dims['FAST_RANGE'],
+                           **_launch_options('diag_fwd'))
     o = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], HQ, device=q.device, dtype=torch.float32)
-    _fwd_kernel[grid](q, kt, kg, v, Pl, Pstart, Cl, Cs, S, lse if sink_bias is None else sink_bias,
-                      o, lse, torch.empty_like(q), layout.table, qk_scale, window_size or 0,
+    _fwd_kernel[grid](q, kt, kg, v, Pl, Pstart, Cl, Cs, S, sink_bias, o, lse, torch.empty_like(q), blocks.table,
+                      qk_scale, window_size or 0,
                       HAS_SINK=sink_bias is not None, GROUP=GROUPS['fwd'], **_feature_flags(g_scalar, window_size),
                       **dims)
     return o, lse, L
@@ -969,26 +944,27 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout):
 
 def _dq_and_dkv_launches(t, num_blocks, scale, window_size):
     """The dq and dk/dv kernels, each with its arguments taken from t (name -> tensor, or name -> dtype to compile it
-    ahead) and its anchor-group size."""
+    ahead) and the constexprs of its own (anchor-group size, dk/dv's query tile)."""
     shared = (t['Pl'], t['Pstart'], t['Cl'], t['Cs'], t['do'], t['lse'], t['delta'])
-    scalars = (scale * LOG2E, scale, window_size or 0)
+    scalars = (scale * LOG2E.value, scale, window_size or 0)
     return ((_bwd_dq_kernel, (t['q'], t['kt'], t['kg'], t['k'], t['v'], *shared, t['dq'], t['dcq'], t['qf'],
-                              t['table'], *scalars), GROUPS['dq']),
+                              t['table'], *scalars), dict(GROUP=GROUPS['dq'])),
             (_bwd_dkv_kernel, (t['q_hat'], t['qg'], t['kt'], t['k'], t['v'], *shared, t['dk'], t['dv'],
-                               t['dck'], t['dv_part'], t['table'], num_blocks, *scalars), GROUPS['dkv']))
+                               t['dck'], t['dv_part'], t['table'], num_blocks, *scalars),
+             dict(GROUP=GROUPS['dkv'], DKV_QUERY_ROWS=DKV_QUERY_ROWS)))
 
 
 _compiles_ahead = {}  # what the backward kernels were compiled ahead for -> their Futures
 _compile_threads = None
 
 
-def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, layout, dims):
+def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, blocks, dims):
     """At a new specialization's first forward, compile the two largest backward kernels on other threads. Triton
-    releases the GIL while it compiles, so they overlap with the forward's own compiles (about half the first
-    call's compile time)."""
+    releases the GIL while it compiles, so they overlap with the forward's own compiles (bench/results_attn.md,
+    tuning notes)."""
     global _compile_threads
     flags = _feature_flags(g_scalar, window_size)
-    num_blocks = layout.table.shape[0]
+    num_blocks = blocks.table.shape[0]
     # what Triton specializes a launch on: dtypes, constexprs, and integers equal to 1 or divisible by 16
     key = (q.device, q.dtype, v.dtype, tuple(dims.items()), tuple(flags.items()), window_size,
            num_blocks == 1, num_blocks % 16 == 0)
@@ -997,13 +973,13 @@ def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, layout, dims)
     f32, f64 = torch.float32, torch.float64
     HQ, H = dims['HQ'], dims['H']
     dtypes = dict(q=q.dtype, k=k.dtype, v=v.dtype, kt=q.dtype, kg=q.dtype, q_hat=q.dtype, qg=q.dtype, qf=q.dtype,
-                  Pl=f32, Pstart=f64, Cl=f64 if g_scalar is None else f32, Cs=f64, do=q.dtype, lse=f32,
-                  delta=f32, dq=f32, dcq=f32, dk=f32, dv=v.dtype if HQ == H else f32, dck=f32, dv_part=f32,
-                  table=torch.int32)
+                  Pl=f32, Pstart=f64, Cl=None if g_scalar is None else f32, Cs=None if g_scalar is None else f64,
+                  do=q.dtype, lse=f32, delta=f32, dq=f32, dcq=f32, dk=f32, dv=v.dtype if HQ == H else f32, dck=f32,
+                  dv_part=f32, table=torch.int32)
 
-    def compile_ahead(kernel, args, group):
+    def compile_ahead(kernel, args, constexprs):
         with torch.cuda.device(q.device):
-            kernel.warmup(*args, grid=(num_blocks, HQ), GROUP=group, **flags, **dims)
+            kernel.warmup(*args, grid=(num_blocks, HQ), **constexprs, **flags, **dims)
 
     _compile_threads = _compile_threads or concurrent.futures.ThreadPoolExecutor(max_workers=2)
     _compiles_ahead[key] = [_compile_threads.submit(compile_ahead, *launch)
@@ -1018,12 +994,12 @@ def _wait_for_compiles_ahead():
         concurrent.futures.wait(futures)
 
 
-def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size, layout):
+def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size, blocks):
     dims = _dims(q, k, v, g)
     HQ, H, HG = dims['HQ'], dims['H'], dims['HG']
     do = do.contiguous()  # o.sum().backward() passes a stride-0 do: every kernel below reads do as [tokens, HQ, V]
-    Pl, Pstart, kt, kg, q_hat, qg, delta = _prep(q, k, g, layout, dims, do, o)
-    Cl, Cs = (Pstart, Pstart) if g_scalar is None else layout.scalar_prefix(g_scalar)
+    Pl, Pstart, kt, kg, q_hat, qg, delta = _prep(q, k, g, blocks, dims, do, o)
+    Cl, Cs = (None, None) if g_scalar is None else blocks.scalar_prefix(g_scalar)
     _wait_for_compiles_ahead()
     dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     dk = torch.empty(q.shape, device=q.device, dtype=torch.float32)  # per query head: dg needs it
@@ -1032,34 +1008,34 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     dcq = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
     dck = torch.empty(q.shape[:2], device=q.device, dtype=torch.float32)
     flags = _feature_flags(g_scalar, window_size)
-    num_blocks = layout.table.shape[0]
+    num_blocks = blocks.table.shape[0]
     grid = (num_blocks, HQ)
     # a steep block's dv waits in fp32 for its diagonal tile (written for steep blocks only)
     dv_part = dv if dv.dtype == torch.float32 else torch.empty_like(dv, dtype=torch.float32)
     tensors = dict(q=q, k=k, v=v, kt=kt, kg=kg, q_hat=q_hat, qg=qg, qf=torch.empty_like(q), Pl=Pl, Pstart=Pstart,
                    Cl=Cl, Cs=Cs, do=do, lse=lse, delta=delta, dq=dq, dcq=dcq, dk=dk, dv=dv, dck=dck, dv_part=dv_part,
-                   table=layout.table)
-    for kernel, args, group in _dq_and_dkv_launches(tensors, num_blocks, scale, window_size):
-        kernel[grid](*args, GROUP=group, **flags, **dims)
-    _steep_bwd_kernel[grid](q, k, v, Pl, Cl, Cs, L, do, lse, delta, dq, dk, dv_part, dv, dcq, dck, layout.table,
-                            scale * LOG2E, scale, window_size or 0, num_warps=8, num_stages=1, **flags,
-                            **dims)  # 8 warps: 4 spill far more
-    _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, layout.table, scale, window_size or 0, DK=16,
-                            num_warps=4, **flags, **dims)
+                   table=blocks.table)
+    for kernel, args, constexprs in _dq_and_dkv_launches(tensors, num_blocks, scale, window_size):
+        kernel[grid](*args, **constexprs, **flags, **dims)
+    _steep_bwd_kernel[grid](q, k, v, Pl, Cl, Cs, L, do, lse, delta, dq, dk, dv_part, dv, dcq, dck, blocks.table,
+                            scale * LOG2E.value, scale, window_size or 0, SUB=SUB, **_launch_options('steep_bwd'),
+                            **flags, **dims)
+    _intra_bwd_kernel[grid](q, k, v, Pl, Cl, L, do, lse, delta, dq, dk, blocks.table, scale, window_size or 0, SUB=SUB,
+                            DK=DK, **_launch_options('intra_bwd'), **flags, **dims)
 
     dg = torch.empty(g.shape, device=g.device, dtype=g.dtype)
     totals = torch.empty(num_blocks, HG, dims['K'], device=g.device, dtype=torch.float32)
     dq_out = torch.empty_like(q)
-    dk_out = torch.empty_like(k) if HQ == H else dq_out
+    dk_out = torch.empty_like(k) if HQ == H else None  # with GQA, dk is summed over the query heads below
     shape = dict(HQ=HQ, H=H, HG=HG, K=dims['K'], KP=dims['KP'], BLOCK=BLOCK, DK_OUT=HQ == H)
-    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, totals, totals, layout.table, dq_out, dk_out, FINAL=False,
+    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, None, totals, None, blocks.table, None, None, FINAL=False,
                                          **shape)
-    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, totals, layout.suffix_after_block(totals), layout.table,
+    _decay_grad_kernel[(num_blocks, HG)](q, k, dq, dk, dg, None, blocks.suffix_after_block(totals), blocks.table,
                                          dq_out, dk_out, FINAL=True, **shape)
-    dg_scalar = None if g_scalar is None else _reverse_cumsum(dcq - dck, layout.doc_end).to(g_scalar.dtype)
+    dg_scalar = None if g_scalar is None else _reverse_cumsum(dcq - dck, blocks.doc_end).to(g_scalar.dtype)
     dsink = None
     if sink_bias is not None:
-        dsink = -(torch.exp2(sink_bias.float()[None, :] * LOG2E - lse) * delta).sum(0).to(sink_bias.dtype)
+        dsink = -(torch.exp2(sink_bias.float()[None, :] * LOG2E.value - lse) * delta).sum(0).to(sink_bias.dtype)
     if HQ != H:
         dk_out = dk.unflatten(1, (H, HQ // H)).sum(2).to(k.dtype)
         dv = dv.unflatten(1, (H, HQ // H)).sum(2).to(v.dtype)
@@ -1070,22 +1046,22 @@ class WallAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, g_scalar, sink_bias, scale, window_size, bounds):
-        layout = _layout(tuple(bounds), q.device, BLOCK)
+        blocks = _blocks_of(tuple(bounds), q.device, BLOCK)
         if any(ctx.needs_input_grad[:6]):
-            _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, layout, _dims(q, k, v, g))
-        o, lse, L = _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, layout)
+            _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, blocks, _dims(q, k, v, g))
+        o, lse, L = _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, blocks)
         ctx.save_for_backward(q, k, v, g, g_scalar, sink_bias, o, lse, L)
-        ctx.scale, ctx.window_size, ctx.layout = scale, window_size, layout
+        ctx.scale, ctx.window_size, ctx.blocks = scale, window_size, blocks
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, g, g_scalar, sink_bias, o, lse, L = ctx.saved_tensors
-        grads = _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, ctx.scale, ctx.window_size, ctx.layout)
+        grads = _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, ctx.scale, ctx.window_size, ctx.blocks)
         return (*grads, None, None, None)
 
 
-def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlens):
+def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlens, layout):
     for name, x in (('q', q), ('k', k), ('v', v), ('g', g)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f'`{name}` must be a torch.Tensor, got {type(x).__name__}')
@@ -1110,9 +1086,9 @@ def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlen
     if g.shape not in ((B, T, HQ, K), (B, T, H, K)):
         raise ValueError(f'`g` must be [{B}, {T}, {HQ}, {K}] (per query head) or [{B}, {T}, {H}, {K}] '
                          f'(per kv head), got {tuple(g.shape)}')
-    if K > 256 or V > MAX_VALUE_DIM:
-        raise ValueError(f'head dims up to 256 (K) and {MAX_VALUE_DIM} (V) are supported, got K={K} (`q`, `k`) and '
-                         f'V={V} (`v`)')
+    if K > MAX_HEAD_DIM or V > MAX_VALUE_DIM:
+        raise ValueError(f'head dims up to {MAX_HEAD_DIM} (K) and {MAX_VALUE_DIM} (V) are supported, got K={K} '
+                         f'(`q`, `k`) and V={V} (`v`)')
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f'`scale` must be a float, got {type(scale).__name__}')
     if not math.isfinite(scale):
@@ -1138,14 +1114,13 @@ def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlen
         if isinstance(x, torch.Tensor) and x.device != q.device:
             raise ValueError(f'`{name}` is on {x.device} but `q` is on {q.device}: all inputs must share a device')
     if cu_seqlens is None:
+        if layout is not None:
+            raise ValueError('`layout` describes a `cu_seqlens`: pass it with that cu_seqlens, not without one')
         return list(range(0, B * T + 1, T)) if T else [0, 0]
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError('`cu_seqlens` must be a 1-D tensor [num_docs + 1]')
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f'`cu_seqlens` must be int32 or int64, got {cu_seqlens.dtype}')
+    check_cu_seqlens(cu_seqlens)
     if B != 1:
         raise ValueError(f'`cu_seqlens` needs batch size 1 (documents packed along time), got batch {B}')
-    bounds = cu_seqlens.tolist()
+    bounds = layout_of(cu_seqlens, layout).bounds  # without a layout, the device-to-host read of cu_seqlens
     if bounds[0] != 0 or bounds[-1] != T:
         raise ValueError(f'`cu_seqlens` must start at 0 and end at T={T}, got {bounds[0]} ... {bounds[-1]}')
     if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
@@ -1153,7 +1128,8 @@ def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlen
     return bounds
 
 
-def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_size=None, cu_seqlens=None):
+def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_size=None, cu_seqlens=None,
+              layout=None):
     """Wall Attention (docs/operator.md), differentiable in q, k, v, g, g_scalar and sink_bias.
 
     q [B,T,HQ,K], k [B,T,H,K], v [B,T,H,V], g [B,T,HQ,K] or [B,T,H,K] (natural-log decay, <= 0),
@@ -1161,13 +1137,17 @@ def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_s
     Any K up to 256 and V up to 512 (values wider than 256 are attended 256 columns per launch, each launch
     computing the logits again).
 
+    layout: `kernels.document_layout(cu_seqlens)`, to spare each call on the same batch a device-to-host read of
+    cu_seqlens (kernels/documents.py); it must be the layout of this cu_seqlens: only its number of boundaries and
+    its last one (= T) are checked, its boundaries are used as given.
+
     A positive `g` or `g_scalar` raises a ValueError naming it and its largest value: at once on CPUs and at the
     first call on a GPU, later GPU calls at the latest at the first call after the next synchronisation;
     `kernels.set_gate_check('sync')` (or WALL_GATE_CHECK=sync) raises at the offending call everywhere, at the cost
     of a synchronisation per call (kernels/domain.py).
     """
     scale = q.shape[-1] ** -0.5 if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4 else scale
-    bounds = _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlens)
+    bounds = _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlens, layout)
     B, T, HQ, _ = q.shape
     if B * T == 0:
         return q.new_zeros(B, T, HQ, v.shape[-1])

@@ -25,6 +25,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .documents import layout_of
+
 SLAB_ELEMENTS = 1 << 24
 
 
@@ -41,7 +43,8 @@ def block_size(T):
 
 
 def wall_attn_reference(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_size=None,
-                        cu_seqlens=None):
+                        cu_seqlens=None, layout=None):
+    """kernels.wall_attn's arguments and result (`layout`: kernels/documents.py), without its input checks."""
     B, T, HQ, K = q.shape
     H, HG, V = k.shape[2], g.shape[2], v.shape[3]
     scale = K ** -0.5 if scale is None else scale
@@ -49,7 +52,7 @@ def wall_attn_reference(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None
     if cu_seqlens is None:
         starts, lengths = [0] * B, [T] * B
     else:
-        bounds = cu_seqlens.tolist()
+        bounds = layout_of(cu_seqlens, layout).bounds  # without a layout, the device-to-host read of cu_seqlens
         starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
         starts, lengths = [s for s, n in zip(starts, lengths) if n], [n for n in lengths if n]
     o = torch.zeros(B, T, HQ, V, dtype=dtype, device=q.device)  # positions in no document stay 0
@@ -173,6 +176,7 @@ def wall_attn_decode_reference(q, v, p_curr, k_tilde, r_cache, sink_bias=None, s
     Triton kernel runs in the interpreter. Returns `(o [B, T_q, HQ, V] in q's dtype, lse [B, T_q, HQ] float32,
     natural log, sink included)`."""
     from . import decode
+    from .triton_helpers import LOG2E
     B, T_q, HQ, K = q.shape
     T, H = v.shape[1], v.shape[2]
     HG = k_tilde.shape[2]
@@ -199,7 +203,7 @@ def wall_attn_decode_reference(q, v, p_curr, k_tilde, r_cache, sink_bias=None, s
     # What the kernel cannot decode exactly is NaN here too: pairs whose shifted query factor overflows fp32 (a row
     # far before its chunk's anchor), and non-finite logits (keys that overflowed when the cache was built).
     shifted = torch.exp2(exponent + decode.EXPONENT_SHIFT)[..., None, :]
-    factor = (q_groups.abs() * scale * decode.LOG2E)[:, :, None] * shifted
+    factor = (q_groups.abs() * scale * LOG2E.value)[:, :, None] * shifted
     overflow = (factor.masked_fill(~visible[None, :, :, None, None, None], 0.0) > torch.finfo(torch.float32).max)
     logits = logits.masked_fill(overflow.any(-1).permute(0, 1, 3, 4, 2).flatten(2, 3), float('nan'))
     logits = logits.masked_fill(logits == float('-inf'), float('nan'))

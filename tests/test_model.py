@@ -36,6 +36,19 @@ def test_packed_documents_see_nothing_of_each_other(attention):
     assert (unpacked[:, 15:] - logits_changed[:, 15:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize('attention', ATTENTIONS)
+def test_a_packed_forward_reads_cu_seqlens_on_the_host_once(attention, monkeypatch):
+    """hidden_states reads the documents to the host once (kernels.document_layout) and hands them to every layer:
+    on a GPU a read is a synchronisation, which the layers would otherwise each take."""
+    model = tiny(attention, n_layer=3)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, 'tolist', lambda t: reads.append(t.shape) or tolist(t))
+    with torch.no_grad():
+        model.hidden_states(torch.randint(0, 97, (1, 40)), torch.tensor([0, 15, 40], dtype=torch.int32))
+    assert reads == [torch.Size([3])]
+
+
 def causal_sdpa(impl, q, k, v, g, **kwargs):
     """Plain causal softmax attention of [B, T, heads, dim] tensors, ignoring every gate."""
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,

@@ -1,12 +1,13 @@
 """The fused training kernel against the float64 eager oracle: outputs and every gradient."""
 import math
+import os
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import wall_attn, wall_attn_reference
+from kernels import document_layout, wall_attn, wall_attn_reference
 from tests.conftest import DEVICE
 
 
@@ -251,10 +252,67 @@ def test_bad_inputs(changes, error, words):
         wall_attn(**_error_for(**changes))
 
 
+def test_layout_passed_or_computed_gives_the_same_results():
+    """The documents' layout computed once (kernels.document_layout, as model.py does per batch) and the one each
+    call computes from cu_seqlens give the same outputs and gradients, bit for bit, in the kernel and the reference."""
+    cu = torch.tensor([0, 50, 50, 130], device=DEVICE)
+    inputs = make_inputs(T=130, HQ=2, H=1, scalar_gate=True, sink=True)
+    do = torch.randn(1, 130, 2, 16, device=DEVICE)
+    for attend in (wall_attn, wall_attn_reference):
+        results = []
+        for layout in (None, document_layout(cu)):
+            leaves = {n: x.clone().requires_grad_() for n, x in inputs.items() if x is not None}
+            o = attend(**leaves, cu_seqlens=cu, window_size=40, layout=layout)
+            o.backward(do)
+            results.append([o] + [leaves[n].grad for n in sorted(leaves)])
+        for ours, computed in zip(*results):
+            assert torch.equal(ours, computed), attend.__name__
+
+
+@pytest.mark.parametrize('attend, other, words', [
+    (wall_attn, [0, 8], '`layout` holds 2 boundaries but `cu_seqlens` 3'),
+    (wall_attn_reference, [0, 8], '`layout` holds 2 boundaries but `cu_seqlens` 3'),
+    (wall_attn, [0, 4, 9], 'end at T=8'),
+])
+def test_a_layout_of_other_documents_is_refused(attend, other, words):
+    """What the host knows of cu_seqlens without reading it: how many boundaries it has, and (wall_attn) that the
+    last one is T. A one-line error."""
+    with pytest.raises(ValueError) as error:
+        attend(**_error_for(), cu_seqlens=torch.tensor([0, 4, 8]), layout=document_layout(torch.tensor(other)))
+    assert words in str(error.value) and '\n' not in str(error.value)
+
+
+def test_a_layout_goes_with_its_cu_seqlens():
+    cu = torch.tensor([0, 4, 8])
+    with pytest.raises(ValueError, match='`layout`'):
+        wall_attn(**_error_for(), layout=document_layout(cu))
+    with pytest.raises(TypeError, match='`layout` must be a kernels.DocumentLayout'):
+        wall_attn(**_error_for(), cu_seqlens=cu, layout=(0, 4, 8))
+
+
+def test_a_layout_is_taken_as_given():
+    """As documented (kernels/documents.py): a layout with as many boundaries, ending at T, is not compared with
+    cu_seqlens' values, which would take the device-to-host read it spares; its boundaries are the ones used."""
+    inputs = make_inputs(T=40, HQ=2, H=1)
+    given = wall_attn(**inputs, cu_seqlens=torch.tensor([0, 20, 40], device=DEVICE),
+                      layout=document_layout(torch.tensor([0, 10, 40])))
+    assert torch.equal(given, wall_attn(**inputs, cu_seqlens=torch.tensor([0, 10, 40], device=DEVICE)))
+
+
 def test_varlen_needs_batch_one():
     inputs = make_inputs(B=2, T=8, device='cpu')
     with pytest.raises(ValueError, match='batch size 1'):
         wall_attn(**inputs, cu_seqlens=torch.tensor([0, 8]))
+
+
+def test_parallel_loads_as_a_kernel_file(monkeypatch):
+    """bench/registers.py and bench/variants.py load parallel.py by path without kernels/__init__.py
+    (bench/kernel_files.py): its relative imports must resolve that way too."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), '..', 'bench'))
+    from kernel_files import load_kernel_file
+    import kernels.parallel as parallel
+    lone = load_kernel_file(parallel.__file__, 'parallel')
+    assert lone is not parallel and lone.LAUNCH == parallel.LAUNCH and callable(lone.wall_attn)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs two devices')
