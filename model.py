@@ -84,12 +84,14 @@ def softmax_attention(q, k, v, cu_seqlens, window_size, layout=None):
     """Document-causal softmax attention; q [B, T, HQ, D], k and v [B, T, H, D], cu_seqlens requires B == 1 (layout:
     kernels.document_layout(cu_seqlens), whose max_seqlen spares FlashAttention's launch a device-to-host read)."""
     B, T = q.shape[:2]
+    max_len = None if layout is None else layout.max_seqlen
     if cu_seqlens is None:  # every row is one document: pack the rows
         cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
         q, k, v = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v))
+        max_len = T
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):  # FlashAttention's varlen kernel: no mask in memory
         from torch.nn.attention.varlen import varlen_attn
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if layout is None else layout.max_seqlen
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if max_len is None else max_len
         left = -1 if window_size is None else window_size - 1  # flash counts keys strictly left of the query
         gqa = {}
         if k.shape[2] != q.shape[2]:
