@@ -2,7 +2,7 @@
 # The length-generalisation study (docs/length_generalization.md) for one model, end to end on one GPU: prepare the
 # installed-source corpus if it is not there, train config/lengthgen_MODEL.py, then evaluate the checkpoint to 16x
 # its 4096-token training documents: loss by position and natural copying (eval/length.py), trained-in retrieval
-# by distance (eval/retrieval.py), the needle test (eval/niah.py) and, for Wall models, the trained gates
+# by distance to 32x (eval/retrieval.py), the needle test (eval/niah.py) and, for Wall models, the trained gates
 # (eval/gates.py). Results, logs and plots go to $RESULTS/MODEL (default out/lengthgen/MODEL).
 #   bash eval/lengthgen.sh wall            # or rope, fox, wall_scalar; extra arguments go to train.py
 # DEADLINE=<seconds> makes everything end within that many seconds of the start: training gets what the
@@ -16,6 +16,7 @@ RESULTS=${RESULTS:-out/lengthgen}/$model
 DATA=${DATA:-data/installed}
 LENGTH=${LENGTH:-65536}
 DOCS=${DOCS:-64}
+DISTANCES=${DISTANCES:-512,1024,2048,4096,8192,16384,32768,65536,131072}  # 1/8 to 32x the training length
 EVAL_SECONDS=${EVAL_SECONDS:-200}
 export PYTHONUNBUFFERED=1
 mkdir -p "$RESULTS"
@@ -45,7 +46,8 @@ ckpt=$out_dir/ckpt.pt
 
 step length $(( $(left) * 2 / 5 )) python3 eval/length.py --ckpt "$ckpt" --length "$LENGTH" --docs "$DOCS" --copy \
   --out "$RESULTS/length"
-step retrieval $(( $(left) * 2 / 3 )) python3 eval/retrieval.py --ckpt "$ckpt" --out "$RESULTS/retrieval"
+step retrieval $(( $(left) * 2 / 3 )) python3 eval/retrieval.py --ckpt "$ckpt" --distances "$DISTANCES" \
+  --out "$RESULTS/retrieval"
 if [ "$model" != rope ] && [ "$model" != fox ]; then
   step gates $(( $(left) / 2 )) python3 eval/gates.py --ckpt "$ckpt" --out "$RESULTS/gates"
 fi
