@@ -91,8 +91,10 @@ def wall_attn_reference(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None
 def _attend(q, k, v, L, C, sink_bias, scale, window_size, c):
     """Documents of one padded batch: q, k, v, L [N, HQ, T, *] with T a multiple of c; C [N, HQ, T] or None."""
     N, HQ, T, K = q.shape
-    if N * HQ * T * T <= SLAB_ELEMENTS and (L.amax(2) - L.amin(2)).max() <= dense_nats(q.dtype):
-        return _dense(q, k, v, L, C, sink_bias, scale, window_size)
+    if N * HQ * T * T <= SLAB_ELEMENTS:
+        top, bottom = L.amax(2, keepdim=True), L.amin(2, keepdim=True)
+        if (top - bottom).max() <= dense_nats(q.dtype):
+            return _dense(q, k, v, L, (top + bottom) / 2, C, sink_bias, scale, window_size)
     span = T if window_size is None else min(T, window_size + 2 * c)  # keys a query block can see
     per_row = N * HQ * (span * K // c + 2 * c * K + span)  # rescaled keys, exact diagonal, logits
     rows = max(c, SLAB_ELEMENTS // per_row // c * c)
@@ -136,9 +138,9 @@ def _slab(a, lo, c, scale, window_size, q, k, v, Lq, Lk, Cq, Ck, sink_bias):
     return _weigh(logits, v, Cq, Ck, sink_bias, a, lo, window_size)
 
 
-def _dense(q, k, v, L, C, sink_bias, scale, window_size):
-    """_attend for documents whose every channel decays by at most dense_nats: one anchor each, its midpoint."""
-    anchor = (L.amax(2, keepdim=True) + L.amin(2, keepdim=True)) / 2
+def _dense(q, k, v, L, anchor, C, sink_bias, scale, window_size):
+    """_attend for documents whose every channel decays by at most dense_nats: one anchor each (anchor [N, HQ, 1,
+    K]), the midpoint of its prefix sums."""
     q_scaled = (scale * q) * torch.exp(L - anchor)
     k_scaled = k * torch.exp(anchor - L)
     T = q.shape[2]
