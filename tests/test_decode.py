@@ -285,13 +285,17 @@ OPTIONS = {'per-query-head-gate-gqa-sink-window': (False, dict(sink=True), 21),
            'shared-gate-gqa-scalar': (True, dict(scalar_gate=True), None)}
 
 
+def option_case(options, T):
+    """(inputs, the oracle's output, window_size) of one OPTIONS case over T positions."""
+    shared_gate, inputs, window_size = OPTIONS[options]
+    x = make_inputs(1, T, 4, 2, shared_gate=shared_gate, **inputs)
+    return x, reference(x, window_size), window_size
+
+
 @pytest.mark.parametrize('options', OPTIONS)
 def test_prefix_slices_of_a_built_cache(options):
     """A cache built once over T positions, cut to its first n: at every offset inside a chunk, one and three rows."""
-    shared_gate, inputs, window_size = OPTIONS[options]
-    T = 2 * C + 3
-    x = make_inputs(1, T, 4, 2, shared_gate=shared_gate, **inputs)
-    expected = reference(x, window_size)
+    x, expected, window_size = option_case(options, 2 * C + 3)
     k_tilde, r_cache = build_wall_kv_cache(x['k'].float(), prefix(x['g']), C)
     for n in range(C + 1, 2 * C + 1):
         o, _ = decode_prefix(x, k_tilde, r_cache, n, window_size=window_size)
@@ -305,10 +309,8 @@ def test_prefix_slices_of_a_built_cache(options):
 @pytest.mark.parametrize('options', OPTIONS)
 def test_seed_convention_cache_appended_token_by_token(options):
     """Chunk-start anchors, as the seed's streaming loop builds them: every step from the first token on."""
-    shared_gate, inputs, window_size = OPTIONS[options]
     T = 2 * C + 5
-    x = make_inputs(1, T, 4, 2, shared_gate=shared_gate, **inputs)
-    expected = reference(x, window_size)
+    x, expected, window_size = option_case(options, T)
     k_tilde, r_cache = seed_cache(x['k'], prefix(x['g']), C)
     for n in range(1, T + 1):
         o, _ = decode_prefix(x, k_tilde, r_cache, n, window_size=window_size)
