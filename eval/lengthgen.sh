@@ -19,6 +19,9 @@ DOCS=${DOCS:-64}
 DISTANCES=${DISTANCES:-512,1024,2048,4096,8192,16384,32768,65536,131072}  # 1/8 to 32x the training length
 EVAL_SECONDS=${EVAL_SECONDS:-200}
 export PYTHONUNBUFFERED=1
+# compiled kernels stay under out/ so that the next model's run on the same machine reuses them
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/out/cache/inductor}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/out/cache/triton}
 mkdir -p "$RESULTS"
 left() { [ "${DEADLINE:-0}" -gt 0 ] && echo $(( DEADLINE - ($(date +%s) - start) )) || echo 100000; }
 step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its log in $RESULTS/NAME.log
@@ -44,14 +47,16 @@ grep -E 'parameters|val loss' "$RESULTS/train.log" | sed -n '1p;$p'
 ckpt=$out_dir/ckpt.pt
 [ -f "$ckpt" ] || { echo "error: training saved no checkpoint"; tail -5 "$RESULTS/train.log"; exit 1; }
 
-step length $(( $(left) * 2 / 5 )) python3 eval/length.py --ckpt "$ckpt" --length "$LENGTH" --docs "$DOCS" --copy \
-  --out "$RESULTS/length"
-step retrieval $(( $(left) * 2 / 3 )) python3 eval/retrieval.py --ckpt "$ckpt" --distances "$DISTANCES" \
-  --out "$RESULTS/retrieval"
+# gates.py times the attention kernels, so it runs alone; the other evaluations share the GPU side by side.
 if [ "$model" != rope ] && [ "$model" != fox ]; then
-  step gates $(( $(left) / 2 )) python3 eval/gates.py --ckpt "$ckpt" --out "$RESULTS/gates"
+  step gates $(( $(left) / 4 )) python3 eval/gates.py --ckpt "$ckpt" --out "$RESULTS/gates"
 fi
+step length "$(left)" python3 eval/length.py --ckpt "$ckpt" --length "$LENGTH" --docs "$DOCS" --copy \
+  --out "$RESULTS/length" &
+step retrieval "$(left)" python3 eval/retrieval.py --ckpt "$ckpt" --distances "$DISTANCES" \
+  --out "$RESULTS/retrieval" &
 step niah "$(left)" python3 eval/niah.py --ckpt "$ckpt" --lengths 2048,4096,16384,65536 --depths 0,0.5,1 \
-  --trials 4 --out "$RESULTS/niah"
+  --trials 4 --out "$RESULTS/niah" &
+wait
 for log in "$RESULTS"/{length,retrieval,gates,niah}.log; do [ -f "$log" ] && tail -2 "$log"; done
 echo "total $(( $(date +%s) - start )) s"
