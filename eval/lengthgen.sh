@@ -16,7 +16,8 @@ RESULTS=${RESULTS:-out/lengthgen}/$model
 DATA=${DATA:-data/installed}
 LENGTH=${LENGTH:-65536}
 DOCS=${DOCS:-64}
-DISTANCES=${DISTANCES:-512,1024,2048,4096,8192,16384,32768,65536,131072}  # 1/8 to 32x the training length
+DISTANCES=${DISTANCES:-512,1024,2048,4096,8192,16384,32768,65536}  # 1/8 to 16x the training length
+FAR=${FAR:-131072}  # 32x, its own process and JSON: it takes longest, and a deadline kill loses only it
 EVAL_SECONDS=${EVAL_SECONDS:-200}
 export PYTHONUNBUFFERED=1
 # compiled kernels stay under out/ so that the next model's run on the same machine reuses them
@@ -55,8 +56,10 @@ step length "$(left)" python3 eval/length.py --ckpt "$ckpt" --length "$LENGTH" -
   --out "$RESULTS/length" &
 step retrieval "$(left)" python3 eval/retrieval.py --ckpt "$ckpt" --distances "$DISTANCES" \
   --out "$RESULTS/retrieval" &
+[ -n "$FAR" ] && step retrieval_far "$(left)" python3 eval/retrieval.py --ckpt "$ckpt" --distances "$FAR" \
+  --out "$RESULTS/retrieval_far" &
 step niah "$(left)" python3 eval/niah.py --ckpt "$ckpt" --lengths 2048,4096,16384,65536 --depths 0,0.5,1 \
   --trials 4 --out "$RESULTS/niah" &
 wait
-for log in "$RESULTS"/{length,retrieval,gates,niah}.log; do [ -f "$log" ] && tail -2 "$log"; done
+for log in "$RESULTS"/{length,retrieval,retrieval_far,gates,niah}.log; do [ -f "$log" ] && tail -2 "$log"; done
 echo "total $(( $(date +%s) - start )) s"
