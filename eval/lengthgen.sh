@@ -56,8 +56,10 @@ step length "$(left)" python3 eval/length.py --ckpt "$ckpt" --length "$LENGTH" -
   --out "$RESULTS/length" &
 step retrieval "$(left)" python3 eval/retrieval.py --ckpt "$ckpt" --distances "$DISTANCES" \
   --out "$RESULTS/retrieval" &
+# one prefill forward per probe: chunks after the first go through the cached path, whose attention is many times
+# slower than the training kernel's at this length
 [ -n "$FAR" ] && step retrieval_far "$(left)" python3 eval/retrieval.py --ckpt "$ckpt" --distances "$FAR" \
-  --out "$RESULTS/retrieval_far" &
+  --prefill_chunk 262144 --out "$RESULTS/retrieval_far" &
 step niah "$(left)" python3 eval/niah.py --ckpt "$ckpt" --lengths 2048,4096,16384,65536 --depths 0,0.5,1 \
   --trials 4 --out "$RESULTS/niah" &
 wait

@@ -98,8 +98,9 @@ def score(logits_of, prompts, answers, batch):
     return torch.cat(correct).numpy(), torch.cat(loss).numpy(), torch.cat(hits).numpy()
 
 
-def evaluate(logits_of, task, stream, eot, distances, trials, batch, seed, device='cpu', name=''):
-    """Rows per distance: exact match, per-token loss and token accuracy with 95% intervals, and every trial."""
+def evaluate(logits_of, task, stream, eot, distances, trials, batch, seed, device='cpu', name='', on_row=None):
+    """Rows per distance: exact match, per-token loss and token accuracy with 95% intervals, and every trial.
+    on_row(rows) runs after each distance, so that a caller can save what is done before a long distance."""
     rows, f = [], common.finite_or_none
     for distance in distances:
         timer = common.Timer(device)
@@ -121,6 +122,8 @@ def evaluate(logits_of, task, stream, eot, distances, trials, batch, seed, devic
         print(f'{name}distance {distance} ({prompts.shape[1]} tokens): exact match {rows[-1]["accuracy"]:.2f} '
               f'[{lo:.2f}, {hi:.2f}], loss {rows[-1]["loss"]:.3f}, token accuracy {rows[-1]["token_accuracy"]:.2f}, '
               f'{rows[-1]["seconds"]:.1f} s', flush=True)
+        if on_row:
+            on_row(rows)
     return rows
 
 
@@ -186,6 +189,14 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(args.ckpt[0]), 'retrieval')
 
     runs, total = [], common.Timer('cpu')
+    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+
+    def save():  # after every distance: a run stopped at a deadline keeps the distances it finished
+        with open(out + '.json.tmp', 'w') as f:
+            json.dump({'distances': distances, 'trials': args.trials, 'seed': args.seed, 'runs': runs}, f,
+                      allow_nan=False)
+        os.replace(out + '.json.tmp', out + '.json')
+
     for path in args.ckpt:
         model, train_config = common.load_model(path, args.device, common.DTYPES[args.dtype])
         train_len = common.training_length(train_config)
@@ -197,17 +208,20 @@ def main(argv=None):
             raise SystemExit(f'error: --ckpt {path}: its tokenizer cannot build the task: {e}')
         stream = common.held_out_stream(train_config['data_dir'], eot)
         timer = common.Timer(args.device)
-        rows = evaluate(cached_answer_logits(model, args.prefill_chunk, not args.eager, path), task, stream, eot,
-                        distances, args.trials, args.batch, args.seed, args.device, f'{path}: ')
-        runs.append({'ckpt': path, 'attention': model.config.attention, 'train_len': train_len,
-                     'retrieval_mix': train_config.get('retrieval_mix', 0.0), 'pairs': task.num_pairs,
-                     'seconds': round(timer(), 2), 'by_distance': rows})
-        print(f'{path}: {len(distances)} distances x {args.trials} probes in {runs[-1]["seconds"]:.1f} s', flush=True)
+        run = {'ckpt': path, 'attention': model.config.attention, 'train_len': train_len,
+               'retrieval_mix': train_config.get('retrieval_mix', 0.0), 'pairs': task.num_pairs, 'by_distance': []}
+        runs.append(run)
+
+        def save_rows(rows):
+            run['by_distance'] = rows
+            save()
+
+        evaluate(cached_answer_logits(model, args.prefill_chunk, not args.eager, path), task, stream, eot, distances,
+                 args.trials, args.batch, args.seed, args.device, f'{path}: ', on_row=save_rows)
+        run['seconds'] = round(timer(), 2)
+        print(f'{path}: {len(distances)} distances x {args.trials} probes in {run["seconds"]:.1f} s', flush=True)
         del model
-    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-    with open(out + '.json', 'w') as f:
-        json.dump({'distances': distances, 'trials': args.trials, 'seed': args.seed, 'runs': runs}, f,
-                  allow_nan=False)
+    save()
     plot(runs, out + '.png')
     print(markdown_table(runs))
     print(f'{total():.1f} s in all; wrote {out}.json and {out}.png')

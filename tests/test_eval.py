@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import sample
 from data.retrieval import RetrievalTask
-from eval import common, copying, length, niah, retrieval
+from eval import common, copying, length, niah, retrieval, study
 from generate import KVCache
 from tests.conftest import DEVICE
 from tests.test_sample import CONFIGS, save_checkpoint  # data_dir is conftest.py's fixture
@@ -271,6 +271,23 @@ def test_retrieval_runs_end_to_end(checkpoints, tmp_path, capsys):
     read_png(out + '.png')
 
 
+def test_retrieval_saves_each_distance_as_it_finishes(checkpoints, tmp_path, monkeypatch):
+    """A run killed at a deadline during a long distance keeps the distances it finished."""
+    out, score, calls = str(tmp_path / 'retrieval'), retrieval.score, []
+
+    def score_one_distance(*args):  # evaluate scores each distance in one call
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt('stopped at the deadline')
+        return score(*args)
+    monkeypatch.setattr(retrieval, 'score', score_one_distance)
+    with pytest.raises(KeyboardInterrupt):
+        retrieval.main(['--ckpt', checkpoints['wall'], '--distances', '8,200', '--trials', '2', '--batch', '2',
+                        '--out', out, '--device', DEVICE])
+    (run,) = json.load(open(out + '.json'))['runs']
+    assert [row['distance'] for row in run['by_distance']] == [8] and 'seconds' not in run
+
+
 def test_chunked_prefill_scores_what_a_full_forward_scores(checkpoints):
     model, _ = sample.load_model(checkpoints['wall'], DEVICE, torch.float32)
     tokens = torch.randint(0, model.config.vocab_size, (41,))
@@ -291,3 +308,38 @@ def test_eval_arguments_give_one_line_errors(checkpoints, tmp_path):
         with pytest.raises(SystemExit) as e:
             script.main(['--ckpt', checkpoints['wall'], '--out', str(tmp_path / 'x'), *argv])
         assert str(e.value).startswith('error: ') and name in str(e.value) and '\n' not in str(e.value)
+
+
+def test_study_puts_result_folders_side_by_side(checkpoints, tmp_path, capsys):
+    """Two folders as eval/lengthgen.sh writes them, one model each: study.py's tables carry their numbers."""
+    for name in ('wall', 'rope'):
+        folder = tmp_path / name
+        folder.mkdir()
+        length.main(['--ckpt', checkpoints[name], '--length', '80', '--docs', '2', '--out', str(folder / 'length'),
+                     '--device', DEVICE, '--copy'])
+        retrieval.main(['--ckpt', checkpoints[name], '--distances', '8', '--trials', '2', '--batch', '2',
+                        '--out', str(folder / 'retrieval'), '--device', DEVICE])
+        (folder / 'train.log').write_text('iter 0: val loss 9.0\niter 5: val loss 4.25\n'
+                                          'done at iter 5: 1,000,000 tokens trained in 0:00:01\n')
+    niah.main(['--ckpt', checkpoints['wall'], '--lengths', '40', '--depths', '0', '--trials', '2',
+               '--out', str(tmp_path / 'wall' / 'niah'), '--device', DEVICE])
+    capsys.readouterr()
+    out = str(tmp_path / 'study')
+    study.main([str(tmp_path / 'wall'), str(tmp_path / 'rope'), '--out', out])
+    text = open(out + '.md').read()
+    summary, copy, found = [block.splitlines() for block in text.strip().split('\n\n')]
+    rope_length = json.load(open(tmp_path / 'rope' / 'length.json'))['runs'][0]
+    one = rope_length['table'][0]
+    assert summary[3].startswith(f'| rope | 4.250 | {common.interval(one["mean"], one["lo"], one["hi"])} |')
+    assert summary[3].endswith('|  | 1M |')  # no needle test in rope's folder
+    hits = sum(t['correct'] for cell in json.load(open(tmp_path / 'wall' / 'niah.json'))['cells'] for t in cell['trials'])
+    assert summary[2].endswith(f'| {hits}/2 | 1M |')
+    assert [line.split('|')[1].strip() for line in copy[2:]] == ['wall: copy gain', 'rope: copy gain']
+    row = json.load(open(tmp_path / 'wall' / 'retrieval.json'))['runs'][0]['by_distance'][0]
+    assert found[0] == '| model | 8 |' and found[2] == (f'| wall: exact match (loss) | {row["accuracy"]:.2f} '
+                                                          f'[{row["accuracy_lo"]:.2f}, {row["accuracy_hi"]:.2f}] '
+                                                          f'({row["loss"]:.2f}) |')
+    for name in ('loss', 'copy', 'retrieval'):
+        read_png(f'{out}_{name}.png')
+    with pytest.raises(SystemExit, match='not a result folder'):
+        study.main([str(tmp_path / 'missing')])

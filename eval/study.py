@@ -1,0 +1,149 @@
+"""
+One study from several result folders: each model of the length study trains and evaluates in its own run
+(eval/lengthgen.sh writes one folder per model), and this puts them side by side.
+
+    python eval/study.py out/lengthgen/rope out/lengthgen/wall --out docs/lengthgen/study
+
+A result folder holds what lengthgen.sh wrote: length.json (eval/length.py --copy), retrieval.json and
+retrieval_far.json (eval/retrieval.py; the far one optional), niah.json (eval/niah.py) and train.log. Missing files
+leave their cells empty. Writes OUT_loss.png (loss by position), OUT_copy.png (natural copying), OUT_retrieval.png
+(exact match and loss by distance) and OUT.md, the tables of the results page:
+- per model: val loss at the end of training, the loss at 1x..16x the training length with 95% intervals, the
+  change at 16x against 1x, the needle test's accuracy and the tokens trained;
+- natural copying: the copy gain by distance back;
+- retrieval: exact match [95% Wilson interval] and loss per value token by distance.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from eval import common, copying, length, retrieval  # noqa: E402
+
+COPY_DISTANCES = ((8, 16), (64, 128), (512, 1024), (2048, 4096), (4096, 8192), (16384, 32768), (32768, 65537))
+
+
+def read_json(folder, name):
+    path = os.path.join(folder, name + '.json')
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_training(folder):
+    """(final val loss, tokens trained) from train.log, or Nones."""
+    path = os.path.join(folder, 'train.log')
+    if not os.path.exists(path):
+        return None, None
+    text = open(path).read()
+    val = re.findall(r'val loss ([0-9.]+)', text)
+    tokens = re.findall(r'([0-9,]+) tokens trained', text)
+    return (float(val[-1]) if val else None), (int(tokens[-1].replace(',', '')) if tokens else None)
+
+
+def load(folder):
+    """One model's results: {'name', 'length', 'retrieval', 'niah', 'val', 'tokens'}; absent parts None."""
+    if not os.path.isdir(folder):
+        raise SystemExit(f'error: {folder}: not a result folder (expected eval/lengthgen.sh output)')
+    model = {'name': os.path.basename(os.path.normpath(folder))}
+    runs = (read_json(folder, 'length') or {}).get('runs') or [None]
+    model['length'] = runs[0]
+    rows = []
+    for name in ('retrieval', 'retrieval_far'):  # the far distances run in their own process
+        report = read_json(folder, name)
+        if report and report['runs']:
+            run = report['runs'][0]
+            rows += run['by_distance']
+    model['retrieval'] = dict(run, by_distance=sorted(rows, key=lambda r: r['distance'])) if rows else None
+    model['niah'] = read_json(folder, 'niah')
+    model['val'], model['tokens'] = read_training(folder)
+    if not any(model[key] for key in ('length', 'retrieval', 'niah')):
+        raise SystemExit(f'error: {folder}: holds no length.json, retrieval.json or niah.json')
+    return model
+
+
+def labelled(run, name):
+    """run with its checkpoint path replaced by the model's name, for the plots' legends."""
+    return dict(run, ckpt=name)
+
+
+def summary_table(models):
+    multiples = [1, 2, 4, 8, 16]
+    lines = ['| model | val loss | ' + ' | '.join(f'{n}x' for n in multiples) + ' | 16x - 1x | needle test | tokens |',
+             '|---|---|' + '---|' * len(multiples) + '---|---|---|']
+    for m in models:
+        table = {row['multiple']: row for row in (m['length'] or {}).get('table', [])}
+        cells = [common.interval(table[n]['mean'], table[n]['lo'], table[n]['hi']) if n in table else ''
+                 for n in multiples]
+        change = table.get(16)
+        change = common.interval(change['change'], change['change_lo'], change['change_hi'], sign='+') \
+            if change else ''
+        niah = ''
+        if m['niah']:
+            trials = [t['correct'] for cell in m['niah']['cells'] for t in cell['trials']]
+            niah = f'{sum(trials)}/{len(trials)}'
+        val = f'{m["val"]:.3f}' if m['val'] is not None else ''
+        tokens = f'{m["tokens"] / 1e6:.0f}M' if m['tokens'] else ''
+        lines.append(f'| {m["name"]} | {val} | ' + ' | '.join(cells) + f' | {change} | {niah} | {tokens} |')
+    return '\n'.join(lines)
+
+
+def copy_table(models):
+    lines = ['| model | ' + ' | '.join(f'{a}-{b - 1}' for a, b in COPY_DISTANCES) + ' |',
+             '|---|' + '---|' * len(COPY_DISTANCES)]
+    for m in models:
+        copy = (m['length'] or {}).get('copy')
+        if not copy:
+            continue
+        rows = {(row['start'], row['end']): row for row in copy['gain']}
+        cells = [common.interval(rows[d]['mean'], rows[d]['lo'], rows[d]['hi'], sign='+')
+                 if d in rows and rows[d]['mean'] is not None else '' for d in COPY_DISTANCES]
+        lines.append(f'| {m["name"]}: copy gain | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def retrieval_table(models):
+    distances = sorted({row['distance'] for m in models if m['retrieval'] for row in m['retrieval']['by_distance']})
+    lines = ['| model | ' + ' | '.join(str(d) for d in distances) + ' |', '|---|' + '---|' * len(distances)]
+    for m in models:
+        if not m['retrieval']:
+            continue
+        rows = {row['distance']: row for row in m['retrieval']['by_distance']}
+        cells = [f'{rows[d]["accuracy"]:.2f} [{rows[d]["accuracy_lo"]:.2f}, {rows[d]["accuracy_hi"]:.2f}] '
+                 f'({rows[d]["loss"]:.2f})' if d in rows else '' for d in distances]
+        lines.append(f'| {m["name"]}: exact match (loss) | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('folders', nargs='+', help='result folders of eval/lengthgen.sh, one per model')
+    parser.add_argument('--out', default='out/lengthgen/study', help='output path prefix for the .md and .png files')
+    args = parser.parse_args(argv)
+    models = [load(folder) for folder in args.folders]
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+    written = []
+    runs = [labelled(m['length'], m['name']) for m in models if m['length']]
+    if runs:
+        length.plot(runs, max(1, len(runs[0]['loss_by_position']) // 64), args.out + '_loss.png')
+        written.append(args.out + '_loss.png')
+        copy_runs = [labelled(run['copy'], run['ckpt']) for run in runs if run.get('copy')]
+        if copy_runs:
+            copying.plot(copy_runs, args.out + '_copy.png')
+            written.append(args.out + '_copy.png')
+    runs = [labelled(m['retrieval'], m['name']) for m in models if m['retrieval']]
+    if runs:
+        retrieval.plot(runs, args.out + '_retrieval.png')
+        written.append(args.out + '_retrieval.png')
+    text = '\n\n'.join([summary_table(models), copy_table(models), retrieval_table(models)]) + '\n'
+    with open(args.out + '.md', 'w') as f:
+        f.write(text)
+    print(text)
+    print('wrote ' + ', '.join(written + [args.out + '.md']))
+
+
+if __name__ == '__main__':
+    main()
