@@ -4,11 +4,11 @@
 # its 4096-token training documents: loss by position and natural copying (eval/length.py), trained-in retrieval
 # by distance to 32x (eval/retrieval.py), the needle test (eval/niah.py) and, for Wall models, the trained gates
 # (eval/gates.py). Results, logs and plots go to $RESULTS/MODEL (default out/lengthgen/MODEL).
-#   bash eval/lengthgen.sh wall            # or rope, fox, wall_scalar; extra arguments go to train.py
+#   bash eval/lengthgen.sh wall            # or rope, fox, wall_unbounded; extra arguments go to train.py
 # DEADLINE=<seconds> makes everything end within that many seconds of the start: training gets what the
 # evaluations (EVAL_SECONDS, default 200) leave, and the evaluations use the last checkpoint it saved.
 set -uo pipefail
-model=${1:?usage: bash eval/lengthgen.sh MODEL [train.py overrides], MODEL one of wall rope fox wall_scalar}
+model=${1:?usage: bash eval/lengthgen.sh MODEL [train.py overrides], MODEL one of wall rope fox wall_unbounded}
 shift
 [ -f "config/lengthgen_$model.py" ] || { echo "error: no config/lengthgen_$model.py"; exit 1; }
 start=$(date +%s)
