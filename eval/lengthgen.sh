@@ -56,7 +56,7 @@ step length "$(left)" python3 eval/length.py --ckpt "$ckpt" --length "$LENGTH" -
   --out "$RESULTS/length" &
 step retrieval "$(left)" python3 eval/retrieval.py --ckpt "$ckpt" --distances "$DISTANCES" \
   --out "$RESULTS/retrieval" &
-# one prefill forward per probe: chunks after the first go through the cached path, whose attention is many times
+# one prefill forward per probe: chunks after the first go through the cached path, whose attention is far
 # slower than the training kernel's at this length
 [ -n "$FAR" ] && step retrieval_far "$(left)" python3 eval/retrieval.py --ckpt "$ckpt" --distances "$FAR" \
   --prefill_chunk 262144 --out "$RESULTS/retrieval_far" &
