@@ -10,7 +10,7 @@ leave their cells empty. Writes OUT_loss.png (loss by position), OUT_copy.png (n
 (exact match and loss by distance) and OUT.md, the tables of the results page:
 - per model: val loss at the end of training, the loss at 1x..16x the training length with 95% intervals, the
   change at 16x against 1x, the needle test's accuracy and the tokens trained;
-- natural copying: the copy gain by distance back;
+- natural copying: the loss and gain of repeat tokens by distance back (eval/copying.py's table);
 - retrieval: exact match [95% Wilson interval] and loss per value token by distance.
 """
 import argparse
@@ -21,9 +21,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from eval import common, copying, length, retrieval  # noqa: E402
-
-COPY_DISTANCES = ((8, 16), (64, 128), (512, 1024), (2048, 4096), (4096, 8192), (16384, 32768), (32768, 65537))
-
 
 def read_json(folder, name):
     path = os.path.join(folder, name + '.json')
@@ -39,7 +36,7 @@ def read_training(folder):
     if not os.path.exists(path):
         return None, None
     text = open(path).read()
-    val = re.findall(r'val loss ([0-9.]+)', text)
+    val = re.findall(r'iter \d+: val loss ([0-9.]+)', text)  # not the "best val loss" of the closing line
     tokens = re.findall(r'([0-9,]+) tokens trained', text)
     return (float(val[-1]) if val else None), (int(tokens[-1].replace(',', '')) if tokens else None)
 
@@ -51,13 +48,11 @@ def load(folder):
     model = {'name': os.path.basename(os.path.normpath(folder))}
     runs = (read_json(folder, 'length') or {}).get('runs') or [None]
     model['length'] = runs[0]
-    rows = []
-    for name in ('retrieval', 'retrieval_far'):  # the far distances run in their own process
-        report = read_json(folder, name)
-        if report and report['runs']:
-            run = report['runs'][0]
-            rows += run['by_distance']
-    model['retrieval'] = dict(run, by_distance=sorted(rows, key=lambda r: r['distance'])) if rows else None
+    # the far distances run in their own process: one run, its rows from both reports
+    runs = [report['runs'][0] for report in (read_json(folder, 'retrieval'), read_json(folder, 'retrieval_far'))
+            if report and report['runs']]
+    rows = sorted((row for run in runs for row in run['by_distance']), key=lambda row: row['distance'])
+    model['retrieval'] = dict(runs[0], by_distance=rows) if rows else None
     model['niah'] = read_json(folder, 'niah')
     model['val'], model['tokens'] = read_training(folder)
     if not any(model[key] for key in ('length', 'retrieval', 'niah')):
@@ -71,14 +66,15 @@ def labelled(run, name):
 
 
 def summary_table(models):
-    multiples = [1, 2, 4, 8, 16]
-    lines = ['| model | val loss | ' + ' | '.join(f'{n}x' for n in multiples) + ' | 16x - 1x | needle test | tokens |',
+    multiples = sorted({row['multiple'] for m in models for row in (m['length'] or {}).get('table', [])}) or [1]
+    lines = ['| model | val loss | ' + ' | '.join(f'{n}x' for n in multiples) +
+             f' | {multiples[-1]}x - 1x | needle test | tokens |',
              '|---|---|' + '---|' * len(multiples) + '---|---|---|']
     for m in models:
         table = {row['multiple']: row for row in (m['length'] or {}).get('table', [])}
         cells = [common.interval(table[n]['mean'], table[n]['lo'], table[n]['hi']) if n in table else ''
                  for n in multiples]
-        change = table.get(16)
+        change = table.get(multiples[-1])
         change = common.interval(change['change'], change['change_lo'], change['change_hi'], sign='+') \
             if change else ''
         niah = ''
@@ -88,20 +84,6 @@ def summary_table(models):
         val = f'{m["val"]:.3f}' if m['val'] is not None else ''
         tokens = f'{m["tokens"] / 1e6:.0f}M' if m['tokens'] else ''
         lines.append(f'| {m["name"]} | {val} | ' + ' | '.join(cells) + f' | {change} | {niah} | {tokens} |')
-    return '\n'.join(lines)
-
-
-def copy_table(models):
-    lines = ['| model | ' + ' | '.join(f'{a}-{b - 1}' for a, b in COPY_DISTANCES) + ' |',
-             '|---|' + '---|' * len(COPY_DISTANCES)]
-    for m in models:
-        copy = (m['length'] or {}).get('copy')
-        if not copy:
-            continue
-        rows = {(row['start'], row['end']): row for row in copy['gain']}
-        cells = [common.interval(rows[d]['mean'], rows[d]['lo'], rows[d]['hi'], sign='+')
-                 if d in rows and rows[d]['mean'] is not None else '' for d in COPY_DISTANCES]
-        lines.append(f'| {m["name"]}: copy gain | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -125,20 +107,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
     models = [load(folder) for folder in args.folders]
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-    written = []
+    written, tables = [], [summary_table(models)]
     runs = [labelled(m['length'], m['name']) for m in models if m['length']]
     if runs:
         length.plot(runs, max(1, len(runs[0]['loss_by_position']) // 64), args.out + '_loss.png')
         written.append(args.out + '_loss.png')
-        copy_runs = [labelled(run['copy'], run['ckpt']) for run in runs if run.get('copy')]
-        if copy_runs:
-            copying.plot(copy_runs, args.out + '_copy.png')
-            written.append(args.out + '_copy.png')
+    copy_runs = [labelled(run['copy'], run['ckpt']) for run in runs if run.get('copy')]
+    if copy_runs:
+        copying.plot(copy_runs, args.out + '_copy.png')
+        written.append(args.out + '_copy.png')
+        tables.append(copying.markdown_table(copy_runs))
     runs = [labelled(m['retrieval'], m['name']) for m in models if m['retrieval']]
     if runs:
         retrieval.plot(runs, args.out + '_retrieval.png')
         written.append(args.out + '_retrieval.png')
-    text = '\n\n'.join([summary_table(models), copy_table(models), retrieval_table(models)]) + '\n'
+        tables.append(retrieval_table(models))
+    text = '\n\n'.join(tables) + '\n'
     with open(args.out + '.md', 'w') as f:
         f.write(text)
     print(text)

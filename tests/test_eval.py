@@ -319,8 +319,8 @@ def test_study_puts_result_folders_side_by_side(checkpoints, tmp_path, capsys):
                      '--device', DEVICE, '--copy'])
         retrieval.main(['--ckpt', checkpoints[name], '--distances', '8', '--trials', '2', '--batch', '2',
                         '--out', str(folder / 'retrieval'), '--device', DEVICE])
-        (folder / 'train.log').write_text('iter 0: val loss 9.0\niter 5: val loss 4.25\n'
-                                          'done at iter 5: 1,000,000 tokens trained in 0:00:01\n')
+        (folder / 'train.log').write_text('iter 0: val loss 9.0\niter 5: val loss 4.25\ndone at iter 5: ckpt.pt '
+                                          '(best val loss 4.1), 1,000,000 tokens trained in 0:00:01\n')
     niah.main(['--ckpt', checkpoints['wall'], '--lengths', '40', '--depths', '0', '--trials', '2',
                '--out', str(tmp_path / 'wall' / 'niah'), '--device', DEVICE])
     capsys.readouterr()
@@ -332,9 +332,10 @@ def test_study_puts_result_folders_side_by_side(checkpoints, tmp_path, capsys):
     one = rope_length['table'][0]
     assert summary[3].startswith(f'| rope | 4.250 | {common.interval(one["mean"], one["lo"], one["hi"])} |')
     assert summary[3].endswith('|  | 1M |')  # no needle test in rope's folder
-    hits = sum(t['correct'] for cell in json.load(open(tmp_path / 'wall' / 'niah.json'))['cells'] for t in cell['trials'])
+    cells = json.load(open(tmp_path / 'wall' / 'niah.json'))['cells']
+    hits = sum(t['correct'] for cell in cells for t in cell['trials'])
     assert summary[2].endswith(f'| {hits}/2 | 1M |')
-    assert [line.split('|')[1].strip() for line in copy[2:]] == ['wall: copy gain', 'rope: copy gain']
+    assert copy[0] == '| distance | wall (wall): loss, gain [95%], tokens | rope (rope): loss, gain [95%], tokens |'
     row = json.load(open(tmp_path / 'wall' / 'retrieval.json'))['runs'][0]['by_distance'][0]
     assert found[0] == '| model | 8 |' and found[2] == (f'| wall: exact match (loss) | {row["accuracy"]:.2f} '
                                                           f'[{row["accuracy_lo"]:.2f}, {row["accuracy_hi"]:.2f}] '
