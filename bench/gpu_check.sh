@@ -3,7 +3,9 @@
 # (on the device tool's machine, where $OUT is set) the logs as one archive $OUT/gpu_check.tgz. Every part runs
 # under what is left of $DEADLINE seconds (default 560), so the archive is written even when the parts run long.
 #   bash bench/gpu_check.sh [tests] [attn] [decode] [train] [generate]     (default: all)
-# flash-linear-attention (the peer) travels as a wheel in .whl/ when the machine lacks it.
+# flash-linear-attention (the peer) travels as a wheel in .whl/ when the machine lacks it. BASELINE=DIR also times
+# another checkout's kernels/ folder in attn and decode (before/after rows from one run); ATTN_SKIP='fla ...' leaves
+# those kernels out of attn (the peers compile for minutes).
 set -uo pipefail
 LOGS=${LOGS:-/tmp/gpu_check}
 mkdir -p "$LOGS"
@@ -13,18 +15,21 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:${PYTHONPATH:-}
 parts=${*:-tests attn decode train generate}
+baseline=${BASELINE:+--baseline $BASELINE}
 DEADLINE=${DEADLINE:-560}
 left() { echo $(( DEADLINE - SECONDS > 1 ? DEADLINE - SECONDS : 1 )); }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOGS/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOGS/gpu.txt"
 for part in $parts; do
   case $part in
-    tests)  timeout $(left) python3 -m pytest -q -m gpu tests 2>&1 | tee "$LOGS/tests.log" | tail -15 ;;
+    # one test that compiles for minutes must not take the whole deadline: pytest-timeout, where installed
+    tests)  per_test=$(python3 -c 'import pytest_timeout' 2>/dev/null && echo --timeout=150)
+            timeout $(left) python3 -m pytest -q -rf -m gpu $per_test tests 2>&1 | tee "$LOGS/tests.log" | tail -15 ;;
     # the peers compile for minutes per shape: they run at the target shape only
-    attn)   timeout $(left) python3 bench/bench_attn.py --shapes 'B2 T8k H16' --out "$LOGS/attn.md" 2>&1 | tee "$LOGS/attn.log" | grep -v '^|'
+    attn)   timeout $(left) python3 bench/bench_attn.py --shapes 'B2 T8k H16' $baseline ${ATTN_SKIP:+--skip $ATTN_SKIP} --out "$LOGS/attn.md" 2>&1 | tee "$LOGS/attn.log" | grep -v '^|'
             timeout $(left) python3 bench/bench_attn.py --shapes 'B1 T16k GQA 16/4' 'B1 T32k varlen' --skip fla --out "$LOGS/attn_more.md" \
               2>&1 | tee -a "$LOGS/attn.log" | grep -v '^|' ;;
-    decode) timeout $(left) python3 bench/bench_decode.py --out "$LOGS/decode.md" 2>&1 | tee "$LOGS/decode.log" | grep -v '^|' ;;
+    decode) timeout $(left) python3 bench/bench_decode.py $baseline --out "$LOGS/decode.md" 2>&1 | tee "$LOGS/decode.log" | grep -v '^|' ;;
     train)    timeout $(left) python3 bench/bench_train.py --out "$LOGS/train.md" 2>&1 | tee "$LOGS/train.log" | tail -20 ;;
     generate) timeout $(left) python3 bench/bench_generate.py --out "$LOGS/generate.md" 2>&1 | tee "$LOGS/generate.log" | tail -20
               timeout $(left) python3 bench/bench_generate.py --eager --out "$LOGS/generate_eager.md" 2>&1 \

@@ -100,20 +100,29 @@ LAUNCH = dict(
 FAST_RANGE = {torch.float16: 8.0, torch.bfloat16: 96.0, torch.float32: 96.0}
 
 
-def _configs(kernel):
-    """The autotuner's one config: the kernel's launch shape."""
-    if INTERPRET:  # the autotuner needs a GPU driver
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    num_warps, num_stages = LAUNCH[kernel]
-    return [triton.Config({}, num_warps=num_warps, num_stages=num_stages)]
-
-
 def _launch_options(kernel):
     num_warps, num_stages = LAUNCH[kernel]
     return dict(num_warps=num_warps, num_stages=num_stages)
 
 
-TUNE_KEY = ['K', 'V', 'HAS_GS', 'HAS_WINDOW']
+_fitting_stages = {}  # (kernel, its launch's specialization) -> the stage count whose shared memory fits
+
+
+def _launch(name, kernel, grid, *args, **constexprs):
+    """kernel[grid](*args) at LAUNCH[name], pipelined less where its tuned stages need more shared memory than the
+    GPU has: wide head dims in fp32 (K = V = 256 takes 459 KB at the forward's 3 stages, 131 KB at one)."""
+    num_warps, tuned = LAUNCH[name]
+    key = (name, args[0].dtype, tuple(sorted((n, v) for n, v in constexprs.items() if not hasattr(v, 'data_ptr'))))
+    stages = _fitting_stages.get(key, tuned)
+    while True:
+        try:
+            kernel[grid](*args, num_warps=num_warps, num_stages=stages, **constexprs)
+            _fitting_stages[key] = stages
+            return
+        except triton.runtime.errors.OutOfResources:
+            if stages == 1:
+                raise
+            stages -= 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -438,7 +447,6 @@ def _rescale_kernel(k_ptr, q_ptr, Pl_ptr, Pstart_ptr, kt_ptr, kg_ptr, qh_ptr, qg
 # ---------------------------------------------------------------------------------------------------------------
 # forward
 
-@triton.autotune(configs=_configs('fwd'), key=TUNE_KEY)
 @triton.jit
 def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, S_ptr, sink_ptr, o_ptr,
                 lse_ptr, qf_ptr, blocks_ptr, qk_scale, WINDOW,
@@ -566,7 +574,6 @@ def _diag_fwd_kernel(q_ptr, k_ptr, Pl_ptr, L_ptr, S_ptr, blocks_ptr, qk_scale,
 # ---------------------------------------------------------------------------------------------------------------
 # backward
 
-@triton.autotune(configs=_configs('dq'), key=TUNE_KEY)
 @triton.jit
 def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, do_ptr, lse_ptr,
                    delta_ptr, dq_ptr, dcq_ptr, qf_ptr, blocks_ptr, qk_scale, scale, WINDOW,
@@ -620,7 +627,6 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
     tl.store(dcq_ptr + rows.to(tl.int64) * HQ + hq, dcq, mask=row_ok)
 
 
-@triton.autotune(configs=_configs('dkv'), key=TUNE_KEY)
 @triton.jit
 def _bwd_dkv_kernel(qh_ptr, qg_ptr, kt_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr, do_ptr,
                     lse_ptr, delta_ptr, dk_ptr, dv_ptr, dck_ptr, dv_part_ptr, blocks_ptr, num_blocks, qk_scale, scale,
@@ -935,21 +941,20 @@ def _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, blocks):
                            **_launch_options('diag_fwd'))
     o = torch.empty(*q.shape[:2], v.shape[2], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[0], HQ, device=q.device, dtype=torch.float32)
-    _fwd_kernel[grid](q, kt, kg, v, Pl, Pstart, Cl, Cs, S, sink_bias, o, lse, torch.empty_like(q), blocks.table,
-                      qk_scale, window_size or 0,
-                      HAS_SINK=sink_bias is not None, GROUP=GROUPS['fwd'], **_feature_flags(g_scalar, window_size),
-                      **dims)
+    _launch('fwd', _fwd_kernel, grid, q, kt, kg, v, Pl, Pstart, Cl, Cs, S, sink_bias, o, lse, torch.empty_like(q),
+            blocks.table, qk_scale, window_size or 0,
+            HAS_SINK=sink_bias is not None, GROUP=GROUPS['fwd'], **_feature_flags(g_scalar, window_size), **dims)
     return o, lse, L
 
 
 def _dq_and_dkv_launches(t, num_blocks, scale, window_size):
-    """The dq and dk/dv kernels, each with its arguments taken from t (name -> tensor, or name -> dtype to compile it
-    ahead) and the constexprs of its own (anchor-group size, dk/dv's query tile)."""
+    """The dq and dk/dv kernels, each as (name in LAUNCH, kernel, its arguments taken from t (name -> tensor, or
+    name -> dtype to compile it ahead), the constexprs of its own (anchor-group size, dk/dv's query tile))."""
     shared = (t['Pl'], t['Pstart'], t['Cl'], t['Cs'], t['do'], t['lse'], t['delta'])
     scalars = (scale * LOG2E.value, scale, window_size or 0)
-    return ((_bwd_dq_kernel, (t['q'], t['kt'], t['kg'], t['k'], t['v'], *shared, t['dq'], t['dcq'], t['qf'],
+    return (('dq', _bwd_dq_kernel, (t['q'], t['kt'], t['kg'], t['k'], t['v'], *shared, t['dq'], t['dcq'], t['qf'],
                               t['table'], *scalars), dict(GROUP=GROUPS['dq'])),
-            (_bwd_dkv_kernel, (t['q_hat'], t['qg'], t['kt'], t['k'], t['v'], *shared, t['dk'], t['dv'],
+            ('dkv', _bwd_dkv_kernel, (t['q_hat'], t['qg'], t['kt'], t['k'], t['v'], *shared, t['dk'], t['dv'],
                                t['dck'], t['dv_part'], t['table'], num_blocks, *scalars),
              dict(GROUP=GROUPS['dkv'], DKV_QUERY_ROWS=DKV_QUERY_ROWS)))
 
@@ -977,9 +982,9 @@ def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, blocks, dims)
                   do=q.dtype, lse=f32, delta=f32, dq=f32, dcq=f32, dk=f32, dv=v.dtype if HQ == H else f32, dck=f32,
                   dv_part=f32, table=torch.int32)
 
-    def compile_ahead(kernel, args, constexprs):
+    def compile_ahead(name, kernel, args, constexprs):  # at the tuned stages: the launch pipelines less if they fail
         with torch.cuda.device(q.device):
-            kernel.warmup(*args, grid=(num_blocks, HQ), **constexprs, **flags, **dims)
+            kernel.warmup(*args, grid=(num_blocks, HQ), **_launch_options(name), **constexprs, **flags, **dims)
 
     _compile_threads = _compile_threads or concurrent.futures.ThreadPoolExecutor(max_workers=2)
     _compiles_ahead[key] = [_compile_threads.submit(compile_ahead, *launch)
@@ -988,7 +993,7 @@ def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, blocks, dims)
 
 def _wait_for_compiles_ahead():
     """The backward launches only after every compile ahead has finished: a launch would otherwise compile the same
-    kernel a second time, or share its autotuner with a compiling thread. A failed compile ahead is left to the
+    kernel a second time, or share its compile cache with a compiling thread. A failed compile ahead is left to the
     launch, which compiles again and raises its error where it belongs."""
     for futures in list(_compiles_ahead.values()):
         concurrent.futures.wait(futures)
@@ -1015,8 +1020,8 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     tensors = dict(q=q, k=k, v=v, kt=kt, kg=kg, q_hat=q_hat, qg=qg, qf=torch.empty_like(q), Pl=Pl, Pstart=Pstart,
                    Cl=Cl, Cs=Cs, do=do, lse=lse, delta=delta, dq=dq, dcq=dcq, dk=dk, dv=dv, dck=dck, dv_part=dv_part,
                    table=blocks.table)
-    for kernel, args, constexprs in _dq_and_dkv_launches(tensors, num_blocks, scale, window_size):
-        kernel[grid](*args, **constexprs, **flags, **dims)
+    for name, kernel, args, constexprs in _dq_and_dkv_launches(tensors, num_blocks, scale, window_size):
+        _launch(name, kernel, grid, *args, **constexprs, **flags, **dims)
     _steep_bwd_kernel[grid](q, k, v, Pl, Cl, Cs, L, do, lse, delta, dq, dk, dv_part, dv, dcq, dck, blocks.table,
                             scale * LOG2E.value, scale, window_size or 0, SUB=SUB, **_launch_options('steep_bwd'),
                             **flags, **dims)
@@ -1128,14 +1133,20 @@ def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlen
     return bounds
 
 
+def _value_tile(q):
+    """Value columns per launch: MAX_VALUE_TILE, or half of it for fp32 at K > 128, where dq's tiles of q, k, v and
+    do (64 rows each, 256 KB at K = V = 256) exceed the GPU's shared memory even unpipelined."""
+    return MAX_VALUE_TILE if q.element_size() < 4 or q.shape[-1] <= 128 else MAX_VALUE_TILE // 2
+
+
 def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_size=None, cu_seqlens=None,
               layout=None):
     """Wall Attention (docs/operator.md), differentiable in q, k, v, g, g_scalar and sink_bias.
 
     q [B,T,HQ,K], k [B,T,H,K], v [B,T,H,V], g [B,T,HQ,K] or [B,T,H,K] (natural-log decay, <= 0),
     g_scalar [B,T,HQ] (<= 0), sink_bias [HQ], cu_seqlens [N+1] with B == 1. Returns o [B,T,HQ,V] in q's dtype.
-    Any K up to 256 and V up to 512 (values wider than 256 are attended 256 columns per launch, each launch
-    computing the logits again).
+    Any K up to 256 and V up to 512 (values wider than 256 columns, 128 in fp32 at K > 128, are attended that many
+    columns per launch, each launch computing the logits again).
 
     layout: `kernels.document_layout(cu_seqlens)`, to spare each call on the same batch a device-to-host read of
     cu_seqlens (kernels/documents.py); it must be the layout of this cu_seqlens: only its number of boundaries and
@@ -1156,10 +1167,10 @@ def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_s
     flat = lambda x: None if x is None else x.reshape(B * T, *x.shape[2:]).contiguous()
     args = (flat(q), flat(k), flat(v), flat(g), flat(g_scalar), None if sink_bias is None else sink_bias.contiguous(),
             float(scale), window_size, bounds)
-    V = v.shape[-1]
-    if V <= MAX_VALUE_TILE:
+    V, tile = v.shape[-1], _value_tile(q)
+    if V <= tile:
         o = WallAttnFunction.apply(*args)
     else:  # the logits do not depend on v: each tile of value columns is an attention of its own
-        o = torch.cat([WallAttnFunction.apply(*args[:2], args[2][..., c:c + MAX_VALUE_TILE].contiguous(), *args[3:])
-                       for c in range(0, V, MAX_VALUE_TILE)], dim=-1)
+        o = torch.cat([WallAttnFunction.apply(*args[:2], args[2][..., c:c + tile].contiguous(), *args[3:])
+                       for c in range(0, V, tile)], dim=-1)
     return o.reshape(B, T, HQ, -1)

@@ -439,6 +439,37 @@ def test_positive_gates_raise_on_gpu_without_stalling():
         domain.set_gate_check('auto')
 
 
+def test_launch_pipelines_less_where_shared_memory_runs_out(monkeypatch):
+    """A launch whose tuned stages need more shared memory than the GPU has goes down a stage at a time, remembers
+    the count that fitted for that specialization, and raises when even one stage does not fit."""
+    from triton.runtime.errors import OutOfResources
+    import kernels.parallel as parallel
+    monkeypatch.setattr(parallel, '_fitting_stages', {})
+    launched = []
+
+    class Kernel:
+        def __init__(self, fits):
+            self.fits = fits
+
+        def __getitem__(self, grid):
+            def run(*args, num_warps, num_stages, **constexprs):
+                launched.append(num_stages)
+                if num_stages > self.fits:
+                    raise OutOfResources(300000, 232448, 'shared memory')
+            return run
+
+    x = torch.zeros(1)
+    parallel._launch('fwd', Kernel(fits=1), (1,), x, K=256, V=128)
+    assert launched == [3, 2, 1]
+    parallel._launch('fwd', Kernel(fits=1), (1,), x, K=256, V=128)   # remembered
+    parallel._launch('fwd', Kernel(fits=3), (1,), x, K=128, V=128)   # another specialization: its own count
+    assert launched == [3, 2, 1, 1, 3]
+    with pytest.raises(OutOfResources):
+        parallel._launch('dq', Kernel(fits=0), (1,), x, K=256, V=256)
+    assert parallel._value_tile(torch.zeros(1, 1, 1, 256)) == 128          # fp32 at K > 128: narrower value tiles
+    assert parallel._value_tile(torch.zeros(1, 1, 1, 256, dtype=torch.bfloat16)) == parallel.MAX_VALUE_TILE
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize('K, V', [(24, 24), (48, 48), (96, 96), (100, 100), (256, 256), (64, 320), (128, 512)])
 def test_head_dims_on_gpu(K, V):
