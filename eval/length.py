@@ -16,14 +16,17 @@ from resampling documents with replacement (eval/common.bootstrap, 1000 resample
 octaves of position around the training length T. "Loss at Nx" is the mean over positions [N T / 2, N T), the last
 half before N times the training length; its change against 1x has a paired interval (the same resamples).
 
-Writes OUT.json (per checkpoint: the mean loss at every position, the buckets, the Nx table; with --copy also the
-natural-copying analysis of eval/copying.py, from the same forward pass), OUT.png (loss against position, log x,
-each checkpoint's line and band, training lengths dashed), with --copy OUT_copy.png; prints the table as markdown.
+Writes OUT.json (per checkpoint: the mean loss at every position, the buckets, the Nx table with each document's
+own mean and the documents' fingerprints, so that runs can be compared document by document; with --copy also
+the natural-copying analysis of eval/copying.py, from the same forward pass), OUT.png (loss against position, log
+x, each checkpoint's line and band, training lengths dashed), with --copy OUT_copy.png; prints the table as
+markdown.
 """
 import argparse
 import json
 import os
 import sys
+import zlib
 
 import numpy as np
 import torch
@@ -108,9 +111,17 @@ def multiples_table(losses, train_len, seed=0):
     if len(losses) < 2:
         delta_lo, delta_hi = np.full_like(mean, np.nan), np.full_like(mean, np.nan)
     f = common.finite_or_none
+    doc_means = sums / counts
     return [{'multiple': n, 'start': n * train_len // 2, 'end': n * train_len, 'mean': float(mean[k]),
              'lo': f(lo[k]), 'hi': f(hi[k]), 'change': float(mean[k] - mean[0]), 'change_lo': f(delta_lo[k]),
-             'change_hi': f(delta_hi[k])} for k, n in enumerate(multiples)]
+             'change_hi': f(delta_hi[k]), 'doc_means': np.round(doc_means[:, k], 5).tolist()}
+            for k, n in enumerate(multiples)]
+
+
+def fingerprints(docs):
+    """One crc32 per document of its tokens: two runs scored the same documents, in the same order, when these
+    match, so their per-document losses can be compared pairwise (eval/study.py)."""
+    return [zlib.crc32(np.ascontiguousarray(doc, dtype=np.int64).tobytes()) for doc in docs]
 
 
 def analyse(path, model, train_config, docs, losses, seconds):
@@ -119,6 +130,7 @@ def analyse(path, model, train_config, docs, losses, seconds):
     sums, counts = bucket_sums(losses, edges)
     mean = losses.mean(0)
     return {'ckpt': path, 'attention': model.config.attention, 'train_len': train_len, 'docs': len(docs),
+            'doc_fingerprints': fingerprints(docs),
             'seconds': round(seconds, 2), 'mean_loss': float(mean.mean()),
             'loss_by_position': np.round(mean, 4).tolist(), 'buckets': common.bucket_rows(edges, sums, counts),
             'table': multiples_table(losses, train_len)}

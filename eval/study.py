@@ -10,6 +10,8 @@ leave their cells empty. Writes OUT_loss.png (loss by position), OUT_copy.png (n
 (exact match and loss by distance) and OUT.md, the tables of the results page:
 - per model: val loss at the end of training, the loss at 1x..16x the training length with 95% intervals, the
   change at 16x against 1x, the needle test's accuracy and the tokens trained;
+- paired: each model's loss at 1x..16x minus the first folder's model's, with intervals from resampling the
+  documents jointly, where both length.json files hold per-document means of the same documents;
 - natural copying: the loss and gain of repeat tokens by distance back (eval/copying.py's table);
 - retrieval: exact match [95% Wilson interval] and loss per value token by distance.
 """
@@ -18,6 +20,8 @@ import json
 import os
 import re
 import sys
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from eval import common, copying, length, retrieval  # noqa: E402
@@ -87,6 +91,34 @@ def summary_table(models):
     return '\n'.join(lines)
 
 
+def paired_table(models):
+    """Each model's loss at 1x..16x minus the first model's, with 95% intervals from resampling the documents
+    jointly (both scored the same documents: eval/length.py's fingerprints match); None when no pair has them."""
+    def tables(m):
+        run = m['length'] or {}
+        return run.get('doc_fingerprints'), {row['multiple']: row.get('doc_means') for row in run.get('table', [])}
+
+    first, (ref_docs, ref) = models[0], tables(models[0])
+    multiples = sorted(n for n, means in ref.items() if means)
+    lines = [f'| model - {first["name"]} | ' + ' | '.join(f'{n}x' for n in multiples) + ' |',
+             '|---|' + '---|' * len(multiples)]
+    for m in models[1:]:
+        docs, means = tables(m)
+        if not ref_docs or docs != ref_docs:
+            continue
+        cells = []
+        for n in multiples:
+            if not means.get(n):
+                cells.append('')
+                continue
+            diff = np.subtract(means[n], ref[n])[:, None]
+            mean, lo, hi, _ = common.bootstrap(diff, np.ones_like(diff))
+            cells.append(common.interval(mean[0], common.finite_or_none(lo[0]), common.finite_or_none(hi[0]),
+                                         sign='+'))
+        lines.append(f'| {m["name"]} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) if len(lines) > 2 else None
+
+
 def retrieval_table(models):
     distances = sorted({row['distance'] for m in models if m['retrieval'] for row in m['retrieval']['by_distance']})
     lines = ['| model | ' + ' | '.join(str(d) for d in distances) + ' |', '|---|' + '---|' * len(distances)]
@@ -108,6 +140,9 @@ def main(argv=None):
     models = [load(folder) for folder in args.folders]
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
     written, tables = [], [summary_table(models)]
+    paired = paired_table(models)
+    if paired:
+        tables.append(paired)
     runs = [labelled(m['length'], m['name']) for m in models if m['length']]
     if runs:
         length.plot(runs, max(1, len(runs[0]['loss_by_position']) // 64), args.out + '_loss.png')

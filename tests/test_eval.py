@@ -116,6 +116,8 @@ def test_length_plots_several_checkpoints(checkpoints, tmp_path, capsys):
         expected = np.mean(np.array(run['loss_by_position'])[31:63])  # positions 32..63
         assert two['mean'] == pytest.approx(expected, abs=1e-3)
         assert two['change_lo'] <= two['change'] <= two['change_hi']
+        assert len(two['doc_means']) == 3 and np.mean(two['doc_means']) == pytest.approx(two['mean'], abs=1e-4)
+        assert run['doc_fingerprints'] == report['runs'][0]['doc_fingerprints'] and len(run['doc_fingerprints']) == 3
         copy = run['copy']
         assert copy['ckpt'] == run['ckpt'] and copy['ngram'] == copying.NGRAM and 0 < copy['repeat_fraction'] < 1
         check_buckets(copy['repeat'], 1, 151)
@@ -327,9 +329,14 @@ def test_study_puts_result_folders_side_by_side(checkpoints, tmp_path, capsys):
     out = str(tmp_path / 'study')
     study.main([str(tmp_path / 'wall'), str(tmp_path / 'rope'), '--out', out])
     text = open(out + '.md').read()
-    summary, copy, found = [block.splitlines() for block in text.strip().split('\n\n')]
+    summary, paired, copy, found = [block.splitlines() for block in text.strip().split('\n\n')]
     rope_length = json.load(open(tmp_path / 'rope' / 'length.json'))['runs'][0]
+    wall_length = json.load(open(tmp_path / 'wall' / 'length.json'))['runs'][0]
     one = rope_length['table'][0]
+    # the same 2 documents for both: rope's loss minus wall's, document by document
+    assert paired[0].startswith('| model - wall | 1x |') and len(paired) == 3
+    difference = np.mean(np.subtract(one['doc_means'], wall_length['table'][0]['doc_means']))
+    assert paired[2].startswith(f'| rope | {difference:+.3f} [')
     assert summary[3].startswith(f'| rope | 4.250 | {common.interval(one["mean"], one["lo"], one["hi"])} |')
     assert summary[3].endswith('|  | 1M |')  # no needle test in rope's folder
     cells = json.load(open(tmp_path / 'wall' / 'niah.json'))['cells']
