@@ -373,7 +373,7 @@ def test_backward_launches_the_kernels_compiled_ahead():
     the launch would leave two (and cost the compile time twice)."""
     import kernels.parallel as parallel
     device = torch.cuda.current_device()
-    entries = lambda: [len(kernel.fn.device_caches[device][0])
+    entries = lambda: [len(kernel.device_caches[device][0])
                        for kernel in (parallel._bwd_dq_kernel, parallel._bwd_dkv_kernel)]
     before, specializations = entries(), len(parallel._compiles_ahead)
     inputs = make_inputs(T=300, HQ=2, H=2, K=72, V=72, dtype=torch.bfloat16)  # a head dim no other test compiles
