@@ -51,6 +51,7 @@ max_doc_len = 16384               # longer documents are cut into pieces of at m
 gradient_accumulation_steps = 8   # micro-batches per optimizer step, summed over all ranks
 data_seed = 0                     # document order
 retrieval_mix = 0.0               # fraction of training tokens from synthetic retrieval documents (data/retrieval.py)
+retrieval_key_words = 1           # words per key of those documents (eval/retrieval.py probes with the same)
 # AdamW
 learning_rate = 6e-4
 max_iters = 10000
@@ -82,7 +83,7 @@ def fail(message):
 
 
 for key in ('tokens_per_batch', 'max_doc_len', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters',
-            'log_interval'):
+            'log_interval', 'retrieval_key_words'):
     if config[key] < 1:
         fail(f'{key}={config[key]}, expected a positive integer')
 if max_iters < 0 or warmup_iters < 0:
@@ -154,7 +155,8 @@ random.seed(seed)
 try:
     vocab_size = load_tokenizer(data_dir).get_vocab_size()
     train_batches = PackedBatches(data_dir, 'train', tokens_per_batch, max_doc_len, rank=rank,
-                                  world_size=world_size, seed=data_seed, retrieval_mix=retrieval_mix)
+                                  world_size=world_size, seed=data_seed, retrieval_mix=retrieval_mix,
+                                  retrieval_key_words=retrieval_key_words)
     PackedBatches(data_dir, 'val', tokens_per_batch, max_doc_len)  # read at every evaluation: checked now
 except (OSError, ValueError) as e:
     fail(f'data_dir={data_dir!r}: {e}')

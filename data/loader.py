@@ -87,9 +87,9 @@ class PackedBatches:
     left it holds a lone EOT with no target (padding). y[i] = x[i + 1] within a piece and -1 (ignore) at its last
     token, so no target crosses a piece boundary, and every corpus token is a target exactly once per epoch.
 
-    With `retrieval_mix` = f > 0, synthetic retrieval documents (data/retrieval.py) of the full piece length are
-    mixed into the stream so that they make up a fraction f of its document tokens, exactly up to one document:
-    one goes in whenever they are behind f and a whole one fits the batch. Each is made from its own seed (seed,
+    With `retrieval_mix` = f > 0, synthetic retrieval documents (data/retrieval.py, keys of `retrieval_key_words`
+    words) of the full piece length are mixed into the stream so that they make up a fraction f of its document
+    tokens, exactly up to one document: one goes in whenever they are behind f and a whole one fits the batch. Each is made from its own seed (seed,
     number of the synthetic document), its filler a random window of this split's tokens.
 
     All ranks walk the same global stream of batches; rank r keeps batches r, r + world_size, ... so ranks never
@@ -97,7 +97,7 @@ class PackedBatches:
     """
 
     def __init__(self, data_dir, split, tokens_per_batch, max_doc_len, *, rank=0, world_size=1, seed=0,
-                 retrieval_mix=0.0):
+                 retrieval_mix=0.0, retrieval_key_words=1):
         if tokens_per_batch < 2:
             raise ValueError(f'tokens_per_batch={tokens_per_batch}, expected at least 2')
         if max_doc_len < 2:
@@ -122,7 +122,7 @@ class PackedBatches:
             raise ValueError(f'the {split} split of {data_dir} holds no tokens')
         self.retrieval_mix, self.synthetic_len = retrieval_mix, min(max_doc_len, tokens_per_batch) - 1
         if retrieval_mix:
-            self.task = RetrievalTask(tokenizer)
+            self.task = RetrievalTask(tokenizer, key_words=retrieval_key_words)
             if len(self.tokens) <= self.synthetic_len:
                 raise ValueError(f'retrieval_mix: the {split} split has {len(self.tokens)} tokens, fewer than the '
                                  f'{self.synthetic_len} of filler one retrieval document needs')

@@ -4,11 +4,12 @@ Vocabulary:
 - word: a lowercase token of the vocabulary, up to 8 letters (`name`, `self`, `ative`, ...);
 - needle: a line `KEY_<key><value>` inserted before a line break of real code (the filler), so it sits on a line
   of its own; as tokens it starts with the line break;
-- key: one word (as many as make 1024 keys where a small vocabulary has fewer words), value: VALUE_TOKENS words.
-  The keys and values of a document or probe are words that its filler does not hold, each used once, so the
-  token after the key is unique in the context and so is each value token: copying what followed the last
-  occurrence of the current token (an induction head) answers every step. With a small vocabulary (keys of more
-  than one token), keys are still distinct, but they and the values may occur in the filler;
+- key: `key_words` words (default one; more where a small vocabulary needs them to make 1024 keys), value:
+  VALUE_TOKENS words. The keys and values of a document or probe are words that its filler does not hold, each
+  used once, so the token after the key is unique in the context and so is each value token: copying what
+  followed the last occurrence of the current token (an induction head) answers every step. Longer keys make the
+  lookup one that a match on several recent tokens also answers. With a small vocabulary, keys are still
+  distinct, but they and the values may occur in the filler;
 - cue: the needle up to its value, line break included; the value's tokens should follow it;
 - query: a needle's line again, later in the same training document.
 
@@ -46,9 +47,11 @@ class Probe:
 
 class RetrievalTask:
 
-    def __init__(self, tokenizer, num_pairs=16):
+    def __init__(self, tokenizer, num_pairs=16, key_words=1):
         if num_pairs < 1:
             raise ValueError(f'num_pairs={num_pairs}, expected at least 1')
+        if not isinstance(key_words, int) or isinstance(key_words, bool) or key_words < 1:
+            raise ValueError(f'key_words={key_words!r}, expected a positive int')
         self.num_pairs = num_pairs
 
         def piece(text):
@@ -62,7 +65,8 @@ class RetrievalTask:
         self.words = np.array([i for i, text in enumerate(vocab) if re.fullmatch('[a-z]{1,8}', text)], dtype=np.int64)
         if len(self.words) < 2:  # a byte-level BPE has every letter as a token
             raise ValueError('the tokenizer lacks lowercase word tokens for the keys')
-        self.key_len = int(np.ceil(np.log(1024) / np.log(len(self.words)) - 1e-9))
+        self.small_vocabulary = len(self.words) < 1024
+        self.key_len = max(key_words, int(np.ceil(np.log(1024) / np.log(len(self.words)) - 1e-9)))
         self.max_pairs = len(self.words) ** self.key_len // 4  # distinct keys stay quick to draw
         if num_pairs > self.max_pairs:
             raise ValueError(f'num_pairs={num_pairs}, expected at most {self.max_pairs} for this tokenizer')
@@ -73,13 +77,14 @@ class RetrievalTask:
 
     def _pairs(self, rng, n, filler):
         """n (key, value) token arrays for a context of filler: words it does not hold, each used once."""
-        if self.key_len == 1:
+        if not self.small_vocabulary:
             absent = np.setdiff1d(self.words, filler)
-            if len(absent) < n * (1 + VALUE_TOKENS):
+            words = n * (self.key_len + VALUE_TOKENS)
+            if len(absent) < words:
                 raise ValueError(f'{len(filler)} tokens of filler leave {len(absent)} words unused, fewer than the '
-                                 f'{n * (1 + VALUE_TOKENS)} that {n} needles take')
-            picks = rng.choice(absent, size=(n, 1 + VALUE_TOKENS), replace=False)
-            return [(pick[:1], pick[1:]) for pick in picks]
+                                 f'{words} that {n} needles take')
+            picks = rng.choice(absent, size=(n, self.key_len + VALUE_TOKENS), replace=False)
+            return [(pick[:self.key_len], pick[self.key_len:]) for pick in picks]
         keys = {}  # a small vocabulary: distinct keys, in the order drawn
         while len(keys) < n:
             keys[tuple(rng.choice(self.words, self.key_len))] = None

@@ -8,8 +8,9 @@ length.
 A probe (data.retrieval.RetrievalTask.probe) is held-out code (a random window of the val split, EOTs dropped) with
 needle lines `KEY_<key><value>` at line breaks (--pairs of them, 16 by default; key and value are words the
 window does not hold), one of them about `distance` tokens before the end, and ends with that needle's cue
-`KEY_<key>`. Needle and cue are joined in token space, so copying the needle's value tokens is exactly right. Every model that trained on the task (train.py's retrieval_mix) solves it inside the
-training length; the question is whether it still does past it.
+`KEY_<key>`, keys as long as the checkpoint trained on (train.py's retrieval_key_words). Needle and cue are joined
+in token space, so copying the needle's value tokens is exactly right. Every model that trained on the task
+(train.py's retrieval_mix) solves it inside the training length; the question is whether it still does past it.
 
 Each probe, after an EOT, is prefilled into the cache --prefill_chunk tokens per forward, and the value's tokens go
 through the decode step of sampling (model.DecodeStep, CUDA graphs on a GPU) teacher-forced, --batch probes of one
@@ -203,13 +204,15 @@ def main(argv=None):
         distances = distances or [max(1, round(m * train_len)) for m in MULTIPLES]
         tokenizer, eot = common.load_data_tokenizer(train_config)
         try:
-            task = RetrievalTask(tokenizer, **({} if args.pairs is None else {'num_pairs': args.pairs}))
+            task = RetrievalTask(tokenizer, key_words=train_config.get('retrieval_key_words', 1),
+                                 **({} if args.pairs is None else {'num_pairs': args.pairs}))
         except ValueError as e:
             raise SystemExit(f'error: --ckpt {path}: its tokenizer cannot build the task: {e}')
         stream = common.held_out_stream(train_config['data_dir'], eot)
         timer = common.Timer(args.device)
         run = {'ckpt': path, 'attention': model.config.attention, 'train_len': train_len,
-               'retrieval_mix': train_config.get('retrieval_mix', 0.0), 'pairs': task.num_pairs, 'by_distance': []}
+               'retrieval_mix': train_config.get('retrieval_mix', 0.0), 'pairs': task.num_pairs, 'key_words': task.key_len,
+               'by_distance': []}
         runs.append(run)
 
         def save_rows(rows):

@@ -97,13 +97,17 @@ def test_mix_refuses_bad_fractions(corpus):  # noqa: F811
             PackedBatches(data_dir, 'train', 2048, 600, retrieval_mix=mix)
 
 
-def test_keys_and_values_are_words_the_filler_lacks_each_used_once():
+@pytest.mark.parametrize('key_words', [1, 3])
+def test_keys_and_values_are_words_the_filler_lacks_each_used_once(key_words):
     from data.prepare import train_tokenizer
     rng = np.random.default_rng(0)
     words = sorted({''.join(rng.choice(list('abcdefghij'), 5)) for _ in range(3000)})
     tokenizer = train_tokenizer(['\n'.join(words)] * 4 + ['x = 1\n    y = 2\n'], vocab_size=3000, max_chars=10 ** 7)
-    task = RetrievalTask(tokenizer)
-    assert task.key_len == 1 and len(task.words) > 1000
+    task = RetrievalTask(tokenizer, key_words=key_words)
+    assert task.key_len == key_words and len(task.words) > 1000
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match='key_words'):
+            RetrievalTask(tokenizer, key_words=bad)
     code = ''.join(f'{w} = 1\n' for w in words[:300])  # code that uses some of the words
     filler = np.array(tokenizer.encode(code).ids, dtype=np.int64)
     doc = task.document(np.random.default_rng(1), filler, 2000).tolist()
