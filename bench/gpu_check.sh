@@ -23,7 +23,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for part in $parts; do
   case $part in
     # one test that compiles for minutes must not take the whole deadline: pytest-timeout, where installed
-    tests)  per_test=$(python3 -c 'import pytest_timeout' 2>/dev/null && echo --timeout=150)
+    tests)  per_test=$(python3 -c 'import pytest_timeout' 2>/dev/null && echo --timeout=300)
             timeout $(left) python3 -m pytest -q -rf -m gpu $per_test tests 2>&1 | tee "$LOGS/tests.log" | tail -15 ;;
     # the peers compile for minutes per shape: they run at the target shape only
     attn)   timeout $(left) python3 bench/bench_attn.py --shapes 'B2 T8k H16' $baseline ${ATTN_SKIP:+--skip $ATTN_SKIP} --out "$LOGS/attn.md" 2>&1 | tee "$LOGS/attn.log" | grep -v '^|'
