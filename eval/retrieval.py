@@ -148,12 +148,20 @@ def plot(runs, path):
                            'probes for the loss)')
 
 
-def markdown_table(runs):
-    distances = [row['distance'] for row in runs[0]['by_distance']]
-    lines = ['| checkpoint | ' + ' | '.join(str(d) for d in distances) + ' |', '|---|' + '---|' * len(distances)]
+def markdown_table(runs, name=None, intervals=False):
+    """Exact match (loss) by distance, one row per run, over every distance any run has (cells of the others
+    empty); `name(run)` labels a row (default: its checkpoint and training length), `intervals` adds the exact
+    match's Wilson interval."""
+    distances = sorted({row['distance'] for run in runs for row in run['by_distance']})
+    lines = [f'| {"checkpoint" if name is None else "model"} | ' + ' | '.join(str(d) for d in distances) + ' |',
+             '|---|' + '---|' * len(distances)]
     for run in runs:
-        lines.append(f'| {common.label(run)}, T={run["train_len"]}: exact match (loss) | ' + ' | '.join(
-            f'{row["accuracy"]:.2f} ({row["loss"]:.2f})' for row in run['by_distance']) + ' |')
+        rows = {row['distance']: row for row in run['by_distance']}
+        cells = [f'{rows[d]["accuracy"]:.2f}' + (f' [{rows[d]["accuracy_lo"]:.2f}, {rows[d]["accuracy_hi"]:.2f}]'
+                                                 if intervals else '') + f' ({rows[d]["loss"]:.2f})'
+                 if d in rows else '' for d in distances]
+        label = f'{common.label(run)}, T={run["train_len"]}' if name is None else name(run)
+        lines.append(f'| {label}: exact match (loss) | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 

@@ -119,19 +119,6 @@ def paired_table(models):
     return '\n'.join(lines) if len(lines) > 2 else None
 
 
-def retrieval_table(models):
-    distances = sorted({row['distance'] for m in models if m['retrieval'] for row in m['retrieval']['by_distance']})
-    lines = ['| model | ' + ' | '.join(str(d) for d in distances) + ' |', '|---|' + '---|' * len(distances)]
-    for m in models:
-        if not m['retrieval']:
-            continue
-        rows = {row['distance']: row for row in m['retrieval']['by_distance']}
-        cells = [f'{rows[d]["accuracy"]:.2f} [{rows[d]["accuracy_lo"]:.2f}, {rows[d]["accuracy_hi"]:.2f}] '
-                 f'({rows[d]["loss"]:.2f})' if d in rows else '' for d in distances]
-        lines.append(f'| {m["name"]}: exact match (loss) | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('folders', nargs='+', help='result folders of eval/lengthgen.sh, one per model')
@@ -156,7 +143,7 @@ def main(argv=None):
     if runs:
         retrieval.plot(runs, args.out + '_retrieval.png')
         written.append(args.out + '_retrieval.png')
-        tables.append(retrieval_table(models))
+        tables.append(retrieval.markdown_table(runs, name=lambda run: run['ckpt'], intervals=True))
     text = '\n\n'.join(tables) + '\n'
     with open(args.out + '.md', 'w') as f:
         f.write(text)
