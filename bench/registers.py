@@ -8,8 +8,9 @@
 This reads ptxas's own report of each compile and the shared memory each kernel needs (an H100's and an H200's
 limit: 232,448 bytes; a launch over it fails with OutOfResources), a check that costs no GPU time (whether a spill
 costs time is for the GPU to say: bench/results_attn.md has cases where it does not). `--V` is one launch's value
-tile (wall_attn splits wider values), `--features` turns on the scalar gate, window and sink. It loads kernels/parallel.py without
-kernels/__init__.py (bench/kernel_files.py), so Triton compiles for the GPU instead of running its CPU interpreter.
+tile (wall_attn splits wider values), `--features` turns on the scalar gate, window and sink. It loads
+kernels/parallel.py without kernels/__init__.py (bench/kernel_files.py), so Triton compiles for the GPU instead of
+running its CPU interpreter.
 """
 import argparse
 import contextlib
@@ -33,7 +34,7 @@ parser.add_argument('--ir', metavar='DIR', help='also write each compile\'s TTGI
 parser.add_argument('--K', type=int, default=128, help='query/key head dim')
 parser.add_argument('--V', type=int, default=128, help='value head dim of one launch (at most MAX_VALUE_TILE)')
 parser.add_argument('--dtype', default='bf16', choices=['bf16', 'fp16', 'fp32'], help="q, k, v's dtype")
-parser.add_argument('--features', action='store_true', help='scalar gate, window and sink on (the launches\' switches)')
+parser.add_argument('--features', action='store_true', help="scalar gate, window and sink on (the launches' switches)")
 parser.add_argument('--stages', type=int, help='num_stages for the forward, dq and dk/dv kernels instead of theirs')
 parser.add_argument('--kernels', default='fwd,dq,dkv,diag_fwd,steep_bwd,intra_bwd', help='which (LAUNCH names)')
 args = parser.parse_args()
@@ -42,19 +43,19 @@ parallel = load_kernel_file(args.path, 'parallel')
 
 # The shape every kernel compiles at, with the tunables the launches take from parallel.py, and None for the inputs
 # that the switched-off features leave out (as the launches pass them); each kernel gets the constexprs it declares.
-SHAPE = dict(HQ=16, H=16, HG=16, K=args.K, V=args.V, KP=parallel.padded_dim(args.K), VP=parallel.padded_dim(args.V), BLOCK=parallel.BLOCK, SUB=parallel.SUB, DK=parallel.DK,
-             DKV_QUERY_ROWS=parallel.DKV_QUERY_ROWS, FAST_RANGE=parallel.FAST_RANGE[torch.bfloat16], HAS_GS=args.features,
-             HAS_WINDOW=args.features, HAS_SINK=args.features)
+SHAPE = dict(HQ=16, H=16, HG=16, K=args.K, V=args.V, KP=parallel.padded_dim(args.K), VP=parallel.padded_dim(args.V),
+             BLOCK=parallel.BLOCK, SUB=parallel.SUB, DK=parallel.DK, DKV_QUERY_ROWS=parallel.DKV_QUERY_ROWS,
+             FAST_RANGE=parallel.FAST_RANGE[torch.bfloat16], HAS_GS=args.features, HAS_WINDOW=args.features,
+             HAS_SINK=args.features)
 if not args.features:
     SHAPE.update(Cl_ptr=None, Cs_ptr=None, sink_ptr=None)
-POINTERS = {f'*{args.dtype}': ('q_ptr', 'kt_ptr', 'k_ptr', 'v_ptr', 'o_ptr', 'do_ptr', 'qh_ptr', 'kg_ptr', 'qg_ptr', 'qf_ptr',
-                      'kf_ptr'),
+POINTERS = {f'*{args.dtype}': ('q_ptr', 'kt_ptr', 'k_ptr', 'v_ptr', 'o_ptr', 'do_ptr', 'qh_ptr', 'kg_ptr', 'qg_ptr',
+                              'qf_ptr', 'kf_ptr'),
             '*fp64': ('Pstart_ptr', 'Cs_ptr'), '*i32': ('blocks_ptr',)}
 SCALARS = {'i32': ('WINDOW', 'num_blocks'), 'fp32': ('qk_scale', 'scale')}
 
 
-def report(kernel, constexprs, num_warps, num_stages):
-    fn = kernel
+def report(fn, constexprs, num_warps, num_stages):
     constexprs = {n: v for n, v in constexprs.items() if n in fn.arg_names}
     types = {name: kind for kind, names in {**POINTERS, **SCALARS}.items() for name in names}
     signature = {n: 'constexpr' if n in constexprs else types.get(n, '*fp32') for n in fn.arg_names}

@@ -89,8 +89,9 @@ class PackedBatches:
 
     With `retrieval_mix` = f > 0, synthetic retrieval documents (data/retrieval.py, keys of `retrieval_key_words`
     words) of the full piece length are mixed into the stream so that they make up a fraction f of its document
-    tokens, exactly up to one document: one goes in whenever they are behind f and a whole one fits the batch. Each is made from its own seed (seed,
-    number of the synthetic document), its filler a random window of this split's tokens.
+    tokens, exactly up to one document: one goes in whenever they are behind f and a whole one fits the batch.
+    Each is made from its own seed (seed, number of the synthetic document), its filler a random window of this
+    split's tokens.
 
     All ranks walk the same global stream of batches; rank r keeps batches r, r + world_size, ... so ranks never
     share tokens within a step, and state_dict() (the stream position after a whole step) is identical on all ranks.

@@ -219,8 +219,8 @@ def main(argv=None):
         stream = common.held_out_stream(train_config['data_dir'], eot)
         timer = common.Timer(args.device)
         run = {'ckpt': path, 'attention': model.config.attention, 'train_len': train_len,
-               'retrieval_mix': train_config.get('retrieval_mix', 0.0), 'pairs': task.num_pairs, 'key_words': task.key_len,
-               'by_distance': []}
+               'retrieval_mix': train_config.get('retrieval_mix', 0.0), 'pairs': task.num_pairs,
+               'key_words': task.key_len, 'by_distance': []}
         runs.append(run)
 
         def save_rows(rows):

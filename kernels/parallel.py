@@ -112,7 +112,7 @@ def _launch(name, kernel, grid, *args, **constexprs):
     """kernel[grid](*args) at LAUNCH[name], pipelined less where its tuned stages need more shared memory than the
     GPU has: wide head dims in fp32 (K = V = 256 takes 459 KB at the forward's 3 stages, 131 KB at one)."""
     num_warps, tuned = LAUNCH[name]
-    key = (name, args[0].dtype, tuple(sorted((n, v) for n, v in constexprs.items() if not hasattr(v, 'data_ptr'))))
+    key = (name, args[0].dtype, tuple(sorted(constexprs.items())))
     stages = _fitting_stages.get(key, tuned)
     while True:
         try:
