@@ -95,6 +95,10 @@ LAUNCH = dict(
     steep_bwd=(8, 1),  # the sub-block dots spill far more at 4 warps
     intra_bwd=(4, 3),  # its elementwise pairs ran slower inside steep_bwd's 8 warps than in a 4-warp kernel
 )
+# Stage counts that fit fp32 tiles of wide heads (KP + VP > 256) in shared memory: at K = 256 with 128 value
+# columns the forward needs 279 KB at 3 stages and dq 279 KB at 2, over the 227 KB of an H100 or H200. Starting
+# there spares each new specialization compiles that would only fail to launch (a minute each at these widths).
+WIDE_FP32_STAGES = dict(fwd=2, dq=1, dkv=2)
 # Largest per-channel decay (log2 units) over a block for the one-dot diagonal: k * 2^FAST_RANGE must not
 # overflow the dot's input type (fp16 tops out at 2^16, bf16 and fp32 at 2^128).
 FAST_RANGE = {torch.float16: 8.0, torch.bfloat16: 96.0, torch.float32: 96.0}
@@ -105,15 +109,21 @@ def _launch_options(kernel):
     return dict(num_warps=num_warps, num_stages=num_stages)
 
 
+def _first_stages(name, dtype, dims):
+    """The stage count a main kernel's launch and compile ahead try first: LAUNCH's, or WIDE_FP32_STAGES's."""
+    tuned = LAUNCH[name][1]
+    return min(tuned, WIDE_FP32_STAGES[name]) if dtype == torch.float32 and dims['KP'] + dims['VP'] > 256 else tuned
+
+
 _fitting_stages = {}  # (kernel, its launch's specialization) -> the stage count whose shared memory fits
 
 
 def _launch(name, kernel, grid, *args, **constexprs):
-    """kernel[grid](*args) at LAUNCH[name], pipelined less where its tuned stages need more shared memory than the
-    GPU has: wide head dims in fp32 (K = V = 256 takes 459 KB at the forward's 3 stages, 131 KB at one)."""
-    num_warps, tuned = LAUNCH[name]
+    """kernel[grid](*args) at _first_stages, pipelined less where even those need more shared memory than the GPU
+    has (a Triton version or a GPU other than the one WIDE_FP32_STAGES was measured on)."""
+    num_warps = LAUNCH[name][0]
     key = (name, args[0].dtype, tuple(sorted(constexprs.items())))
-    stages = _fitting_stages.get(key, tuned)
+    stages = _fitting_stages.get(key) or _first_stages(name, args[0].dtype, constexprs)
     while True:
         try:
             kernel[grid](*args, num_warps=num_warps, num_stages=stages, **constexprs)
@@ -982,9 +992,10 @@ def _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, blocks, dims)
                   do=q.dtype, lse=f32, delta=f32, dq=f32, dcq=f32, dk=f32, dv=v.dtype if HQ == H else f32, dck=f32,
                   dv_part=f32, table=torch.int32)
 
-    def compile_ahead(name, kernel, args, constexprs):  # at the tuned stages: the launch pipelines less if they fail
+    def compile_ahead(name, kernel, args, constexprs):  # at the first stages: the launch pipelines less if they fail
         with torch.cuda.device(q.device):
-            kernel.warmup(*args, grid=(num_blocks, HQ), **_launch_options(name), **constexprs, **flags, **dims)
+            kernel.warmup(*args, grid=(num_blocks, HQ), num_warps=LAUNCH[name][0],
+                          num_stages=_first_stages(name, q.dtype, dims), **constexprs, **flags, **dims)
 
     _compile_threads = _compile_threads or concurrent.futures.ThreadPoolExecutor(max_workers=2)
     _compiles_ahead[key] = [_compile_threads.submit(compile_ahead, *launch)

@@ -440,8 +440,9 @@ def test_positive_gates_raise_on_gpu_without_stalling():
 
 
 def test_launch_pipelines_less_where_shared_memory_runs_out(monkeypatch):
-    """A launch whose tuned stages need more shared memory than the GPU has goes down a stage at a time, remembers
-    the count that fitted for that specialization, and raises when even one stage does not fit."""
+    """A launch whose first stages need more shared memory than the GPU has goes down a stage at a time, remembers
+    the count that fitted for that specialization, and raises when even one stage does not fit. fp32 tiles of wide
+    heads start at WIDE_FP32_STAGES."""
     from triton.runtime.errors import OutOfResources
     import kernels.parallel as parallel
     monkeypatch.setattr(parallel, '_fitting_stages', {})
@@ -458,14 +459,19 @@ def test_launch_pipelines_less_where_shared_memory_runs_out(monkeypatch):
                     raise OutOfResources(300000, 232448, 'shared memory')
             return run
 
-    x = torch.zeros(1)
-    parallel._launch('fwd', Kernel(fits=1), (1,), x, K=256, V=128)
+    bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    parallel._launch('fwd', Kernel(fits=1), (1,), bf16, KP=256, VP=256)
     assert launched == [3, 2, 1]
-    parallel._launch('fwd', Kernel(fits=1), (1,), x, K=256, V=128)   # remembered
-    parallel._launch('fwd', Kernel(fits=3), (1,), x, K=128, V=128)   # another specialization: its own count
-    assert launched == [3, 2, 1, 1, 3]
+    parallel._launch('fwd', Kernel(fits=1), (1,), bf16, KP=256, VP=256)   # remembered
+    parallel._launch('fwd', Kernel(fits=3), (1,), bf16, KP=128, VP=128)   # another specialization: its own count
+    parallel._launch('fwd', Kernel(fits=3), (1,), fp32, KP=128, VP=128)   # fp32 at 256 columns in all: tuned
+    assert launched == [3, 2, 1, 1, 3, 3]
+    launched.clear()
+    for name, fits in (('fwd', 3), ('dq', 3), ('dkv', 3)):                # fp32, wide: the first try fits
+        parallel._launch(name, Kernel(fits=fits), (1,), fp32, KP=256, VP=128)
+    assert launched == [parallel.WIDE_FP32_STAGES[n] for n in ('fwd', 'dq', 'dkv')]
     with pytest.raises(OutOfResources):
-        parallel._launch('dq', Kernel(fits=0), (1,), x, K=256, V=256)
+        parallel._launch('dq', Kernel(fits=0), (1,), bf16, KP=256, VP=256)
     assert parallel._value_tile(torch.zeros(1, 1, 1, 256)) == 128          # fp32 at K > 128: narrower value tiles
     assert parallel._value_tile(torch.zeros(1, 1, 1, 256, dtype=torch.bfloat16)) == parallel.MAX_VALUE_TILE
 
