@@ -3,9 +3,10 @@
 # (on the device tool's machine, where $OUT is set) the logs as one archive $OUT/gpu_check.tgz. Every part runs
 # under what is left of $DEADLINE seconds (default 560), so the archive is written even when the parts run long.
 #   bash bench/gpu_check.sh [tests] [attn] [decode] [train] [generate]     (default: all)
-# flash-linear-attention (the peer) travels as a wheel in .whl/ when the machine lacks it. BASELINE=DIR also times
-# another checkout's kernels/ folder in attn and decode (before/after rows from one run); ATTN_SKIP='fla ...' leaves
-# those kernels out of attn (the peers compile for minutes).
+# Wheels the machine lacks travel in .whl/ (carried): flash-linear-attention (the peer) and pytest-timeout, without
+# which one test that compiles for minutes takes the whole deadline (`pip download pytest-timeout --no-deps -d
+# .whl`). BASELINE=DIR also times another checkout's kernels/ folder in attn and decode (before/after rows from one
+# run); ATTN_SKIP='fla ...' leaves those kernels out of attn (the peers compile for minutes).
 set -uo pipefail
 LOGS=${LOGS:-/tmp/gpu_check}
 mkdir -p "$LOGS"
