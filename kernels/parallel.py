@@ -1058,6 +1058,51 @@ def _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size
     return dq_out, dk_out, dv, dg, dg_scalar, dsink
 
 
+# (dtype, K) -> value columns per launch, where a launch at _value_tile's width ran out of shared memory
+_narrowed_value_tiles = {}
+NARROWEST_VALUE_TILE = 16  # below it a launch's shared memory is the key-side tiles' alone: halving cannot help
+
+
+def _halves(x):
+    half = x.shape[-1] // 2
+    return x[..., :half].contiguous(), x[..., half:].contiguous()
+
+
+def _narrowed(q, v, error):
+    """After `error` (OutOfResources even at one stage): remember half of v's columns as (dtype, K)'s value tile
+    for the next calls, or raise where the columns are as narrow as halving goes."""
+    if v.shape[-1] < 2 * NARROWEST_VALUE_TILE:
+        raise error
+    key = (q.dtype, q.shape[-1])
+    _narrowed_value_tiles[key] = min(_narrowed_value_tiles.get(key, MAX_VALUE_TILE), v.shape[-1] // 2)
+
+
+def _forward_fitting(q, k, v, g, g_scalar, sink_bias, scale, window_size, blocks):
+    """_forward, over halves of v's columns where a launch's tiles overflow shared memory even unpipelined: the
+    logits, lse and L do not depend on v."""
+    try:
+        return _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, blocks)
+    except triton.runtime.errors.OutOfResources as error:
+        _narrowed(q, v, error)
+    parts = [_forward_fitting(q, k, half, g, g_scalar, sink_bias, scale, window_size, blocks) for half in _halves(v)]
+    return torch.cat([o for o, _, _ in parts], dim=-1), parts[0][1], parts[0][2]
+
+
+def _backward_fitting(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size, blocks):
+    """_backward, over halves of the value columns as in _forward_fitting: every gradient but dv is a sum over
+    the columns (through do . v and delta = rowsum(do * o)), dv is their concatenation."""
+    try:
+        return _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, scale, window_size, blocks)
+    except triton.runtime.errors.OutOfResources as error:
+        _narrowed(q, v, error)
+    parts = [_backward_fitting(do_half, q, k, v_half, g, o_half, lse, L, g_scalar, sink_bias, scale, window_size,
+                               blocks) for do_half, v_half, o_half in zip(_halves(do), _halves(v), _halves(o))]
+    (dq, dk, dv, dg, dg_scalar, dsink), second = parts
+    add = lambda x, y: None if x is None else x + y
+    return (dq + second[0], dk + second[1], torch.cat([dv, second[2]], dim=-1), dg + second[3],
+            add(dg_scalar, second[4]), add(dsink, second[5]))
+
+
 class WallAttnFunction(torch.autograd.Function):
 
     @staticmethod
@@ -1065,7 +1110,7 @@ class WallAttnFunction(torch.autograd.Function):
         blocks = _blocks_of(tuple(bounds), q.device, BLOCK)
         if any(ctx.needs_input_grad[:6]):
             _compile_backward_ahead(q, k, v, g_scalar, scale, window_size, blocks, _dims(q, k, v, g))
-        o, lse, L = _forward(q, k, v, g, g_scalar, sink_bias, scale, window_size, blocks)
+        o, lse, L = _forward_fitting(q, k, v, g, g_scalar, sink_bias, scale, window_size, blocks)
         ctx.save_for_backward(q, k, v, g, g_scalar, sink_bias, o, lse, L)
         ctx.scale, ctx.window_size, ctx.blocks = scale, window_size, blocks
         return o
@@ -1073,7 +1118,8 @@ class WallAttnFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, g, g_scalar, sink_bias, o, lse, L = ctx.saved_tensors
-        grads = _backward(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, ctx.scale, ctx.window_size, ctx.blocks)
+        grads = _backward_fitting(do, q, k, v, g, o, lse, L, g_scalar, sink_bias, ctx.scale, ctx.window_size,
+                                  ctx.blocks)
         return (*grads, None, None, None)
 
 
@@ -1145,9 +1191,10 @@ def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlen
 
 
 def _value_tile(q):
-    """Value columns per launch: MAX_VALUE_TILE, or half of it for fp32 at K > 128, where dq's tiles of q, k, v and
-    do (64 rows each, 256 KB at K = V = 256) exceed the GPU's shared memory even unpipelined."""
-    return MAX_VALUE_TILE if q.element_size() < 4 or q.shape[-1] <= 128 else MAX_VALUE_TILE // 2
+    """Value columns per launch: MAX_VALUE_TILE, or a quarter of it for fp32 at K > 128, where dq's tiles at 128
+    value columns need 256 KB of shared memory even unpipelined; narrower where a launch needed it before."""
+    tile = MAX_VALUE_TILE if q.element_size() < 4 or q.shape[-1] <= 128 else MAX_VALUE_TILE // 4
+    return min(tile, _narrowed_value_tiles.get((q.dtype, q.shape[-1]), tile))
 
 
 def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_size=None, cu_seqlens=None,
@@ -1156,8 +1203,8 @@ def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_s
 
     q [B,T,HQ,K], k [B,T,H,K], v [B,T,H,V], g [B,T,HQ,K] or [B,T,H,K] (natural-log decay, <= 0),
     g_scalar [B,T,HQ] (<= 0), sink_bias [HQ], cu_seqlens [N+1] with B == 1. Returns o [B,T,HQ,V] in q's dtype.
-    Any K up to 256 and V up to 512 (values wider than 256 columns, 128 in fp32 at K > 128, are attended that many
-    columns per launch, each launch computing the logits again).
+    Any K up to 256 and V up to 512 (values wider than 256 columns, 64 in fp32 at K > 128, are attended that many
+    columns per launch, each launch computing the logits again; narrower where a launch runs out of shared memory).
 
     layout: `kernels.document_layout(cu_seqlens)`, to spare each call on the same batch a device-to-host read of
     cu_seqlens (kernels/documents.py); it must be the layout of this cu_seqlens: only its number of boundaries and

@@ -472,8 +472,36 @@ def test_launch_pipelines_less_where_shared_memory_runs_out(monkeypatch):
     assert launched == [parallel.WIDE_FP32_STAGES[n] for n in ('fwd', 'dq', 'dkv')]
     with pytest.raises(OutOfResources):
         parallel._launch('dq', Kernel(fits=0), (1,), bf16, KP=256, VP=256)
-    assert parallel._value_tile(torch.zeros(1, 1, 1, 256)) == 128          # fp32 at K > 128: narrower value tiles
+    assert parallel._value_tile(torch.zeros(1, 1, 1, 256)) == 64           # fp32 at K > 128: narrower value tiles
     assert parallel._value_tile(torch.zeros(1, 1, 1, 256, dtype=torch.bfloat16)) == parallel.MAX_VALUE_TILE
+
+
+@pytest.mark.parametrize('failing', ['fwd', 'dq', 'dkv'])
+def test_launches_that_never_fit_split_the_value_columns(monkeypatch, failing):
+    """Where a main kernel overflows shared memory even at one stage, the forward or backward runs over halves of
+    the value columns, exact, and later calls start at the narrower tile."""
+    from triton.runtime.errors import OutOfResources
+    import kernels.parallel as parallel
+    monkeypatch.setattr(parallel, '_narrowed_value_tiles', {})
+    monkeypatch.setattr(parallel, '_fitting_stages', {})
+    launch, overflows = parallel._launch, []
+
+    def launch_fitting_32_columns(name, kernel, grid, *args, **constexprs):
+        if name == failing and constexprs['VP'] > 32:
+            overflows.append(constexprs['VP'])
+            raise OutOfResources(300000, 232448, 'shared memory')
+        launch(name, kernel, grid, *args, **constexprs)
+
+    monkeypatch.setattr(parallel, '_launch', launch_fitting_32_columns)
+    torch.manual_seed(0)
+    inputs = make_inputs(T=70, HQ=4, H=2, K=32, V=64, scalar_gate=True, sink=True)
+    assert_close(run_both(inputs, window_size=40), 2e-5)
+    assert overflows == [64] and parallel._narrowed_value_tiles == {(torch.float32, 32): 32}
+    assert_close(run_both(inputs, window_size=40), 2e-5)
+    assert overflows == [64]  # the second call launched 32 columns at a time from the start
+    v = torch.zeros(1, 1, 1, 16)
+    with pytest.raises(OutOfResources):  # as narrow as halving goes: the error stands
+        parallel._narrowed(v, v, OutOfResources(300000, 232448, 'shared memory'))
 
 
 @pytest.mark.gpu
