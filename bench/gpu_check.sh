@@ -6,7 +6,8 @@
 # Wheels the machine lacks travel in .whl/ (carried): flash-linear-attention (the peer) and pytest-timeout, without
 # which one test that compiles for minutes takes the whole deadline (`pip download pytest-timeout --no-deps -d
 # .whl`). BASELINE=DIR also times another checkout's kernels/ folder in attn and decode (before/after rows from one
-# run); ATTN_SKIP='fla ...' leaves those kernels out of attn (the peers compile for minutes).
+# run); ATTN_SKIP='fla ...' leaves those kernels out of attn (the peers compile for minutes); TESTS_K='expr' runs
+# only the GPU tests pytest -k selects, TEST_TIMEOUT=s sets the per-test limit (300 s).
 set -uo pipefail
 LOGS=${LOGS:-/tmp/gpu_check}
 mkdir -p "$LOGS"
@@ -24,8 +25,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for part in $parts; do
   case $part in
     # one test that compiles for minutes must not take the whole deadline: pytest-timeout, where installed
-    tests)  per_test=$(python3 -c 'import pytest_timeout' 2>/dev/null && echo --timeout=300)
-            timeout $(left) python3 -m pytest -q -rf -m gpu $per_test tests 2>&1 | tee "$LOGS/tests.log" | tail -15 ;;
+    tests)  per_test=$(python3 -c 'import pytest_timeout' 2>/dev/null && echo --timeout=${TEST_TIMEOUT:-300})
+            timeout $(left) python3 -m pytest -q -rf -m gpu $per_test ${TESTS_K:+-k "$TESTS_K"} --durations=8 tests 2>&1 | tee "$LOGS/tests.log" | tail -25 ;;
     # the peers compile for minutes per shape: they run at the target shape only
     attn)   timeout $(left) python3 bench/bench_attn.py --shapes 'B2 T8k H16' $baseline ${ATTN_SKIP:+--skip $ATTN_SKIP} --out "$LOGS/attn.md" 2>&1 | tee "$LOGS/attn.log" | grep -v '^|'
             timeout $(left) python3 bench/bench_attn.py --shapes 'B1 T16k GQA 16/4' 'B1 T32k varlen' --skip fla --out "$LOGS/attn_more.md" \
