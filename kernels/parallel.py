@@ -96,8 +96,9 @@ LAUNCH = dict(
     intra_bwd=(4, 3),  # its elementwise pairs ran slower inside steep_bwd's 8 warps than in a 4-warp kernel
 )
 # Stage counts that fit fp32 tiles of wide heads (KP + VP > 256) in shared memory: at K = 256 with 128 value
-# columns the forward needs 279 KB at 3 stages and dq 279 KB at 2, over the 227 KB of an H100 or H200. Starting
-# there spares each new specialization compiles that would only fail to launch (a minute each at these widths).
+# columns (measured before _value_tile went to 64) the forward needs 279 KB at 3 stages and dq 279 KB at 2, over
+# the 227 KB of an H100 or H200. Starting there spares each new specialization compiles that would only fail to
+# launch (a minute each at these widths).
 WIDE_FP32_STAGES = dict(fwd=2, dq=1, dkv=2)
 # Largest per-channel decay (log2 units) over a block for the one-dot diagonal: k * 2^FAST_RANGE must not
 # overflow the dot's input type (fp16 tops out at 2^16, bf16 and fp32 at 2^128).
