@@ -1192,9 +1192,11 @@ def _check_inputs(q, k, v, g, scale, g_scalar, sink_bias, window_size, cu_seqlen
 
 
 def _value_tile(q):
-    """Value columns per launch: MAX_VALUE_TILE, or a quarter of it for fp32 at K > 128, where dq's tiles at 128
-    value columns need 256 KB of shared memory even unpipelined; narrower where a launch needed it before."""
-    tile = MAX_VALUE_TILE if q.element_size() < 4 or q.shape[-1] <= 128 else MAX_VALUE_TILE // 4
+    """Value columns per launch: MAX_VALUE_TILE, or in fp32 past K = 64 half of it per doubling of K (128 columns
+    to K = 128, 64 beyond): dq's fp32 tiles at K + V = 384 need 256 KB of shared memory even unpipelined, and at
+    K + V <= 256 they fit at the tuned stages. Narrower where a launch needed it before."""
+    K = q.shape[-1]
+    tile = MAX_VALUE_TILE if q.element_size() < 4 or K <= 64 else MAX_VALUE_TILE // (2 if K <= 128 else 4)
     return min(tile, _narrowed_value_tiles.get((q.dtype, q.shape[-1]), tile))
 
 

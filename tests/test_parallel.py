@@ -472,7 +472,7 @@ def test_launch_pipelines_less_where_shared_memory_runs_out(monkeypatch):
     assert launched == [parallel.WIDE_FP32_STAGES[n] for n in ('fwd', 'dq', 'dkv')]
     with pytest.raises(OutOfResources):
         parallel._launch('dq', Kernel(fits=0), (1,), bf16, KP=256, VP=256)
-    assert parallel._value_tile(torch.zeros(1, 1, 1, 256)) == 64           # fp32 at K > 128: narrower value tiles
+    assert [parallel._value_tile(torch.zeros(1, 1, 1, K)) for K in (64, 96, 128, 200, 256)] == [256, 128, 128, 64, 64]
     assert parallel._value_tile(torch.zeros(1, 1, 1, 256, dtype=torch.bfloat16)) == parallel.MAX_VALUE_TILE
 
 
