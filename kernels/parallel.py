@@ -171,6 +171,16 @@ def _query_block_program(blocks_ptr, HQ: tl.constexpr, H: tl.constexpr, HG: tl.c
 
 
 @triton.jit
+def _query_operands(q_ptr, Pl_ptr, Cl_ptr, Cs_ptr, rows, row_ok, id_m, hq, hg, HQ: tl.constexpr, HG: tl.constexpr,
+                    K: tl.constexpr, KP: tl.constexpr, HAS_GS: tl.constexpr):
+    """A query block's Pl, its q_hat = q * 2^Pl in q's dtype, and its scalar-gate offset cq (forward and dq)."""
+    q = load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
+    Pl = load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
+    cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
+    return Pl, (q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype), cq
+
+
+@triton.jit
 def _anchor_gap(Pstart_ptr, id_from, id_to, hg, HG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
     """P[first token of block id_to] - P[first token of block id_from], in float32 from the float64 anchors."""
     to = load_row(Pstart_ptr, id_to, hg, HG, K, KP)
@@ -468,10 +478,7 @@ def _fwd_kernel(q_ptr, kt_ptr, kg_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_ptr, Cs_ptr
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
 
-    q = load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
-    Pl = load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
-    q_hat = (q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype)
-    cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
+    Pl, q_hat, cq = _query_operands(q_ptr, Pl_ptr, Cl_ptr, Cs_ptr, rows, row_ok, id_m, hq, hg, HQ, HG, K, KP, HAS_GS)
 
     # Diagonal tile first, its logits from _diag_fwd_kernel
     s = _mask_and_gate(load_rows(S_ptr, rows, row_ok, hq, HQ, BLOCK, BLOCK), rows, rows,
@@ -595,10 +602,7 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
     rows = i0 + tl.arange(0, BLOCK)
     row_ok = rows < eos
 
-    q = load_rows(q_ptr, rows, row_ok, hq, HQ, K, KP)
-    Pl = load_rows(Pl_ptr, rows, row_ok, hg, HG, K, KP)
-    q_hat = (q.to(tl.float32) * tl.exp2(Pl)).to(q.dtype)
-    cq = _gate_offset(Cl_ptr, Cs_ptr, rows, row_ok, id_m, id_m, hq, HQ, HAS_GS)
+    Pl, q_hat, cq = _query_operands(q_ptr, Pl_ptr, Cl_ptr, Cs_ptr, rows, row_ok, id_m, hq, hg, HQ, HG, K, KP, HAS_GS)
     do = load_rows(do_ptr, rows, row_ok, hq, HQ, V, VP)
     lse, delta = load_lse_and_delta(lse_ptr, delta_ptr, rows, row_ok, hq, HQ)
 
@@ -626,7 +630,7 @@ def _bwd_dq_kernel(q_ptr, kt_ptr, kg_ptr, k_ptr, v_ptr, Pl_ptr, Pstart_ptr, Cl_p
     dq *= tl.exp2(lg)[None, :]
 
     if _is_gentle(Pl_ptr, last, hg, HG, K, KP, FAST_RANGE):
-        k_hat = (load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * tl.exp2(-Pl)).to(q.dtype)
+        k_hat = (load_rows(k_ptr, rows, row_ok, hk, H, K, KP).to(tl.float32) * tl.exp2(-Pl)).to(q_hat.dtype)
         s = _mask_and_gate(tl.dot(q_hat, tl.trans(k_hat)) * qk_scale, rows, rows,
                            row_ok[:, None] & (rows[None, :] <= rows[:, None]), cq, cq, WINDOW, HAS_GS, HAS_WINDOW)
         p, ds = _probs_and_dscores(s, lse, delta, do, load_rows(v_ptr, rows, row_ok, hk, H, V, VP))
