@@ -135,7 +135,6 @@ class KVCache:
 
     def __init__(self, model, batch_size, max_len, *, dtype=None, device=None, chunk_size=64):
         config = model.config
-        head_dim = config.n_embd // config.n_head
         dtype = dtype or model.lm_head.weight.dtype
         device = device or model.lm_head.weight.device
         self.max_len = max_len
@@ -143,9 +142,6 @@ class KVCache:
         if config.attention == 'rope':
             self.layers = [StaticKVCache(block.attn, batch_size, max_len, dtype, device) for block in model.blocks]
             return
-        if head_dim < 16 or head_dim & (head_dim - 1):
-            raise ValueError(f'head_dim={head_dim} (n_embd / n_head): the Wall decode kernel needs a power of two '
-                             f'>= 16')
         dtype = torch.float32 if dtype == torch.float16 else dtype
         self.layers = [WallLayerCache(block.attn, batch_size, max_len, chunk_size, dtype, device)
                        for block in model.blocks]

@@ -339,8 +339,10 @@ class GPT(nn.Module):
         """Final-norm features [B, T, n_embd]; the logits are lm_head of these. With a KVCache, idx holds the tokens
         that follow the cached ones, and they are appended to it."""
         B, T = idx.shape
-        assert cu_seqlens is None or B == 1, 'packed documents (cu_seqlens) need B == 1'
-        assert cu_seqlens is None or cache is None, 'a cache holds one document per row: no cu_seqlens with it'
+        if cu_seqlens is not None and B != 1:
+            raise ValueError(f'cu_seqlens: packed documents need idx of batch 1, got batch {B}')
+        if cu_seqlens is not None and cache is not None:
+            raise ValueError('cu_seqlens: a cache holds one document per row, so it takes no cu_seqlens')
         if cache is not None:
             cache.check_room(T)
         rope = None
@@ -412,7 +414,8 @@ class GPT(nn.Module):
     def prefill(self, idx, cache, chunk_size=None):
         """Append idx [B, T] (T >= 1) to cache, chunk_size tokens per forward (default: all at once); returns the
         logits [B, 1, vocab] after its last token. The first chunk into an empty cache runs the training kernel."""
-        assert idx.shape[1] >= 1, 'prefill needs at least one token'
+        if idx.dim() != 2 or idx.shape[1] < 1:
+            raise ValueError(f'idx: prefill expects [B, T] with T >= 1, got shape {tuple(idx.shape)}')
         chunk_size = chunk_size or idx.shape[1]
         for start in range(0, idx.shape[1], chunk_size):
             logits, _ = self(idx[:, start:start + chunk_size], cache=cache)

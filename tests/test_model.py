@@ -118,6 +118,19 @@ def test_model_loss_is_the_mean_over_targets_that_are_not_ignored():
     torch.testing.assert_close(loss, F.cross_entropy(logits[0], targets[0], ignore_index=-1))
 
 
+def test_bad_inputs_raise_naming_the_argument():
+    from generate import KVCache
+    model = tiny('wall')
+    cu_seqlens = torch.tensor([0, 3, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match='cu_seqlens: packed documents need idx of batch 1, got batch 2'):
+        model(torch.zeros(2, 6, dtype=torch.long), cu_seqlens=cu_seqlens)
+    cache = KVCache(model, 1, 16)
+    with pytest.raises(ValueError, match='cu_seqlens: a cache holds one document per row'):
+        model(torch.zeros(1, 6, dtype=torch.long), cu_seqlens=cu_seqlens, cache=cache)
+    with pytest.raises(ValueError, match=r'idx: prefill expects \[B, T\] with T >= 1, got shape \(1, 0\)'):
+        model.prefill(torch.zeros(1, 0, dtype=torch.long), cache)
+
+
 def test_weight_decay_only_on_matrices():
     model = tiny('wall')
     decayed, not_decayed = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu').param_groups
