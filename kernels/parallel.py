@@ -1201,7 +1201,7 @@ def _value_tile(q):
     K + V <= 256 they fit at the tuned stages. Narrower where a launch needed it before."""
     K = q.shape[-1]
     tile = MAX_VALUE_TILE if q.element_size() < 4 or K <= 64 else MAX_VALUE_TILE // (2 if K <= 128 else 4)
-    return min(tile, _narrowed_value_tiles.get((q.dtype, q.shape[-1]), tile))
+    return min(tile, _narrowed_value_tiles.get((q.dtype, K), tile))
 
 
 def wall_attn(q, k, v, g, *, scale=None, g_scalar=None, sink_bias=None, window_size=None, cu_seqlens=None,

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
+from generate import KVCache
 from model import GPT, GPTConfig, chunked_cross_entropy
 
 ATTENTIONS = ['wall', 'rope', 'fox']
@@ -119,7 +120,6 @@ def test_model_loss_is_the_mean_over_targets_that_are_not_ignored():
 
 
 def test_bad_inputs_raise_naming_the_argument():
-    from generate import KVCache
     model = tiny('wall')
     cu_seqlens = torch.tensor([0, 3, 6], dtype=torch.int32)
     with pytest.raises(ValueError, match='cu_seqlens: packed documents need idx of batch 1, got batch 2'):
