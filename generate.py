@@ -2,8 +2,11 @@
 Cached decoding for model.py's GPT: one cache per layer, a decode step that replays as a CUDA graph, sampling.
 
     cache = KVCache(model, batch_size, max_len)
-    logits = model.prefill(idx, cache)                       # the prompt, into the cache
-    for token in model.decode(logits, cache, 100): ...       # one token per step (DecodeStep)
+    logits = prefill(model, idx, cache)                      # the prompt, into the cache
+    for token in decode(model, logits, cache, 100): ...      # one token per step (DecodeStep)
+
+The engine imports the model's code, never the reverse: model.py knows only that a layer cache, when given, has
+`update`.
 
 Every layer cache has one method that attention calls, `update(q, k, v, g, g_scalar, sink_bias)`: it appends the
 new tokens and returns their attention output over everything cached. Wall and FoX layers keep kernels.WallKVCache's
@@ -217,3 +220,38 @@ def sample_next(logits, temperature=1.0, top_k=None):
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits[logits < v[:, [-1]]] = -float('inf')
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+@torch.no_grad()
+def prefill(model, idx, cache, chunk_size=None):
+    """Append idx [B, T] (T >= 1) to cache, chunk_size tokens per forward (default: all at once); returns the logits
+    [B, 1, vocab] after its last token. The first chunk into an empty cache runs the training kernel."""
+    if idx.dim() != 2 or idx.shape[1] < 1:
+        raise ValueError(f'idx: prefill expects [B, T] with T >= 1, got shape {tuple(idx.shape)}')
+    chunk_size = chunk_size or idx.shape[1]
+    for start in range(0, idx.shape[1], chunk_size):
+        logits, _ = model(idx[:, start:start + chunk_size], cache=cache)
+    return logits
+
+
+@torch.no_grad()
+def decode(model, logits, cache, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=True):
+    """Yield max_new_tokens tokens [B, 1], sampled one at a time starting from `logits` (of the last cached position,
+    e.g. from prefill); each yielded token but the last is then appended to the cache. On a GPU Wall and FoX steps
+    replay a CUDA graph unless cuda_graph=False."""
+    step = DecodeStep(model, cache, cuda_graph)
+    for i in range(max_new_tokens):
+        idx_next = sample_next(logits[:, -1, :], temperature, top_k)
+        yield idx_next
+        if i < max_new_tokens - 1:
+            logits = step(idx_next)
+
+
+@torch.no_grad()
+def generate_uncached(model, idx, max_new_tokens, temperature=1.0, top_k=None):
+    """Append max_new_tokens sampled tokens to idx [B, T], recomputing the whole context every step: the oracle that
+    cached decoding is tested against."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx)
+        idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)), dim=1)
+    return idx

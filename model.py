@@ -18,7 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from generate import DecodeStep, sample_next
 
 
 @dataclass
@@ -401,36 +400,3 @@ class GPT(nn.Module):
             keep_fp32 = '.gate.' in name or '.scalar_gate.' in name or name.endswith('.sink_bias')
             p.data = p.data.to(torch.float32 if keep_fp32 else dtype)
         return self
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Append max_new_tokens sampled tokens to idx [B, T], recomputing the whole context every step."""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx)
-            idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)), dim=1)
-        return idx
-
-    @torch.no_grad()
-    def prefill(self, idx, cache, chunk_size=None):
-        """Append idx [B, T] (T >= 1) to cache, chunk_size tokens per forward (default: all at once); returns the
-        logits [B, 1, vocab] after its last token. The first chunk into an empty cache runs the training kernel."""
-        if idx.dim() != 2 or idx.shape[1] < 1:
-            raise ValueError(f'idx: prefill expects [B, T] with T >= 1, got shape {tuple(idx.shape)}')
-        chunk_size = chunk_size or idx.shape[1]
-        for start in range(0, idx.shape[1], chunk_size):
-            logits, _ = self(idx[:, start:start + chunk_size], cache=cache)
-        return logits
-
-    @torch.no_grad()
-    def decode(self, logits, cache, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=True):
-        """Yield max_new_tokens tokens [B, 1], sampled one at a time starting from `logits` (of the last cached
-        position, e.g. from prefill); each yielded token but the last is then appended to the cache. On a GPU Wall
-        and FoX steps replay a CUDA graph unless cuda_graph=False."""
-        step = DecodeStep(self, cache, cuda_graph)
-        for i in range(max_new_tokens):
-            idx_next = sample_next(logits[:, -1, :], temperature, top_k)
-            yield idx_next
-            if i < max_new_tokens - 1:
-                logits = step(idx_next)
-
-

@@ -21,6 +21,7 @@ from tokenizers.decoders import DecodeStream
 
 import checkpoint
 from data.loader import EOT, load_tokenizer
+import generate
 from generate import KVCache
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -74,7 +75,7 @@ def synchronize(device):
 
 
 def prefill(model, idx, cache, chunk_size, train_len, device):
-    """model.prefill, chunk_size tokens at a time; a prompt longer than the training length says so on stderr, and,
+    """generate.prefill, chunk_size tokens at a time; a prompt longer than the training length says so on stderr, and,
     when it takes several chunks, how far it is every few seconds, with an estimate of the time left."""
     n = idx.shape[1]
     if n > train_len:
@@ -82,10 +83,10 @@ def prefill(model, idx, cache, chunk_size, train_len, device):
               f'prefilling it in {math.ceil(n / chunk_size)} chunk(s) of at most {chunk_size:,} (--prefill_chunk)',
               file=sys.stderr)
     if n <= train_len or n <= chunk_size:
-        return model.prefill(idx, cache, chunk_size)
+        return generate.prefill(model, idx, cache, chunk_size)
     t0 = shown = last = time.perf_counter()
     for start in range(0, n, chunk_size):
-        logits = model.prefill(idx[:, start:start + chunk_size], cache)
+        logits = generate.prefill(model, idx[:, start:start + chunk_size], cache)
         synchronize(device)
         now, done = time.perf_counter(), min(start + chunk_size, n)
         # A chunk attends to everything before it, so its time grows with its start: after the first chunk (which
@@ -180,7 +181,7 @@ def main(argv=None):
         t1 = time.perf_counter()
         print(text, end='', flush=True)
         stream, new_tokens = DecodeStream(skip_special_tokens=False), 0
-        for token in one_step_late(model.decode(logits, cache, args.max_new_tokens, args.temperature, top_k,
+        for token in one_step_late(generate.decode(model, logits, cache, args.max_new_tokens, args.temperature, top_k,
                                                      cuda_graph=not args.eager)):
             new_tokens += 1
             if token == eot:

@@ -6,7 +6,7 @@ RoPE baseline on a static KV cache over SDPA, same model shape.
 
 Random weights in bf16 (the gates in fp32, as sample.py runs them). Each layer's cache is filled to --context
 tokens with random keys, values and gates (no prefill: it would time the training kernel's compilation), then the
-model decodes greedily through model.decode, the path sample.py takes (a CUDA graph of the step on a GPU): --warmup
+model decodes greedily through generate.decode, the path sample.py takes (a CUDA graph of the step on a GPU): --warmup
 steps to compile the decode kernels and capture the graph, then --steps timed steps, end to end (Python included)
 with the device synchronised at both ends.
 """
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 # model imports kernels, which picks Triton's CPU interpreter when there is no GPU: before anything imports triton
-from generate import APPEND_ROWS, KVCache  # noqa: E402
+from generate import APPEND_ROWS, KVCache, decode  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 import triton  # noqa: E402
 
@@ -76,7 +76,7 @@ def bench(shape, attention, gate_per_kv_head, args, device):
     fill(cache, model, args.context, device)
     logits, _ = model(torch.zeros(1, 1, dtype=torch.long, device=device), cache=cache)
     # one decode loop throughout: its first steps (eager, then the CUDA graph's capture) are the warm-up
-    steps = model.decode(logits, cache, args.warmup + args.steps + 4 * args.profile, temperature=0,
+    steps = decode(model, logits, cache, args.warmup + args.steps + 4 * args.profile, temperature=0,
                          cuda_graph=not args.eager)
     for _ in range(args.warmup):
         next(steps)
@@ -122,7 +122,7 @@ def main():
     lines = [f'# Decode tokens/s at batch 1, {name}, {datetime.date.today()}', '',
              f'Model {shape} ({"tiny" if args.smoke else CONFIG}), vocab {97 if args.smoke else VOCAB_SIZE}, '
              f'{"fp32" if args.smoke else "bf16"}; {args.context} cached tokens, then {args.steps} timed greedy '
-             f'steps through model.decode (on a GPU {"eager" if args.eager else "a CUDA graph for Wall, eager RoPE"}) '
+             f'steps through generate.decode (on a GPU {"eager" if args.eager else "a CUDA graph for Wall, eager RoPE"}) '
              f'after {args.warmup} warm-up steps; torch {torch.__version__}, triton {triton.__version__}.', '',
              '| attention | cache (MiB) | ms / token | tokens/s | vs RoPE |', '|---|---|---|---|---|']
     results = []

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402,F401 (the scripts plot through thi
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from data.loader import documents, read_shard  # noqa: E402,F401
 # the one place the new eval scripts name model.py and sample.py: if these move, only these lines change
-from generate import DecodeStep, KVCache  # noqa: E402,F401
+from generate import DecodeStep, KVCache, prefill  # noqa: E402,F401
 from sample import DTYPES, load_data_tokenizer, load_model, synchronize, training_length  # noqa: E402,F401
 
 RESAMPLES = 1000

@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from data.loader import documents  # noqa: E402
-from generate import KVCache  # noqa: E402
+from generate import KVCache, prefill  # noqa: E402
 from sample import DTYPES, load_data_tokenizer, load_model, training_length  # noqa: E402
 
 NAME = 'PASS_KEY'
@@ -86,7 +86,7 @@ def score(model, cache, prompt, answer, prefill_chunk):
     including the first that differs from answer)."""
     device = model.lm_head.weight.device
     cache.reset()
-    logits = model.prefill(torch.tensor([prompt], device=device), cache, prefill_chunk)
+    logits = prefill(model, torch.tensor([prompt], device=device), cache, prefill_chunk)
     logprob, greedy = 0.0, []
     for i, token in enumerate(answer):
         logprobs = torch.log_softmax(logits[0, -1].float(), dim=-1)

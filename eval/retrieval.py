@@ -74,7 +74,7 @@ def cached_answer_logits(model, prefill_chunk, cuda_graph=True, path=''):
             caches[shape] = common.make_cache(model, B, P + A, path)
         cache = caches[shape]
         cache.reset()
-        logits = [model.prefill(torch.as_tensor(prompts, device=device), cache, prefill_chunk)[:, -1].float()]
+        logits = [common.prefill(model, torch.as_tensor(prompts, device=device), cache, prefill_chunk)[:, -1].float()]
         step = common.DecodeStep(model, cache, cuda_graph)
         answers = torch.as_tensor(answers, device=device)
         for i in range(A - 1):

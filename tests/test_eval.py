@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import sample
 from data.retrieval import RetrievalTask
 from eval import common, copying, length, niah, retrieval, study
-from generate import KVCache
+from generate import KVCache, decode, prefill
 from tests.conftest import DEVICE
 from tests.test_sample import CONFIGS, save_checkpoint  # data_dir is conftest.py's fixture
 
@@ -73,8 +73,8 @@ def test_teacher_forced_score_agrees_with_greedy_decoding(checkpoints):
     model, _ = sample.load_model(checkpoints['wall'], DEVICE, torch.float32)
     prompt = torch.randint(0, model.config.vocab_size, (20,)).tolist()
     cache = KVCache(model, 1, 24)
-    logits = model.prefill(torch.tensor([prompt], device=DEVICE), cache)
-    greedy = torch.cat(list(model.decode(logits, cache, 3, temperature=0)), dim=1)
+    logits = prefill(model, torch.tensor([prompt], device=DEVICE), cache)
+    greedy = torch.cat(list(decode(model, logits, cache, 3, temperature=0)), dim=1)
     greedy = greedy[0].tolist()
     logprob, predicted = niah.score(model, cache, prompt, greedy, prefill_chunk=16)
     assert predicted == greedy

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from generate import KVCache
+from generate import KVCache, prefill
 from model import GPT, GPTConfig, chunked_cross_entropy
 
 ATTENTIONS = ['wall', 'rope', 'fox']
@@ -128,7 +128,7 @@ def test_bad_inputs_raise_naming_the_argument():
     with pytest.raises(ValueError, match='cu_seqlens: a cache holds one document per row'):
         model(torch.zeros(1, 6, dtype=torch.long), cu_seqlens=cu_seqlens, cache=cache)
     with pytest.raises(ValueError, match=r'idx: prefill expects \[B, T\] with T >= 1, got shape \(1, 0\)'):
-        model.prefill(torch.zeros(1, 0, dtype=torch.long), cache)
+        prefill(model, torch.zeros(1, 0, dtype=torch.long), cache)
 
 
 def test_weight_decay_only_on_matrices():

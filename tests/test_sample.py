@@ -1,4 +1,4 @@
-"""Cached decoding (generate.py's KVCache, the model's prefill and decode) and sample.py, on CPU with tiny models.
+"""Cached decoding (generate.py's KVCache, its prefill and decode) and sample.py, on CPU with tiny models.
 
 The Wall and FoX caches decode through Triton's interpreter here, about a quarter second per layer and step, so the
 models are tiny: 2 layers (one local, one global), 2 query heads on 1 kv head of 16 channels, 16-token cache chunks.
@@ -13,7 +13,7 @@ import torch
 
 import checkpoint as ckpt
 import sample
-from generate import KVCache, row_pieces
+from generate import KVCache, decode, generate_uncached, prefill, row_pieces
 from model import GPT, GPTConfig
 from tests.conftest import DEVICE
 
@@ -44,11 +44,11 @@ def tiny_model(vocab_size=97, **kwargs):
 def test_cached_greedy_decoding_equals_greedy_by_full_forwards(name):
     model = tiny_model(**CONFIGS[name])
     prompt = torch.randint(0, 97, (1, 20), device=DEVICE)
-    expected = model.generate(prompt, 14, temperature=0)[0, 20:]
+    expected = generate_uncached(model, prompt, 14, temperature=0)[0, 20:]
     # 20 + 14 tokens cross the 16-token cache chunks twice; the prompt goes in as a fused chunk and a cached one
     cache = KVCache(model, 1, 40, chunk_size=CACHE_CHUNK)
-    logits = model.prefill(prompt, cache, chunk_size=13)
-    tokens = torch.cat(list(model.decode(logits, cache, 14, temperature=0)), dim=1)[0]
+    logits = prefill(model, prompt, cache, chunk_size=13)
+    tokens = torch.cat(list(decode(model, logits, cache, 14, temperature=0)), dim=1)[0]
     assert tokens.tolist() == expected.tolist()
     assert cache.length == 33  # every decoded token but the last went into the cache
     assert len(set(expected.tolist())) > 5, 'a sequence that hardly changes would not test the cache'
@@ -57,12 +57,12 @@ def test_cached_greedy_decoding_equals_greedy_by_full_forwards(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize('name', CONFIGS)
 def test_graph_replayed_decoding_equals_greedy_by_full_forwards_on_gpu(name):
-    """From its third step model.decode replays a CUDA graph: 45 of them cross the 16-token chunks three times."""
+    """From its third step decode replays a CUDA graph: 45 of them cross the 16-token chunks three times."""
     model = tiny_model(**CONFIGS[name])
     prompt = torch.randint(0, 97, (1, 20), device='cuda')
-    expected = model.generate(prompt, 48, temperature=0)[0, 20:]
+    expected = generate_uncached(model, prompt, 48, temperature=0)[0, 20:]
     cache = KVCache(model, 1, 80, chunk_size=CACHE_CHUNK)
-    tokens = torch.cat(list(model.decode(model.prefill(prompt, cache), cache, 48, temperature=0)), dim=1)[0]
+    tokens = torch.cat(list(decode(model, prefill(model, prompt, cache), cache, 48, temperature=0)), dim=1)[0]
     assert tokens.tolist() == expected.tolist()
     assert cache.length == 67 and int(cache.position) == 67
 
@@ -88,9 +88,9 @@ def test_head_dims_that_are_not_powers_of_two_decode(n_embd, n_head, chunk_size)
     """Head dims 24 and 8 and 12-token chunks: a model trains with any head dim, so it must decode with it too."""
     model = tiny_model(**CONFIGS['wall'], n_embd=n_embd, n_head=n_head)
     prompt = torch.randint(0, 97, (1, 15), device=DEVICE)
-    expected = model.generate(prompt, 12, temperature=0)[0, 15:]
+    expected = generate_uncached(model, prompt, 12, temperature=0)[0, 15:]
     cache = KVCache(model, 1, 30, chunk_size=chunk_size)
-    tokens = torch.cat(list(model.decode(model.prefill(prompt, cache, chunk_size=9), cache, 12, temperature=0)), 1)
+    tokens = torch.cat(list(decode(model, prefill(model, prompt, cache, chunk_size=9), cache, 12, temperature=0)), 1)
     assert tokens[0].tolist() == expected.tolist()
     assert len(set(expected.tolist())) > 4, 'a sequence that hardly changes would not test the cache'
 
@@ -99,7 +99,7 @@ def test_cache_rejects_what_it_cannot_hold():
     model = tiny_model(**CONFIGS['wall'])
     cache = KVCache(model, 1, 8, chunk_size=CACHE_CHUNK)
     with pytest.raises(ValueError, match='max_len=8'):
-        model.prefill(torch.zeros(1, 9, dtype=torch.long, device=DEVICE), cache)
+        prefill(model, torch.zeros(1, 9, dtype=torch.long, device=DEVICE), cache)
 
 
 def test_row_pieces_cover_the_rows_in_power_of_two_runs():
@@ -151,7 +151,7 @@ def printed_and_greedy(path, dtype, capsys):
     model, train_config = sample.load_model(path, DEVICE, getattr(torch, dtype))
     tokenizer, eot = sample.load_data_tokenizer(train_config)
     prompt = torch.tensor([[eot] + tokenizer.encode('class Point').ids], device=DEVICE)
-    greedy = model.generate(prompt, 5, temperature=0)[0, prompt.shape[1]:].tolist()
+    greedy = generate_uncached(model, prompt, 5, temperature=0)[0, prompt.shape[1]:].tolist()
     greedy = greedy[:greedy.index(eot)] if eot in greedy else greedy
     return printed, 'class Point' + tokenizer.decode(greedy).rstrip('\ufffd')
 
