@@ -11,6 +11,8 @@ The engine imports the model's code, never the reverse: model.py knows only that
 Every layer cache has one method that attention calls, `update(q, k, v, g, g_scalar, sink_bias)`: it appends the
 new tokens and returns their attention output over everything cached. Wall and FoX layers keep kernels.WallKVCache's
 chunk-anchored keys (FoX with g = 0 and its scalar gate); RoPE layers keep plain keys and values (StaticKVCache).
+With the key/value shift, attention also calls `carry_last_token` (LayerCache), which hands it the raw k and v of
+the token before the new ones.
 """
 import torch
 import torch.nn.functional as F
@@ -38,16 +40,42 @@ def take_rows(tensors, rows):
     return [None if t is None else t[:, rows] for t in tensors]
 
 
-class WallLayerCache(kernels.WallKVCache):
+class LayerCache:
+    """What every layer cache shares: the layer's window and training attention (`attend_fresh`, for the first
+    chunk into an empty cache), and with the key/value shift the raw k and v of each sequence's last token."""
+
+    def __init__(self, attn, batch_size, device):
+        self.window_size, self.attend_fresh = attn.window_size, attn.attend
+        shape = (batch_size, 1, attn.n_kv_head, 2 * attn.head_dim)  # k and v side by side, as attention shifts them
+        # fp32 holds any model dtype's k and v exactly; on the device, so that a replayed decode step updates it
+        self.last_token = torch.zeros(shape, device=device) if attn.config.kv_shift else None
+
+    def carry_last_token(self, kv):
+        """The last cached token's raw k and v [B, 1, H, 2D] (zeros in an empty cache); keeps those of the new tokens
+        kv [B, T, H, 2D] in its place."""
+        previous = self.last_token.clone()
+        self.last_token.copy_(kv[:, -1:])
+        return previous
+
+    def forget_last_token(self):
+        if self.last_token is not None:
+            self.last_token.zero_()
+
+
+class WallLayerCache(LayerCache, kernels.WallKVCache):
     """The cache of one Wall or FoX layer (`attn`, a model.Attention): FoX keeps the same cache with g = 0, its keys
     stay raw and the scalar gate decays."""
 
     def __init__(self, attn, batch_size, max_len, chunk_size, dtype, device):
         config, fox = attn.config, attn.config.attention == 'fox'
-        super().__init__(batch_size, max_len, attn.n_head, attn.n_kv_head, attn.head_dim,
-                         shared_gate=fox or config.gate_per_kv_head, scalar_gate=fox or config.scalar_gate,
-                         chunk_size=chunk_size, dtype=dtype, device=device)
-        self.window_size, self.attend_fresh = attn.window_size, attn.attend
+        LayerCache.__init__(self, attn, batch_size, device)
+        kernels.WallKVCache.__init__(self, batch_size, max_len, attn.n_head, attn.n_kv_head, attn.head_dim,
+                                     shared_gate=fox or config.gate_per_kv_head, scalar_gate=fox or config.scalar_gate,
+                                     chunk_size=chunk_size, dtype=dtype, device=device)
+
+    def reset(self):
+        kernels.WallKVCache.reset(self)
+        self.forget_last_token()
 
     def update(self, q, k, v, g, g_scalar, sink_bias):
         """Append T new tokens (k, v [B, T, H, D] and their gates); their queries q [B, T, HQ, D] attend to the
@@ -81,7 +109,7 @@ def cached_sdpa(q, k, v, mask):
     return y.transpose(1, 2)
 
 
-class StaticKVCache:
+class StaticKVCache(LayerCache):
     """Keys and values of one RoPE layer in preallocated buffers [B, max_len, H, D], attended with SDPA.
 
     Its steps are not replayed from a CUDA graph: SDPA's FlashAttention takes the cache length from the shape of the
@@ -89,15 +117,16 @@ class StaticKVCache:
     times slower (bench/results_generate.md)."""
 
     def __init__(self, attn, batch_size, max_len, dtype, device):
+        super().__init__(attn, batch_size, device)
         self.k = torch.empty(batch_size, max_len, attn.n_kv_head, attn.head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # `length` on the device, as WallKVCache's
         self.length = 0
-        self.window_size, self.attend_fresh = attn.window_size, attn.attend
 
     def reset(self):
         self.length = 0
         self.position.zero_()
+        self.forget_last_token()
 
     def update(self, q, k, v, g=None, g_scalar=None, sink_bias=None):
         """WallLayerCache.update for RoPE (no gates, no sink): q [B, T, HQ, D] rotated, k and v [B, T, H, D]."""

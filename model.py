@@ -8,6 +8,9 @@ Two baselines share everything else and sit behind `attention`:
   'rope': rotary position embeddings + plain softmax attention,
   'fox':  the Forgetting Transformer, one scalar forget gate per head instead of one per channel.
 Packed batches: B == 1 and cu_seqlens marks the documents; no token ever attends across documents.
+The key/value shift (`kv_shift`, the Forgetting Transformer's "Pro" block) mixes each key and value with the previous
+token's, k_t <- a_t k_{t-1} + (1 - a_t) k_t with a_t = sigmoid(Linear(x_t)) per kv head: a value then carries the
+token before it, so one layer can answer a lookup (an induction head without a previous-token head).
 """
 import inspect
 import math
@@ -36,6 +39,7 @@ class GPTConfig:
     sink: bool = False              # learned attention-sink logit per head (wall/fox only)
     qk_norm: bool = False           # RMSNorm on q and k of every head
     output_gate: bool = False       # attention output times sigmoid(Linear(x)), per channel
+    kv_shift: bool = False          # mix k and v with the previous token's by a learned gate per kv head (FoX Pro)
     window_size: int = 4096         # sliding window of the local layers
     window_pattern: str = 'G'       # layer kinds, repeated over depth: 'L' local (window_size), 'G' global; e.g. 'LLLG'
     tie_embeddings: bool = True
@@ -122,6 +126,23 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+def shift_tokens(x, cu_seqlens=None, previous=None):
+    """x [B, T, ...] one step later: row t holds x[t - 1]; row 0 holds `previous` [B, 1, ...] (a cache's last
+    token) or zeros, and so does the first token of every document of cu_seqlens."""
+    first = torch.zeros_like(x[:, :1]) if previous is None else previous.to(x.dtype)
+    shifted = torch.cat([first, x[:, :-1]], dim=1)
+    if cu_seqlens is not None:
+        doc = document_ids(cu_seqlens, x.shape[1])
+        starts = torch.cat([doc.new_ones(1, dtype=torch.bool), doc[1:] != doc[:-1]])
+        shifted = shifted.masked_fill(starts.view(1, -1, *[1] * (x.dim() - 2)), 0)
+    return shifted
+
+
+class DecayGate(nn.Linear):
+    """A Linear whose outputs are log-decays after logsigmoid: its bias starts at gate_bias_init (GPT's init) and it
+    stays fp32 in inference (GPT.to_inference_dtype), since the gates are summed into exponents."""
+
+
 def log_gate(linear, x):
     """logsigmoid(linear(x)) in fp32 even under autocast: the gates are summed into exponents."""
     with torch.autocast(x.device.type, enabled=False):
@@ -145,9 +166,11 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(q_dim, config.n_embd, bias=False)
         if config.attention == 'wall':
             gate_heads = self.n_kv_head if config.gate_per_kv_head else self.n_head
-            self.gate = nn.Linear(config.n_embd, gate_heads * self.head_dim)
+            self.gate = DecayGate(config.n_embd, gate_heads * self.head_dim)
         if config.attention == 'fox' or (config.attention == 'wall' and config.scalar_gate):
-            self.scalar_gate = nn.Linear(config.n_embd, self.n_head)
+            self.scalar_gate = DecayGate(config.n_embd, self.n_head)
+        if config.kv_shift:  # bias 0: each key starts as the mean of its own token's and the previous one's
+            self.kv_shift_gate = nn.Linear(config.n_embd, self.n_kv_head)
         if config.sink:
             self.sink_bias = nn.Parameter(torch.zeros(self.n_head))
         if config.qk_norm:
@@ -155,8 +178,9 @@ class Attention(nn.Module):
         if config.output_gate:
             self.out_gate = nn.Linear(config.n_embd, q_dim, bias=False)
 
-    def project(self, x, rope=None):
-        """q, k, v and the log-decays of x [B, T, C], the same in training and decoding.
+    def project(self, x, rope=None, cu_seqlens=None, cache=None):
+        """q, k, v and the log-decays of x [B, T, C], the same in training and decoding (with the key/value shift,
+        a layer cache carries each sequence's last raw k and v to the next call).
 
         Returns (q, k, v, g, g_scalar): q [B, T, HQ, D], k and v [B, T, H, D]; for wall and fox the per-channel
         log-decay g [B, T, gate heads, D] (zero for fox) and the scalar one g_scalar [B, T, HQ] or None, both fp32;
@@ -173,6 +197,11 @@ class Attention(nn.Module):
             q, k, v = (F.linear(x, w) for w in self.c_attn.weight.split(sizes))
         q = q.view(B, T, self.n_head, self.head_dim)
         k, v = (t.view(B, T, self.n_kv_head, self.head_dim) for t in (k, v))
+        if self.config.kv_shift:
+            kv = torch.cat([k, v], dim=-1)
+            previous = shift_tokens(kv, cu_seqlens, None if cache is None else cache.carry_last_token(kv))
+            kv = torch.lerp(kv, previous, torch.sigmoid(self.kv_shift_gate(x))[..., None])
+            k, v = kv.split(self.head_dim, dim=-1)
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.config.attention == 'rope':
@@ -190,7 +219,7 @@ class Attention(nn.Module):
         `cache` (this layer's, see generate.py), x holds the tokens that follow the cached ones: the cache appends
         them and attends them to everything it holds."""
         B, T, _ = x.shape
-        q, k, v, g, g_scalar = self.project(x, rope)
+        q, k, v, g, g_scalar = self.project(x, rope, cu_seqlens, cache)
         sink_bias = self.sink_bias if self.config.sink else None
         if cache is None:
             y = self.attend(q, k, v, g, g_scalar, sink_bias, cu_seqlens, layout)
@@ -320,8 +349,9 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith('c_proj.weight'):  # GPT-2: residual branches shrink with depth
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-            if name.endswith('gate.bias'):  # per-channel and scalar gates start nearly open
-                torch.nn.init.constant_(p, config.gate_bias_init)
+        for module in self.modules():
+            if isinstance(module, DecayGate):  # per-channel and scalar gates start nearly open
+                torch.nn.init.constant_(module.bias, config.gate_bias_init)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -396,7 +426,8 @@ class GPT(nn.Module):
     def to_inference_dtype(self, dtype):
         """Cast the weights to dtype, to run without autocast. The decay gates and the sink logits stay fp32, as
         under autocast in training: the gates are summed into exponents over the whole context."""
-        for name, p in self.named_parameters():
-            keep_fp32 = '.gate.' in name or '.scalar_gate.' in name or name.endswith('.sink_bias')
-            p.data = p.data.to(torch.float32 if keep_fp32 else dtype)
+        keep_fp32 = {id(p) for m in self.modules() if isinstance(m, DecayGate) for p in m.parameters()}
+        keep_fp32 |= {id(block.attn.sink_bias) for block in self.blocks if self.config.sink}
+        for p in self.parameters():
+            p.data = p.data.to(torch.float32 if id(p) in keep_fp32 else dtype)
         return self
