@@ -1,6 +1,6 @@
 """Training/prefill attention, side by side in one run: ours, flash-linear-attention's Wall and FoX, torch SDPA.
 
-    python bench/bench_attn.py --out bench/results_attn.md [--baseline DIR]
+    python -m bench.bench_attn --out bench/results_attn.md [--baseline DIR]
 
 Medians of triton.testing.do_bench on random bf16 inputs (never zeros). TFLOP/s count causal attention FLOPs
 (forward 4 * T^2/2 * K per head and sequence, backward 2.5 x forward); "first call" is the first forward and

@@ -1,7 +1,7 @@
 """Decode step, side by side in one run: ours (both gate layouts), flash-linear-attention's Wall decode, torch SDPA
 over a plain GQA cache.
 
-    python bench/bench_decode.py --out bench/results_decode.md [--sweep] [--baseline DIR]
+    python -m bench.bench_decode --out bench/results_decode.md [--sweep] [--baseline DIR]
 
 One new token against a cache of T tokens, HQ=16 H=4 K=V=128, cache chunk 64, bf16, random non-zero data.
 Medians of triton.testing.do_bench after warm-up. GB/s counts the cache bytes each kernel must read (keys or
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from bench_attn import load_baseline  # noqa: E402 (bench/ is the script's folder)
+from bench.bench_attn import load_baseline
 from kernels import WallKVCache, build_wall_kv_cache, decode, wall_attn_decode
 
 try:

@@ -1,8 +1,8 @@
 """Decode speed of the whole model at batch 1 after a long context: Wall Attention (both gate layouts) against the
 RoPE baseline on a static KV cache over SDPA, same model shape.
 
-    python bench/bench_generate.py --out bench/results_generate.md     # GPU: config/long.py's shape, 32k context
-    python bench/bench_generate.py --smoke                             # CPU: a tiny model, to check the script
+    python -m bench.bench_generate --out bench/results_generate.md     # GPU: config/long.py's shape, 32k context
+    python -m bench.bench_generate --smoke                             # CPU: a tiny model, to check the script
 
 Random weights in bf16 (the gates in fp32, as sample.py runs them). Each layer's cache is filled to --context
 tokens with random keys, values and gates (no prefill: it would time the training kernel's compilation), then the

@@ -1,8 +1,8 @@
 """Training speed of config/long.py's model with Wall Attention against the RoPE baseline at the same shapes.
 
-    python bench/bench_train.py --out bench/results_train.md       # one GPU; about 3 minutes on an H100
-    python bench/bench_train.py --attention wall,rope,fox --steps 3
-    python bench/bench_train.py --smoke                            # tiny shapes, any machine, seconds on a CPU
+    python -m bench.bench_train --out bench/results_train.md       # one GPU; about 3 minutes on an H100
+    python -m bench.bench_train --attention wall,rope,fox --steps 3
+    python -m bench.bench_train --smoke                            # tiny shapes, any machine, seconds on a CPU
 
 Each attention in turn: build the model from the config file, warm up (torch.compile, kernel autotuning), then
 time whole optimizer steps (forward + backward of every micro-batch, gradient clipping, AdamW) between

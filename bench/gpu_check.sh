@@ -15,7 +15,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-export PYTHONUNBUFFERED=1 PYTHONPATH=.:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1  # the scripts run as modules (python3 -m bench.X) from the repository root
 parts=${*:-tests attn decode train generate}
 baseline=${BASELINE:+--baseline $BASELINE}
 DEADLINE=${DEADLINE:-560}
@@ -28,13 +28,13 @@ for part in $parts; do
     tests)  per_test=$(python3 -c 'import pytest_timeout' 2>/dev/null && echo --timeout=${TEST_TIMEOUT:-300})
             timeout $(left) python3 -m pytest -q -rf -m gpu $per_test ${TESTS_K:+-k "$TESTS_K"} --durations=8 tests 2>&1 | tee "$LOGS/tests.log" | tail -25 ;;
     # the peers compile for minutes per shape: they run at the target shape only
-    attn)   timeout $(left) python3 bench/bench_attn.py --shapes 'B2 T8k H16' $baseline ${ATTN_SKIP:+--skip $ATTN_SKIP} --out "$LOGS/attn.md" 2>&1 | tee "$LOGS/attn.log" | grep -v '^|'
-            timeout $(left) python3 bench/bench_attn.py --shapes 'B1 T16k GQA 16/4' 'B1 T32k varlen' --skip fla --out "$LOGS/attn_more.md" \
+    attn)   timeout $(left) python3 -m bench.bench_attn --shapes 'B2 T8k H16' $baseline ${ATTN_SKIP:+--skip $ATTN_SKIP} --out "$LOGS/attn.md" 2>&1 | tee "$LOGS/attn.log" | grep -v '^|'
+            timeout $(left) python3 -m bench.bench_attn --shapes 'B1 T16k GQA 16/4' 'B1 T32k varlen' --skip fla --out "$LOGS/attn_more.md" \
               2>&1 | tee -a "$LOGS/attn.log" | grep -v '^|' ;;
-    decode) timeout $(left) python3 bench/bench_decode.py $baseline --out "$LOGS/decode.md" 2>&1 | tee "$LOGS/decode.log" | grep -v '^|' ;;
-    train)    timeout $(left) python3 bench/bench_train.py --out "$LOGS/train.md" 2>&1 | tee "$LOGS/train.log" | tail -20 ;;
-    generate) timeout $(left) python3 bench/bench_generate.py --out "$LOGS/generate.md" 2>&1 | tee "$LOGS/generate.log" | tail -20
-              timeout $(left) python3 bench/bench_generate.py --eager --out "$LOGS/generate_eager.md" 2>&1 \
+    decode) timeout $(left) python3 -m bench.bench_decode $baseline --out "$LOGS/decode.md" 2>&1 | tee "$LOGS/decode.log" | grep -v '^|' ;;
+    train)    timeout $(left) python3 -m bench.bench_train --out "$LOGS/train.md" 2>&1 | tee "$LOGS/train.log" | tail -20 ;;
+    generate) timeout $(left) python3 -m bench.bench_generate --out "$LOGS/generate.md" 2>&1 | tee "$LOGS/generate.log" | tail -20
+              timeout $(left) python3 -m bench.bench_generate --eager --out "$LOGS/generate_eager.md" 2>&1 \
                 | tee -a "$LOGS/generate.log" | tail -5 ;;
   esac
 done

@@ -1,6 +1,6 @@
 """Where the time goes: CUDA kernel times of forward+backward of `wall_attn`, and the PyTorch operators around them.
 
-    python bench/profile_attn.py [--B 2 --T 8192 --HQ 16 --H 16 --K 128]
+    python -m bench.profile_attn [--B 2 --T 8192 --HQ 16 --H 16 --K 128]
 """
 import argparse
 

@@ -1,9 +1,9 @@
 """Registers and spills of the training kernels, compiled for an H100 (sm_90a) on any machine, no GPU needed.
 
-    python bench/registers.py                        # every kernel at K=V=128, bf16, at its launch's config
-    python bench/registers.py variant.py --ir out/   # a variant of kernels/parallel.py; also write each TTGIR
-    python bench/registers.py --K 256 --V 128 --dtype fp32 --features --stages 1   # another launch
-    PYTHONPATH=/tmp/triton36 python bench/registers.py      # with another Triton (e.g. the GPU machine's 3.6)
+    python -m bench.registers                        # every kernel at K=V=128, bf16, at its launch's config
+    python -m bench.registers variant.py --ir out/   # a variant of kernels/parallel.py; also write each TTGIR
+    python -m bench.registers --K 256 --V 128 --dtype fp32 --features --stages 1   # another launch
+    PYTHONPATH=/tmp/triton36 python -m bench.registers      # with another Triton (e.g. the GPU machine's 3.6)
 
 This reads ptxas's own report of each compile and the shared memory each kernel needs (an H100's and an H200's
 limit: 232,448 bytes; a launch over it fails with OutOfResources), a check that costs no GPU time (whether a spill
@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernel_files import load_kernel_file
+from bench.kernel_files import load_kernel_file
 
 os.environ['TRITON_DUMP_PTXAS_LOG'] = '1'
 os.environ['TRITON_ALWAYS_COMPILE'] = '1'

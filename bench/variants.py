@@ -1,6 +1,6 @@
 """Time whole-file variants of kernels/parallel.py side by side, in one GPU call.
 
-    python bench/variants.py kernels/parallel.py /tmp/variant_a.py /tmp/variant_b.py [--B 2 --T 8192 --H 16 --K 128]
+    python -m bench.variants kernels/parallel.py /tmp/variant_a.py /tmp/variant_b.py [--B 2 --T 8192 --H 16 --K 128]
                              [--gate_bias 4]   (gates logsigmoid(gate_bias + randn); -2 makes every block steep)
 
 Each file is loaded as its own module (its own Triton kernels and autotune cache), next to the kernels package's
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernel_files import load_kernel_file
+from bench.kernel_files import load_kernel_file
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
 parser.add_argument('files', nargs='+')

@@ -1,9 +1,9 @@
 """Prepare a corpus: train a byte-level BPE tokenizer, split documents into train/val(/test), write token shards.
 
-    python data/prepare.py                                       # this Python's standard library -> data/pystdlib/
-    python data/prepare.py --source=installed --vocab_size=16384 # all installed Python source -> data/installed/
-    python data/prepare.py --source='~/notes/**/*.md' --out=data/notes
-    python data/prepare.py --source=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --max_docs=200000 \\
+    python -m data.prepare                                       # this Python's standard library -> data/pystdlib/
+    python -m data.prepare --source=installed --vocab_size=16384 # all installed Python source -> data/installed/
+    python -m data.prepare --source='~/notes/**/*.md' --out=data/notes
+    python -m data.prepare --source=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --max_docs=200000 \\
         --out=data/fineweb-edu --vocab_size=32768                # needs access to the Hugging Face Hub
 
 Writes tokenizer.json, train.bin, val.bin (test.bin for --source=installed) and manifest.json into --out (shard

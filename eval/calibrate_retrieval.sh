@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$RESULTS"
 left() { echo $(( DEADLINE - ($(date +%s) - start) )); }
 if [ ! -f "$DATA/val.bin" ]; then
-  python3 data/prepare.py --source=installed --vocab_size=16384 --out="$DATA" ${TOKENIZER:+--tokenizer=$TOKENIZER} \
+  python3 -m data.prepare --source=installed --vocab_size=16384 --out="$DATA" ${TOKENIZER:+--tokenizer=$TOKENIZER} \
     > "$RESULTS/prepare.log" 2>&1 || { tail -3 "$RESULTS/prepare.log"; exit 1; }
 fi
 echo "prepared at $(( $(date +%s) - start )) s"
@@ -29,7 +29,7 @@ done
 wait
 echo "trained at $(( $(date +%s) - start )) s"
 for attention in $ATTENTIONS; do
-  timeout $(( $(left) - 5 )) python3 eval/retrieval.py --ckpt "out/calibration_$attention/ckpt.pt" \
+  timeout $(( $(left) - 5 )) python3 -m eval.retrieval --ckpt "out/calibration_$attention/ckpt.pt" \
     --distances 256,1024,4096,8192 --trials 32 --out "$RESULTS/$attention" > "$RESULTS/$attention.retrieval.log" 2>&1 &
 done
 wait

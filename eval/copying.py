@@ -1,8 +1,8 @@
 """
 Natural copying in real code: does the model use what it saw d tokens back? No synthetic data.
 
-    python eval/copying.py --ckpt out/tiny/ckpt.pt
-    python eval/copying.py --ckpt out/wall/ckpt.pt out/rope/ckpt.pt --length 65536 --docs 64
+    python -m eval.copying --ckpt out/tiny/ckpt.pt
+    python -m eval.copying --ckpt out/wall/ckpt.pt out/rope/ckpt.pt --length 65536 --docs 64
 
 (eval/length.py --copy writes the same analysis from the same forward passes, next to its own.)
 

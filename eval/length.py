@@ -1,8 +1,8 @@
 """
 Loss by position on held-out documents, far past the training length, with 95% intervals over documents.
 
-    python eval/length.py --ckpt out/tiny/ckpt.pt
-    python eval/length.py --ckpt out/wall/ckpt.pt out/rope/ckpt.pt --length 65536 --docs 64 --copy
+    python -m eval.length --ckpt out/tiny/ckpt.pt
+    python -m eval.length --ckpt out/wall/ckpt.pt out/rope/ckpt.pt --length 65536 --docs 64 --copy
 
 Every document of the val split at least --length + 1 tokens long (the data pipeline joins consecutive short
 documents into such pseudo-documents; their inner EOTs are dropped here, since in training no token ever attended

@@ -3,14 +3,16 @@
 # installed-source corpus if it is not there, train config/lengthgen_MODEL.py, then evaluate the checkpoint to 16x
 # its 4096-token training documents: loss by position and natural copying (eval/length.py), trained-in retrieval
 # by distance to 32x (eval/retrieval.py), the needle test (eval/niah.py) and, for Wall models, the trained gates
-# (eval/gates.py). Results, logs and plots go to $RESULTS/MODEL (default out/lengthgen/MODEL).
-#   bash eval/lengthgen.sh wall            # or rope, fox, wall_unbounded; extra arguments go to train.py
+# (eval/gates.py, which says so and writes nothing for a model without them). Results, logs and plots go to
+# $RESULTS/MODEL (default out/lengthgen/MODEL).
+#   bash eval/lengthgen.sh wall            # any config/lengthgen_MODEL.py; extra arguments go to train.py
 # DEADLINE=<seconds> makes everything end within that many seconds of the start: training gets what the
 # evaluations (EVAL_SECONDS, default 200) leave, and the evaluations use the last checkpoint it saved.
 set -uo pipefail
-model=${1:?usage: bash eval/lengthgen.sh MODEL [train.py overrides], MODEL one of wall rope fox wall_unbounded}
+models=$(echo $(ls config/lengthgen_*.py 2>/dev/null | sed 's#config/lengthgen_##; s#\.py$##'))
+model=${1:?usage: bash eval/lengthgen.sh MODEL [train.py overrides], MODEL one of: $models}
 shift
-[ -f "config/lengthgen_$model.py" ] || { echo "error: no config/lengthgen_$model.py"; exit 1; }
+[ -f "config/lengthgen_$model.py" ] || { echo "error: no config/lengthgen_$model.py (MODEL one of: $models)"; exit 1; }
 start=$(date +%s)
 RESULTS=${RESULTS:-out/lengthgen}/$model
 DATA=${DATA:-data/installed}
@@ -36,7 +38,7 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its log in 
 }
 
 if [ ! -f "$DATA/val.bin" ]; then
-  step prepare "$(left)" python3 data/prepare.py --source=installed --vocab_size=16384 --out="$DATA" \
+  step prepare "$(left)" python3 -m data.prepare --source=installed --vocab_size=16384 --out="$DATA" \
     ${TOKENIZER:+--tokenizer=$TOKENIZER} || { tail -3 "$RESULTS/prepare.log"; exit 1; }
   tail -6 "$RESULTS/prepare.log"
 fi
@@ -48,19 +50,18 @@ grep -E 'parameters|val loss' "$RESULTS/train.log" | sed -n '1p;$p'
 ckpt=$out_dir/ckpt.pt
 [ -f "$ckpt" ] || { echo "error: training saved no checkpoint"; tail -5 "$RESULTS/train.log"; exit 1; }
 
-# gates.py times the attention kernels, so it runs alone; the other evaluations share the GPU side by side.
-if [ "$model" != rope ] && [ "$model" != fox ]; then
-  step gates $(( $(left) / 4 )) python3 eval/gates.py --ckpt "$ckpt" --out "$RESULTS/gates"
-fi
-step length "$(left)" python3 eval/length.py --ckpt "$ckpt" --length "$LENGTH" --docs "$DOCS" --copy \
+# gates.py times the attention kernels, so it runs alone; the other evaluations share the GPU side by side. It
+# reads the attention from the checkpoint and exits at once for one without per-channel gates (RoPE, FoX).
+step gates $(( $(left) / 4 )) python3 -m eval.gates --ckpt "$ckpt" --out "$RESULTS/gates"
+step length "$(left)" python3 -m eval.length --ckpt "$ckpt" --length "$LENGTH" --docs "$DOCS" --copy \
   --out "$RESULTS/length" &
-step retrieval "$(left)" python3 eval/retrieval.py --ckpt "$ckpt" --distances "$DISTANCES" \
+step retrieval "$(left)" python3 -m eval.retrieval --ckpt "$ckpt" --distances "$DISTANCES" \
   --out "$RESULTS/retrieval" &
 # one prefill forward per probe: chunks after the first go through the cached path, whose attention is far
 # slower than the training kernel's at this length
-[ -n "$FAR" ] && step retrieval_far "$(left)" python3 eval/retrieval.py --ckpt "$ckpt" --distances "$FAR" \
+[ -n "$FAR" ] && step retrieval_far "$(left)" python3 -m eval.retrieval --ckpt "$ckpt" --distances "$FAR" \
   --prefill_chunk 262144 --out "$RESULTS/retrieval_far" &
-step niah "$(left)" python3 eval/niah.py --ckpt "$ckpt" --lengths 2048,4096,16384,65536 --depths 0,0.5,1 \
+step niah "$(left)" python3 -m eval.niah --ckpt "$ckpt" --lengths 2048,4096,16384,65536 --depths 0,0.5,1 \
   --trials 4 --out "$RESULTS/niah" &
 wait
 for log in "$RESULTS"/{length,retrieval,retrieval_far,gates,niah}.log; do [ -f "$log" ] && tail -2 "$log"; done

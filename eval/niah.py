@@ -1,8 +1,8 @@
 """
 Needle in a haystack for models trained from scratch: retrieval by copying, no instructions.
 
-    python eval/niah.py --ckpt out/tiny/ckpt.pt
-    python eval/niah.py --ckpt out/long/ckpt.pt --lengths 4096,16384,65536 --depths 0,0.5,1 --trials 8
+    python -m eval.niah --ckpt out/tiny/ckpt.pt
+    python -m eval.niah --ckpt out/long/ckpt.pt --lengths 4096,16384,65536 --depths 0,0.5,1 --trials 8
 
 A needle line `PASS_KEY = 48213` (a fresh 5-digit value per trial) goes in at a line boundary at a given depth of a
 haystack of held-out code (consecutive documents of the val split, EOTs dropped), and the prompt ends with the cue

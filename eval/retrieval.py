@@ -2,8 +2,8 @@
 Trained-in retrieval by distance: the synthetic key-value task of data/retrieval.py, from 1/8 to 16x the training
 length.
 
-    python eval/retrieval.py --ckpt out/tiny/ckpt.pt
-    python eval/retrieval.py --ckpt out/wall/ckpt.pt out/rope/ckpt.pt --trials 32 --batch 8
+    python -m eval.retrieval --ckpt out/tiny/ckpt.pt
+    python -m eval.retrieval --ckpt out/wall/ckpt.pt out/rope/ckpt.pt --trials 32 --batch 8
 
 A probe (data.retrieval.RetrievalTask.probe) is held-out code (a random window of the val split, EOTs dropped) with
 needle lines `KEY_<key><value>` at line breaks (--pairs of them, 16 by default; key and value are words the

@@ -2,7 +2,7 @@
 One study from several result folders: each model of the length study trains and evaluates in its own run
 (eval/lengthgen.sh writes one folder per model), and this puts them side by side.
 
-    python eval/study.py out/lengthgen/rope out/lengthgen/wall --out docs/lengthgen/study
+    python -m eval.study out/lengthgen/rope out/lengthgen/wall --out docs/lengthgen/study
 
 A result folder holds what lengthgen.sh wrote: length.json (eval/length.py --copy), retrieval.json and
 retrieval_far.json (eval/retrieval.py; the far one optional), niah.json (eval/niah.py) and train.log. Missing files

@@ -83,8 +83,9 @@ def test_installed_corpus_holds_out_whole_packages_with_a_manifest(installed, tm
 
 
 def run_prepare(*args, env=None):
-    """prepare.py as a user runs it, from the repository root: (exit code, stderr's last line, stderr)."""
-    result = subprocess.run([sys.executable, os.path.join('data', 'prepare.py'), *args], capture_output=True,
+    """prepare.py as a user runs it, `python -m data.prepare` from the repository root: (exit code, stderr's last
+    line, stderr)."""
+    result = subprocess.run([sys.executable, '-m', 'data.prepare', *args], capture_output=True,
                             text=True, env={**os.environ, **(env or {})}, timeout=120, cwd=ROOT)
     return result.returncode, (result.stderr.strip().splitlines() or [''])[-1], result.stderr
 

@@ -151,19 +151,33 @@ def test_reference_against_flash_linear_attention_naive(monkeypatch):
                                    atol=1e-5)
 
 
-def run(args, **kw):
-    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, **kw)
-    assert result.returncode == 0, f'{args[0]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}'
+# The README's quick start, command by command (test_quickstart_learns adds its own paths, and a shorter sample)
+QUICKSTART = ('python -m data.prepare', 'python train.py config/tiny.py', 'python sample.py')
+
+
+def run(command, *args, **kw):
+    """One of QUICKSTART, with more arguments, from the repository root; its stdout."""
+    result = subprocess.run([sys.executable, *command.split()[1:], *args], cwd=REPO, capture_output=True, text=True,
+                            **kw)
+    assert result.returncode == 0, f'{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}'
     return result.stdout
+
+
+def test_readme_quick_start_is_what_this_file_runs():
+    with open(os.path.join(REPO, 'README.md')) as f:
+        line = next(line for line in f if line.startswith('pip install') and 'train.py' in line)
+    commands = [command.strip() for command in line.split('&&') if command.strip().startswith('python')]
+    assert len(commands) == len(QUICKSTART) and all(map(str.startswith, commands, QUICKSTART)), line
 
 
 def test_quickstart_learns(tmp_path):
     """prepare + `python train.py config/tiny.py` + sample.py, as the README runs them (into a tmp dir): the final
     val loss is the README's, and the sample is text."""
     data = tmp_path / 'pystdlib'
-    run(['data/prepare.py', f'--out={data}'])
-    out = run(['train.py', 'config/tiny.py', f'--data_dir={data}', f'--out_dir={tmp_path / "out"}'])
+    prepare, train, sample = QUICKSTART
+    run(prepare, f'--out={data}')
+    out = run(train, f'--data_dir={data}', f'--out_dir={tmp_path / "out"}')
     val = [float(x) for x in re.findall(r'val loss ([\d.]+)', out)]
     assert val[-1] <= README_VAL_LOSS + MARGIN, f'final val loss {val[-1]:.4f}, the README says {README_VAL_LOSS}:\n{out}'
-    sample = run(['sample.py', f'--ckpt={tmp_path / "out" / "ckpt.pt"}', '--prompt', 'def ', '--max_new_tokens=50'])
-    assert sample.startswith('def ') and re.search(r'new tokens [1-9]', sample), sample
+    printed = run(sample, f'--ckpt={tmp_path / "out" / "ckpt.pt"}', '--prompt', 'def ', '--max_new_tokens=50')
+    assert printed.startswith('def ') and re.search(r'new tokens [1-9]', printed), printed

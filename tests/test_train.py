@@ -265,7 +265,7 @@ def test_unusable_checkpoints_are_refused_and_left_as_they_were(runs, stdlib_cor
 
 def test_training_benchmark_runs_at_smoke_shapes(tmp_path):
     out = tmp_path / 'train.md'
-    bench = subprocess.run([sys.executable, 'bench/bench_train.py', '--smoke', '--attention', 'wall,rope',
+    bench = subprocess.run([sys.executable, '-m', 'bench.bench_train', '--smoke', '--attention', 'wall,rope',
                             '--warmup', '1', '--steps', '1', '--out', str(out)],
                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert bench.returncode == 0, bench.stderr[-3000:]

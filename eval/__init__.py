@@ -1,0 +1,1 @@
+"""The evaluations. Each runs as a module from the repository root: `python -m eval.length`, `python -m eval.niah`..."""
