@@ -1,7 +1,7 @@
 """
 train.py's checkpoints: written whole or not at all, read back with a one-line reason when they cannot be used,
-and turned back into the model they hold. train.py, sample.py (and through it the evaluations) and the tests use
-this module only.
+and turned back into the model they hold (load_model: on a device, in a dtype, with the tokenizer of its data).
+train.py, sample.py, the evaluations and the tests use this module only.
 
 A checkpoint is a dict: `model` (the state dict), `optimizer`, `model_args` (GPTConfig's fields), `iter_num`,
 `best_val_loss`, `config` (train.py's effective config), `loader` (the batch stream's state), `rng` (one per rank).
@@ -10,9 +10,11 @@ import atexit
 import fcntl
 import os
 import re
+import sys
 
 import torch
 
+from data.loader import EOT, load_tokenizer
 from model import GPT, GPTConfig
 
 KEYS = ('model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config', 'loader', 'rng')  # to resume
@@ -21,6 +23,7 @@ CONFIG_KEYS = ('data_dir', 'max_doc_len', 'tokens_per_batch')  # what sampling a
 RUNTIME_MODEL_KEYS = ('attn_impl', 'activation_checkpointing', 'loss_chunk_rows')  # how it runs, not what it computes
 LOCK = 'run.lock'
 REPO = os.path.dirname(os.path.abspath(__file__))
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}  # --dtype to load in
 
 
 class CheckpointError(ValueError):
@@ -91,6 +94,54 @@ def build_model(checkpoint, **runtime):
     except RuntimeError as e:
         raise CheckpointError(f'its weights do not fit this model.py: {first_line(e)}')
     return model
+
+
+def load_model(path, device, dtype):
+    """(model in eval mode on device, cast to dtype; the checkpoint's training config). Exits with one line when
+    path is missing, unreadable or not a checkpoint of this repository's train.py."""
+    try:
+        if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
+            raise RuntimeError('no CUDA GPU here')
+    except RuntimeError as e:
+        raise SystemExit(f'error: --device {device}: {e}')
+    try:
+        checkpoint = load(path)
+    except CheckpointError as e:
+        hint = ' (train one first, e.g. python train.py config/tiny.py)' if not os.path.isfile(path) else ''
+        raise SystemExit(f'error: --ckpt: {e}{hint}')
+    try:  # attn_impl is how the model runs, not what it computes: let it follow the device it is loaded on
+        model = build_model(checkpoint, attn_impl='auto')
+    except CheckpointError as e:
+        raise SystemExit(f'error: --ckpt {path}: {e}')
+    best = checkpoint.get('best_val_loss')
+    print(f'loaded {path}: iter {checkpoint.get("iter_num", "unknown")}' +
+          (f', best val loss {best:.4f}' if isinstance(best, float) else '') +
+          f', {model.config.attention}, {model.get_num_params() / 1e6:.2f}M parameters', file=sys.stderr)
+    return model.to(device).to_inference_dtype(dtype).eval(), checkpoint['config']
+
+
+def load_data_tokenizer(train_config):
+    """The tokenizer of the data the model was trained on (train_config: load_model's), and its EOT id."""
+    try:
+        tokenizer = load_tokenizer(train_config['data_dir'])
+    except FileNotFoundError as e:
+        raise SystemExit(f'error: cannot load the tokenizer of the checkpoint\'s data: {e}')
+    except Exception as e:  # the tokenizers library's bare Exception for a file it cannot parse names no file
+        path = os.path.join(train_config['data_dir'], 'tokenizer.json')
+        raise SystemExit(f'error: {path}, the tokenizer of the checkpoint\'s data, is not readable '
+                         f'({first_line(e)}): prepare the data again')
+    return tokenizer, tokenizer.token_to_id(EOT)
+
+
+def training_length(train_config):
+    """The longest context the model saw in training: a document piece of at most max_doc_len tokens, in a batch."""
+    return min(train_config['max_doc_len'], train_config['tokens_per_batch'])
+
+
+def synchronize(device):
+    """Wait for the device a model was loaded on (load_model's `device`), e.g. before reading a clock."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
 
 
 def hold(out_dir):

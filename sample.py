@@ -12,66 +12,15 @@ tokens are decoded one at a time against the cache and streamed to the terminal.
 """
 import argparse
 import math
-import os
 import sys
 import time
 
 import torch
 from tokenizers.decoders import DecodeStream
 
-import checkpoint
-from data.loader import EOT, load_tokenizer
 import generate
+from checkpoint import DTYPES, load_data_tokenizer, load_model, synchronize, training_length
 from generate import KVCache
-
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
-
-def load_model(path, device, dtype):
-    """(model in eval mode on device, cast to dtype; the checkpoint's training config). Exits with one line when
-    path is missing, unreadable or not a checkpoint of this repository's train.py."""
-    try:
-        if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
-            raise RuntimeError('no CUDA GPU here')
-    except RuntimeError as e:
-        raise SystemExit(f'error: --device {device}: {e}')
-    try:
-        ckpt = checkpoint.load(path)
-    except checkpoint.CheckpointError as e:
-        hint = ' (train one first, e.g. python train.py config/tiny.py)' if not os.path.isfile(path) else ''
-        raise SystemExit(f'error: --ckpt: {e}{hint}')
-    try:  # attn_impl is how the model runs, not what it computes: let it follow the device it is loaded on
-        model = checkpoint.build_model(ckpt, attn_impl='auto')
-    except checkpoint.CheckpointError as e:
-        raise SystemExit(f'error: --ckpt {path}: {e}')
-    best = ckpt.get('best_val_loss')
-    print(f'loaded {path}: iter {ckpt.get("iter_num", "unknown")}' +
-          (f', best val loss {best:.4f}' if isinstance(best, float) else '') +
-          f', {model.config.attention}, {model.get_num_params() / 1e6:.2f}M parameters', file=sys.stderr)
-    return model.to(device).to_inference_dtype(dtype).eval(), ckpt['config']
-
-
-def load_data_tokenizer(train_config):
-    """The tokenizer of the data the model was trained on, and its EOT id."""
-    try:
-        tokenizer = load_tokenizer(train_config['data_dir'])
-    except FileNotFoundError as e:
-        raise SystemExit(f'error: cannot load the tokenizer of the checkpoint\'s data: {e}')
-    except Exception as e:  # the tokenizers library's bare Exception for a file it cannot parse names no file
-        path = os.path.join(train_config['data_dir'], 'tokenizer.json')
-        raise SystemExit(f'error: {path}, the tokenizer of the checkpoint\'s data, is not readable '
-                         f'({checkpoint.first_line(e)}): prepare the data again')
-    return tokenizer, tokenizer.token_to_id(EOT)
-
-
-def training_length(train_config):
-    """The longest context the model saw in training: a document piece of at most max_doc_len tokens, in a batch."""
-    return min(train_config['max_doc_len'], train_config['tokens_per_batch'])
-
-
-def synchronize(device):
-    if torch.device(device).type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def prefill(model, idx, cache, chunk_size, train_len, device):

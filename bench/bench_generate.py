@@ -13,17 +13,15 @@ with the device synchronised at both ends.
 import argparse
 import datetime
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 # model imports kernels, which picks Triton's CPU interpreter when there is no GPU: before anything imports triton
-from generate import APPEND_ROWS, KVCache, decode  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-import triton  # noqa: E402
+from generate import APPEND_ROWS, KVCache, decode
+from model import GPT, GPTConfig
+import triton
 
 CONFIG = 'config/long.py'
 VOCAB_SIZE = 32768  # config/long.py's tokenizer (data/prepare.py --vocab_size=32768)

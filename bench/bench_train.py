@@ -15,18 +15,17 @@ import datetime
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import fields
 
 import torch
 
+from configurator import apply_overrides
+from data.prepare import replacing
+from model import GPT, GPTConfig
+import triton  # after model: on a CPU, kernels must set up triton's interpreter first
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # so `python bench/bench_train.py` finds the repository's modules
-from configurator import apply_overrides  # noqa: E402
-from data.prepare import replacing  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-import triton  # noqa: E402  (after model: on a CPU, kernels must set up triton's interpreter first)
 
 ATTENTIONS = ('wall', 'rope', 'fox')
 # The smoke test's shapes: every code path, tiny sizes.

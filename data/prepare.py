@@ -36,7 +36,6 @@ import os
 import platform
 import shutil
 import socket
-import sys
 import sysconfig
 import time
 from contextlib import contextmanager
@@ -46,8 +45,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # so `python data/prepare.py` works
-from data.loader import DTYPES, EOT, HEADER, MAGIC, VERSION  # noqa: E402
+from data.loader import DTYPES, EOT, HEADER, MAGIC, VERSION
 
 DATA = os.path.dirname(os.path.abspath(__file__))
 KEYWORD_OUT = {'stdlib': 'pystdlib', 'installed': 'installed'}

@@ -1,10 +1,5 @@
-"""What eval/length.py, eval/copying.py and eval/retrieval.py share: intervals, held-out tokens, plots with bands.
-
-(Not eval/copy.py: a script run as `python eval/X.py` has eval/ first on sys.path, and a copy.py there would shadow
-the standard library's `copy`, which torch imports.)
-"""
+"""What eval/length.py, eval/copying.py and eval/retrieval.py share: intervals, held-out tokens, plots with bands."""
 import os
-import sys
 import time
 
 import matplotlib
@@ -15,11 +10,9 @@ import torch
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402,F401 (the scripts plot through this import)
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from checkpoint import DTYPES, load_data_tokenizer, load_model, synchronize, training_length  # noqa: E402,F401
 from data.loader import documents, read_shard  # noqa: E402,F401
-# the one place the new eval scripts name model.py and sample.py: if these move, only these lines change
 from generate import DecodeStep, KVCache, prefill  # noqa: E402,F401
-from sample import DTYPES, load_data_tokenizer, load_model, synchronize, training_length  # noqa: E402,F401
 
 RESAMPLES = 1000
 Z95 = 1.959963984540054

@@ -24,13 +24,11 @@ Documents, scoring and flags as eval/length.py. Writes OUT.json, OUT.png (three 
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from eval import common  # noqa: E402
-from eval.common import plt  # noqa: E402
+from eval import common
+from eval.common import plt
 
 NGRAM = 4
 

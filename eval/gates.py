@@ -18,18 +18,16 @@ import argparse
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import kernels  # noqa: E402
-from data.loader import PackedBatches  # noqa: E402
-from kernels.parallel import BLOCK, FAST_RANGE  # noqa: E402
-from model import soft_bound  # noqa: E402
-from sample import DTYPES, load_model, training_length  # noqa: E402
+import kernels
+from checkpoint import DTYPES, load_model, training_length
+from data.loader import PackedBatches
+from kernels.parallel import BLOCK, FAST_RANGE
+from model import soft_bound
 
 QUANTILES = [0.001, 0.01, 0.1, 0.5, 0.9, 0.99]
 
@@ -40,8 +38,8 @@ def record_projections(model):
     for i, block in enumerate(model.blocks):
         project = block.attn.project
 
-        def recording(x, rope=None, i=i, project=project):
-            kept[i] = project(x, rope)
+        def recording(*args, i=i, project=project, **kwargs):
+            kept[i] = project(*args, **kwargs)
             return kept[i]
         block.attn.project = recording
     return kept

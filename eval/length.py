@@ -25,19 +25,17 @@ markdown.
 import argparse
 import json
 import os
-import sys
 import zlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from data.loader import documents  # noqa: E402
-from eval import common, copying  # noqa: E402
-from eval.common import plt  # noqa: E402
-from generate import KVCache  # noqa: E402
-from sample import DTYPES, load_data_tokenizer, load_model, training_length  # noqa: E402
+from checkpoint import DTYPES, load_data_tokenizer, load_model, training_length
+from data.loader import documents
+from eval import common, copying
+from eval.common import plt
+from generate import KVCache
 
 MULTIPLES = (1, 2, 4, 8, 16)
 LOSS_ROWS = 8192  # logits rows at a time: a 64k-token chunk's fp32 logits at once would take GBs

@@ -18,7 +18,6 @@ length marked.
 import argparse
 import json
 import os
-import sys
 
 import matplotlib
 import numpy as np
@@ -27,10 +26,9 @@ import torch
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from checkpoint import DTYPES, load_data_tokenizer, load_model, training_length  # noqa: E402
 from data.loader import documents  # noqa: E402
 from generate import KVCache, prefill  # noqa: E402
-from sample import DTYPES, load_data_tokenizer, load_model, training_length  # noqa: E402
 
 NAME = 'PASS_KEY'
 

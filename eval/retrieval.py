@@ -25,16 +25,14 @@ bootstrap over probes for the loss; training lengths dashed) and prints a table.
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from data.retrieval import RetrievalTask  # noqa: E402
-from eval import common  # noqa: E402
-from eval.common import plt  # noqa: E402
+from data.retrieval import RetrievalTask
+from eval import common
+from eval.common import plt
 
 MULTIPLES = (1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8, 16)
 

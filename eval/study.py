@@ -19,12 +19,10 @@ import argparse
 import json
 import os
 import re
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from eval import common, copying, length, retrieval  # noqa: E402
+from eval import common, copying, length, retrieval
 
 def read_json(folder, name):
     path = os.path.join(folder, name + '.json')

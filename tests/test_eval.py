@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sample
+from checkpoint import load_model
+from data.loader import EOT, load_tokenizer
 from data.retrieval import RetrievalTask
 from eval import common, copying, length, niah, retrieval, study
 from generate import KVCache, decode, prefill
@@ -34,7 +35,7 @@ def read_png(path):
 
 
 def test_niah_writes_every_cell(checkpoints, data_dir, tmp_path):  # noqa: F811
-    tokenizer = sample.load_tokenizer(data_dir)
+    tokenizer = load_tokenizer(data_dir)
     out = str(tmp_path / 'niah')
     niah.main(['--ckpt', checkpoints['wall'], '--lengths', '40,80', '--depths', '0,1', '--trials', '1', '--out', out,
                '--device', DEVICE])
@@ -56,8 +57,8 @@ def test_niah_writes_every_cell(checkpoints, data_dir, tmp_path):  # noqa: F811
 
 
 def test_niah_prompt_holds_needle_and_cue_as_the_text_tokenizes(data_dir):  # noqa: F811
-    tokenizer = sample.load_tokenizer(data_dir)
-    eot = tokenizer.token_to_id(sample.EOT)
+    tokenizer = load_tokenizer(data_dir)
+    eot = tokenizer.token_to_id(EOT)
     haystack = niah.Haystack(data_dir, tokenizer, eot)
     hay = haystack.take(60)
     assert hay.endswith('\n') and len(tokenizer.encode(hay).ids) <= 60
@@ -70,7 +71,7 @@ def test_niah_prompt_holds_needle_and_cue_as_the_text_tokenizes(data_dir):  # no
 
 
 def test_teacher_forced_score_agrees_with_greedy_decoding(checkpoints):
-    model, _ = sample.load_model(checkpoints['wall'], DEVICE, torch.float32)
+    model, _ = load_model(checkpoints['wall'], DEVICE, torch.float32)
     prompt = torch.randint(0, model.config.vocab_size, (20,)).tolist()
     cache = KVCache(model, 1, 24)
     logits = prefill(model, torch.tensor([prompt], device=DEVICE), cache)
@@ -224,8 +225,8 @@ def perfect_copier(vocab):
 
 
 def test_retrieval_scores_a_copier_at_one_and_a_uniform_model_near_zero(data_dir):  # noqa: F811
-    tokenizer = sample.load_tokenizer(data_dir)
-    eot, vocab = tokenizer.token_to_id(sample.EOT), tokenizer.get_vocab_size()
+    tokenizer = load_tokenizer(data_dir)
+    eot, vocab = tokenizer.token_to_id(EOT), tokenizer.get_vocab_size()
     task, stream = RetrievalTask(tokenizer), common.held_out_stream(data_dir, eot)
     distances = [4, 32, 300]
     copier = retrieval.evaluate(perfect_copier(vocab), task, stream, eot, distances, 6, 4, seed=0)
@@ -242,12 +243,12 @@ def test_retrieval_scores_a_copier_at_one_and_a_uniform_model_near_zero(data_dir
 def test_retrieval_scores_what_a_full_forward_scores(checkpoints, data_dir):  # noqa: F811
     """The cached path (prefill in chunks, then decode steps, two probes at a time) gives the logits of one full
     forward over prompt and answer, for Wall (decode kernel) and RoPE."""
-    tokenizer = sample.load_tokenizer(data_dir)
-    eot = tokenizer.token_to_id(sample.EOT)
+    tokenizer = load_tokenizer(data_dir)
+    eot = tokenizer.token_to_id(EOT)
     prompts, answers, _ = retrieval.make_probes(RetrievalTask(tokenizer), common.held_out_stream(data_dir, eot), eot,
                                                 30, 2, seed=0)
     for name in ('wall', 'rope'):
-        model, _ = sample.load_model(checkpoints[name], DEVICE, torch.float32)
+        model, _ = load_model(checkpoints[name], DEVICE, torch.float32)
         logits = retrieval.cached_answer_logits(model, prefill_chunk=300)(prompts, answers)
         full = torch.as_tensor(np.concatenate([prompts, answers[:, :-1]], axis=1), device=DEVICE)
         with torch.no_grad():
@@ -291,7 +292,7 @@ def test_retrieval_saves_each_distance_as_it_finishes(checkpoints, tmp_path, mon
 
 
 def test_chunked_prefill_scores_what_a_full_forward_scores(checkpoints):
-    model, _ = sample.load_model(checkpoints['wall'], DEVICE, torch.float32)
+    model, _ = load_model(checkpoints['wall'], DEVICE, torch.float32)
     tokens = torch.randint(0, model.config.vocab_size, (41,))
     losses = length.position_losses(model, KVCache(model, 1, 40), tokens.numpy(), prefill_chunk=15)
     with torch.no_grad():

@@ -13,6 +13,7 @@ import torch
 
 import checkpoint as ckpt
 import sample
+from data.loader import load_tokenizer
 from generate import KVCache, decode, generate_uncached, prefill, row_pieces
 from model import GPT, GPTConfig
 from tests.conftest import DEVICE
@@ -115,7 +116,7 @@ def test_row_pieces_cover_the_rows_in_power_of_two_runs():
 def save_checkpoint(path, data_dir, train_config=None, **model_kwargs):
     """A checkpoint with the keys train.py writes, for a tiny model on data_dir's tokenizer; trained for 32 tokens
     (train_config: keys of the training config to store instead)."""
-    model = tiny_model(vocab_size=sample.load_tokenizer(data_dir).get_vocab_size(), **model_kwargs)
+    model = tiny_model(vocab_size=load_tokenizer(data_dir).get_vocab_size(), **model_kwargs)
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
     config = {'data_dir': data_dir, 'max_doc_len': 32, 'tokens_per_batch': 256} | (train_config or {})
     ckpt.save({'model': model.cpu().state_dict(), 'optimizer': {}, 'model_args': model_args, 'iter_num': 0,
@@ -137,7 +138,7 @@ def test_sample_streams_and_reports(checkpoint, data_dir, capsys):
     assert len(summaries) == 2
     for line in summaries:  # EOT + 'def area', then 6 tokens, fewer when an EOT ends the sample
         prompt_tokens, new_tokens = (int(part.split()[-1]) for part in line.split(', ')[:2])
-        assert prompt_tokens == 1 + len(sample.load_tokenizer(data_dir).encode('def area').ids)
+        assert prompt_tokens == 1 + len(load_tokenizer(data_dir).encode('def area').ids)
         assert 1 <= new_tokens <= 6
         assert 'prefill' in line and line.endswith('tokens/s')
 
@@ -148,8 +149,8 @@ def printed_and_greedy(path, dtype, capsys):
     sample.main(['--ckpt', path, '--prompt', 'class Point', '--max_new_tokens', '5', '--temperature', '0',
                  '--device', DEVICE, '--dtype', dtype])
     printed = capsys.readouterr().out.split('\n---------------\n')[0]
-    model, train_config = sample.load_model(path, DEVICE, getattr(torch, dtype))
-    tokenizer, eot = sample.load_data_tokenizer(train_config)
+    model, train_config = ckpt.load_model(path, DEVICE, getattr(torch, dtype))
+    tokenizer, eot = ckpt.load_data_tokenizer(train_config)
     prompt = torch.tensor([[eot] + tokenizer.encode('class Point').ids], device=DEVICE)
     greedy = generate_uncached(model, prompt, 5, temperature=0)[0, prompt.shape[1]:].tolist()
     greedy = greedy[:greedy.index(eot)] if eot in greedy else greedy
