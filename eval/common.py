@@ -1,4 +1,5 @@
-"""What eval/length.py, eval/copying.py and eval/retrieval.py share: intervals, held-out tokens, plots with bands."""
+"""What the evaluations share: the scorer of an answer after a prompt (answer_logits), intervals, held-out tokens,
+plots with bands."""
 import os
 import time
 
@@ -169,6 +170,26 @@ def save(fig, path, note='dashed: training length; bands: 95% bootstrap interval
     fig.text(0.5, -0.02, note, ha='center', fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches='tight')
     plt.close(fig)
+
+
+@torch.no_grad()
+def answer_logits(model, cache, prompts, answers, prefill_chunk=None, cuda_graph=True):
+    """The evaluations' one scorer of an answer after a prompt: prompts [B, P] are prefilled into cache (reset
+    first), prefill_chunk tokens per forward, then answers [B, A] are fed back teacher-forced one decode step at a
+    time, as sample.py decodes (generate.DecodeStep: replayed from a CUDA graph on a GPU unless cuda_graph=False).
+    Returns the fp32 logits [B, A, vocab] that predict each answer token. Up to the first token whose argmax is not
+    the answer's, greedy decoding would have fed the same tokens."""
+    device = model.lm_head.weight.device
+    prompts, answers = torch.as_tensor(prompts, device=device), torch.as_tensor(answers, device=device)
+    cache.reset()
+    first = prefill(model, prompts, cache, prefill_chunk)[:, -1]
+    # copied out at every step: a replayed step returns the same output buffer each time
+    logits = torch.empty(*answers.shape, first.shape[-1], dtype=torch.float32, device=device)
+    logits[:, 0] = first
+    step = DecodeStep(model, cache, cuda_graph)
+    for i in range(answers.shape[1] - 1):
+        logits[:, i + 1] = step(answers[:, i:i + 1])[:, -1]
+    return logits
 
 
 def make_cache(model, batch_size, max_len, path):

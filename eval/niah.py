@@ -10,8 +10,9 @@ haystack of held-out code (consecutive documents of the val split, EOTs dropped)
 before the cue; all depths of one (length, trial) share the haystack and the value.
 
 The prompt is prefilled into the cache, then the value's tokens go through the cached decoding path one step at a
-time, teacher-forced: that gives the value's log-probability, and greedy decoding would produce the value exactly
-iff every step's argmax is the value's token (up to the first miss, greedy and teacher-forced decoding feed the same
+time, teacher-forced (eval/common.answer_logits, the scorer eval/retrieval.py shares; CUDA graphs on a GPU unless
+--eager): that gives the value's log-probability, and greedy decoding would produce the value exactly iff every
+step's argmax is the value's token (up to the first miss, greedy and teacher-forced decoding feed the same
 tokens). Writes OUT.json with every trial and OUT.png, exact-match accuracy by depth and length with the training
 length marked.
 """
@@ -28,7 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from checkpoint import DTYPES, load_data_tokenizer, load_model, training_length  # noqa: E402
 from data.loader import documents  # noqa: E402
-from generate import KVCache, prefill  # noqa: E402
+from eval import common  # noqa: E402
+from generate import KVCache  # noqa: E402
 
 NAME = 'PASS_KEY'
 
@@ -78,21 +80,17 @@ def make_prompt(tokenizer, eot, haystack, depth, value):
     return [eot] + encoding.ids, needle_at, answer
 
 
-@torch.no_grad()
-def score(model, cache, prompt, answer, prefill_chunk):
-    """Teacher-forced decoding of answer after prompt: (log-probability of answer, greedy tokens up to and
-    including the first that differs from answer)."""
-    device = model.lm_head.weight.device
-    cache.reset()
-    logits = prefill(model, torch.tensor([prompt], device=device), cache, prefill_chunk)
-    logprob, greedy = 0.0, []
-    for i, token in enumerate(answer):
-        logprobs = torch.log_softmax(logits[0, -1].float(), dim=-1)
-        logprob += logprobs[token].item()
-        if greedy == answer[:i]:  # greedy decoding has followed the answer so far
-            greedy.append(logprobs.argmax().item())
-        if i < len(answer) - 1:
-            logits, _ = model(torch.tensor([[token]], device=device), cache=cache)
+def score(model, cache, prompt, answer, prefill_chunk, cuda_graph=True):
+    """Teacher-forced decoding of answer after prompt (common.answer_logits): (log-probability of answer, greedy
+    tokens up to and including the first that differs from answer)."""
+    logprobs = torch.log_softmax(common.answer_logits(model, cache, [prompt], [answer], prefill_chunk, cuda_graph)[0],
+                                 dim=-1)
+    logprob = sum(logprobs[torch.arange(len(answer)), answer].tolist())
+    greedy = []
+    for predicted, token in zip(logprobs.argmax(-1).tolist(), answer):
+        greedy.append(predicted)
+        if predicted != token:  # greedy decoding leaves the answer here
+            break
     return logprob, greedy
 
 
@@ -137,6 +135,7 @@ def main(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--dtype', choices=DTYPES, default='bfloat16' if torch.cuda.is_available() else 'float32')
     parser.add_argument('--prefill_chunk', type=int, default=65536)
+    parser.add_argument('--eager', action='store_true', help='decode without CUDA graphs (GPU)')
     args = parser.parse_args(argv)
     depths = parse_list(args.depths, float, 'depths')
     if not all(0 <= d <= 1 for d in depths):
@@ -167,7 +166,7 @@ def main(argv=None):
 
     results = {(L, d): [] for L in lengths for d in depths}
     for (L, d, trial), (value, prompt, needle_at, answer) in prompts.items():
-        logprob, greedy = score(model, cache, prompt, answer, args.prefill_chunk)
+        logprob, greedy = score(model, cache, prompt, answer, args.prefill_chunk, not args.eager)
         results[(L, d)].append({'tokens': len(prompt), 'needle_at': needle_at, 'value': value,
                                 'predicted': tokenizer.decode(greedy).strip(), 'correct': greedy == answer,
                                 'logprob': logprob})

@@ -13,8 +13,8 @@ in token space, so copying the needle's value tokens is exactly right. Every mod
 (train.py's retrieval_mix) solves it inside the training length; the question is whether it still does past it.
 
 Each probe, after an EOT, is prefilled into the cache --prefill_chunk tokens per forward, and the value's tokens go
-through the decode step of sampling (model.DecodeStep, CUDA graphs on a GPU) teacher-forced, --batch probes of one
-distance at a time. Exact match is whether every step's argmax is the value's token: greedy decoding would produce
+through the decode step of sampling (generate.DecodeStep, CUDA graphs on a GPU) teacher-forced, --batch probes of
+one distance at a time (eval/common.answer_logits, the scorer eval/niah.py shares). Exact match is whether every step's argmax is the value's token: greedy decoding would produce
 the value exactly iff that holds (until the first miss, greedy and teacher-forced decoding feed the same tokens).
 Also kept: the mean per-token loss of the value and the fraction of its tokens that are the argmax.
 Every distance uses the same probes for every checkpoint (seeded by --seed, distance and trial).
@@ -57,12 +57,9 @@ def make_probes(task, stream, eot, distance, trials, seed):
 
 def cached_answer_logits(model, prefill_chunk, cuda_graph=True, path=''):
     """The real model as a scorer: (prompts [B, P], answers [B, A]) -> fp32 logits [B, A, vocab] of each answer
-    position, the prompt prefilled into a fresh cache and the answer fed back teacher-forced one decode step at a
-    time, as sample.py decodes."""
-    device = model.lm_head.weight.device
+    position, by common.answer_logits (prefill, then teacher-forced decode steps), in a cache per batch shape."""
     caches = {}
 
-    @torch.no_grad()
     def logits_of(prompts, answers):
         B, P = prompts.shape
         A = answers.shape[1]
@@ -70,14 +67,7 @@ def cached_answer_logits(model, prefill_chunk, cuda_graph=True, path=''):
         if shape not in caches:  # one cache per batch shape: a distance's batches share it
             caches.clear()  # the last distance's cache is done with; free it before the next one's
             caches[shape] = common.make_cache(model, B, P + A, path)
-        cache = caches[shape]
-        cache.reset()
-        logits = [common.prefill(model, torch.as_tensor(prompts, device=device), cache, prefill_chunk)[:, -1].float()]
-        step = common.DecodeStep(model, cache, cuda_graph)
-        answers = torch.as_tensor(answers, device=device)
-        for i in range(A - 1):
-            logits.append(step(answers[:, i:i + 1])[:, -1].float())
-        return torch.stack(logits, dim=1)
+        return common.answer_logits(model, caches[shape], prompts, answers, prefill_chunk, cuda_graph)
 
     return logits_of
 
