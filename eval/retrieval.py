@@ -14,9 +14,10 @@ in token space, so copying the needle's value tokens is exactly right. Every mod
 
 Each probe, after an EOT, is prefilled into the cache --prefill_chunk tokens per forward, and the value's tokens go
 through the decode step of sampling (generate.DecodeStep, CUDA graphs on a GPU) teacher-forced, --batch probes of
-one distance at a time (eval/common.answer_logits, the scorer eval/niah.py shares). Exact match is whether every step's argmax is the value's token: greedy decoding would produce
-the value exactly iff that holds (until the first miss, greedy and teacher-forced decoding feed the same tokens).
-Also kept: the mean per-token loss of the value and the fraction of its tokens that are the argmax.
+one distance at a time (eval/common.answer_logits, the scorer eval/niah.py shares). Exact match is whether every
+step's argmax is the value's token: greedy decoding would produce the value exactly iff that holds (until the first
+miss, greedy and teacher-forced decoding feed the same tokens). Also kept: the mean per-token loss of the value and
+the fraction of its tokens that are the argmax.
 Every distance uses the same probes for every checkpoint (seeded by --seed, distance and trial).
 
 Writes OUT.json and OUT.png (exact match and loss against distance, log x, 95% intervals: Wilson for exact match,
