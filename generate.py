@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels
+from model import FoxAttention, RopeAttention, WallAttention
 
 APPEND_ROWS = 1024  # tokens per append of a prefill: bounds the float64 prefixes a Wall cache keeps for raw rows
 # Query rows x query heads per gate head in one call of the decode kernel: 16 is its smallest tile, so 16 rows cost
@@ -41,8 +42,14 @@ def take_rows(tensors, rows):
 
 
 class LayerCache:
-    """What every layer cache shares: the layer's window and training attention (`attend_fresh`, for the first
-    chunk into an empty cache), and with the key/value shift the raw k and v of each sequence's last token."""
+    """The protocol of one layer's cache, and what every layer cache shares.
+
+    Attention calls `update(q, k, v, g, g_scalar, sink_bias)` (append the new tokens, return their attention output)
+    and, with the key/value shift, `carry_last_token`. The engine reads `length` (tokens cached, on the host) and
+    `position` (the same on the device, which a replayed step reads), calls `advance(n)` after n replayed steps and
+    `reset()` to forget every sequence. `replayable`: whether a decode step can replay from a CUDA graph. Subclasses
+    are built as `(attn, batch_size, max_len, chunk_size, dtype, device)`."""
+    replayable = True
 
     def __init__(self, attn, batch_size, device):
         self.window_size, self.attend_fresh = attn.window_size, attn.attend
@@ -67,11 +74,13 @@ class WallLayerCache(LayerCache, kernels.WallKVCache):
     stay raw and the scalar gate decays."""
 
     def __init__(self, attn, batch_size, max_len, chunk_size, dtype, device):
-        config, fox = attn.config, attn.config.attention == 'fox'
         LayerCache.__init__(self, attn, batch_size, device)
+        # Wall keys are never fp16 (a key may grow by its chunk's decay, docs/operator.md): an fp16 model keeps them
+        # in fp32, which holds its keys and values exactly
         kernels.WallKVCache.__init__(self, batch_size, max_len, attn.n_head, attn.n_kv_head, attn.head_dim,
-                                     shared_gate=fox or config.gate_per_kv_head, scalar_gate=fox or config.scalar_gate,
-                                     chunk_size=chunk_size, dtype=dtype, device=device)
+                                     shared_gate=attn.gate_heads == attn.n_kv_head,
+                                     scalar_gate=hasattr(attn, 'scalar_gate'), chunk_size=chunk_size,
+                                     dtype=torch.float32 if dtype == torch.float16 else dtype, device=device)
 
     def reset(self):
         kernels.WallKVCache.reset(self)
@@ -115,8 +124,9 @@ class StaticKVCache(LayerCache):
     Its steps are not replayed from a CUDA graph: SDPA's FlashAttention takes the cache length from the shape of the
     keys it is given, and the kernels that could take it from the device (a mask over the whole buffer) are many
     times slower (bench/results_generate.md)."""
+    replayable = False
 
-    def __init__(self, attn, batch_size, max_len, dtype, device):
+    def __init__(self, attn, batch_size, max_len, chunk_size, dtype, device):
         super().__init__(attn, batch_size, device)
         self.k = torch.empty(batch_size, max_len, attn.n_kv_head, attn.head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
@@ -159,24 +169,20 @@ class StaticKVCache(LayerCache):
         return cached_sdpa(q, self.k[:, lo:end], self.v[:, lo:end], mask)
 
 
+LAYER_CACHES = {WallAttention: WallLayerCache, FoxAttention: WallLayerCache, RopeAttention: StaticKVCache}
+
+
 class KVCache:
-    """Decoding state of a GPT for batch_size sequences of at most max_len tokens: one cache per layer, in
-    `layers`. The cache dtype defaults to the model's; Wall keys are never fp16 (a key may grow by its chunk's
-    decay, docs/operator.md): an fp16 model keeps them in fp32, which holds its keys and values exactly.
-    """
+    """Decoding state of a GPT for batch_size sequences of at most max_len tokens: one cache per layer, in `layers`,
+    of the class LAYER_CACHES gives its attention. The cache dtype defaults to the model's."""
 
     def __init__(self, model, batch_size, max_len, *, dtype=None, device=None, chunk_size=64):
-        config = model.config
         dtype = dtype or model.lm_head.weight.dtype
         device = device or model.lm_head.weight.device
         self.max_len = max_len
-        self.replayable = config.attention != 'rope'  # whether a decode step can replay from a CUDA graph
-        if config.attention == 'rope':
-            self.layers = [StaticKVCache(block.attn, batch_size, max_len, dtype, device) for block in model.blocks]
-            return
-        dtype = torch.float32 if dtype == torch.float16 else dtype
-        self.layers = [WallLayerCache(block.attn, batch_size, max_len, chunk_size, dtype, device)
+        self.layers = [LAYER_CACHES[type(block.attn)](block.attn, batch_size, max_len, chunk_size, dtype, device)
                        for block in model.blocks]
+        self.replayable = all(layer.replayable for layer in self.layers)  # whether a decode step can be a graph
 
     @property
     def length(self):

@@ -54,7 +54,7 @@ class GPTConfig:
                 raise ValueError(f'{field}={getattr(self, field)!r}: expected {expected}')
         for field in ('vocab_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'window_size', 'loss_chunk_rows'):
             check(type(getattr(self, field)) is int and getattr(self, field) >= 1, field, 'a positive integer')
-        check(self.attention in ('wall', 'rope', 'fox'), 'attention', "'wall', 'rope' or 'fox'")
+        check(self.attention in ATTENTIONS, 'attention', "'wall', 'rope' or 'fox'")
         check(self.attn_impl in ('auto', 'triton', 'reference'), 'attn_impl', "'auto', 'triton' or 'reference'")
         check(self.n_embd % self.n_head == 0, 'n_embd', f'a multiple of n_head={self.n_head}')
         check(self.n_head % self.n_kv_head == 0, 'n_head', f'a multiple of n_kv_head={self.n_kv_head}')
@@ -155,6 +155,9 @@ def soft_bound(g, g_max):
 
 
 class Attention(nn.Module):
+    """What every attention variant shares: the q, k, v projection (with the key/value shift and QK-norm), the sink,
+    the output gate and projection, and the call into a layer cache. A variant adds its own parameters, and says how
+    q and k carry position (`rotate`), what decays (`gates`) and how a chunk attends in training (`attend`)."""
 
     def __init__(self, config, window_size):
         super().__init__()
@@ -164,11 +167,6 @@ class Attention(nn.Module):
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         self.c_attn = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=False)
         self.c_proj = nn.Linear(q_dim, config.n_embd, bias=False)
-        if config.attention == 'wall':
-            gate_heads = self.n_kv_head if config.gate_per_kv_head else self.n_head
-            self.gate = DecayGate(config.n_embd, gate_heads * self.head_dim)
-        if config.attention == 'fox' or (config.attention == 'wall' and config.scalar_gate):
-            self.scalar_gate = DecayGate(config.n_embd, self.n_head)
         if config.kv_shift:  # bias 0: each key starts as the mean of its own token's and the previous one's
             self.kv_shift_gate = nn.Linear(config.n_embd, self.n_kv_head)
         if config.sink:
@@ -178,13 +176,11 @@ class Attention(nn.Module):
         if config.output_gate:
             self.out_gate = nn.Linear(config.n_embd, q_dim, bias=False)
 
-    def project(self, x, rope=None, cu_seqlens=None, cache=None):
+    def project(self, x, cu_seqlens=None, cache=None):
         """q, k, v and the log-decays of x [B, T, C], the same in training and decoding (with the key/value shift,
         a layer cache carries each sequence's last raw k and v to the next call).
 
-        Returns (q, k, v, g, g_scalar): q [B, T, HQ, D], k and v [B, T, H, D]; for wall and fox the per-channel
-        log-decay g [B, T, gate heads, D] (zero for fox) and the scalar one g_scalar [B, T, HQ] or None, both fp32;
-        for rope, q and k come rotated by rope = (cos, sin) and g is None.
+        Returns (q, k, v, g, g_scalar): q [B, T, HQ, D], k and v [B, T, H, D], and the variant's `gates`.
         """
         B, T, _ = x.shape
         # Training and prefill: one GEMM per row block of c_attn's weight, so that q, k and v come out contiguous
@@ -204,22 +200,24 @@ class Attention(nn.Module):
             k, v = kv.split(self.head_dim, dim=-1)
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.config.attention == 'rope':
-            return apply_rotary(q, *rope), apply_rotary(k, *rope), v, None, None
-        if self.config.attention == 'wall':
-            g = log_gate(self.gate, x).view(B, T, -1, self.head_dim)
-            g = soft_bound(g, self.config.g_max)
-        else:  # FoX: no per-channel decay, the kernels see g = 0 and only the scalar gate
-            g = torch.zeros(B, T, self.n_kv_head, self.head_dim, device=x.device)
-        g_scalar = log_gate(self.scalar_gate, x) if hasattr(self, 'scalar_gate') else None
-        return q, k, v, g, g_scalar
+        q, k = self.rotate(q, k, cu_seqlens, cache)
+        return (q, k, v) + self.gates(x)
 
-    def forward(self, x, cu_seqlens=None, rope=None, cache=None, layout=None):
+    def rotate(self, q, k, cu_seqlens, cache):
+        """q and k with their positions applied (RoPE); decay variants carry position in their gates instead."""
+        return q, k
+
+    def gates(self, x):
+        """(g, g_scalar): the per-channel log-decay g [B, T, gate heads, D] and the scalar one [B, T, HQ] or None,
+        both fp32; (None, None) for a variant that does not decay."""
+        return None, None
+
+    def forward(self, x, cu_seqlens=None, cache=None, layout=None):
         """Attention within x (training; layout: kernels.document_layout(cu_seqlens), computed once per batch). With
         `cache` (this layer's, see generate.py), x holds the tokens that follow the cached ones: the cache appends
         them and attends them to everything it holds."""
         B, T, _ = x.shape
-        q, k, v, g, g_scalar = self.project(x, rope, cu_seqlens, cache)
+        q, k, v, g, g_scalar = self.project(x, cu_seqlens, cache)
         sink_bias = self.sink_bias if self.config.sink else None
         if cache is None:
             y = self.attend(q, k, v, g, g_scalar, sink_bias, cu_seqlens, layout)
@@ -232,10 +230,61 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, g, g_scalar, sink_bias, cu_seqlens=None, layout=None):
         """Causal attention within one chunk of tokens (per document with cu_seqlens), as in training."""
-        if self.config.attention == 'rope':
-            return softmax_attention(q, k, v, cu_seqlens, self.window_size, layout)
+        raise NotImplementedError
+
+
+class WallAttention(Attention):
+    """Wall Attention: a per-channel decay gate per query head (or per kv head), optionally FoX's scalar gate too."""
+
+    def __init__(self, config, window_size):
+        super().__init__(config, window_size)
+        self.gate_heads = self.n_kv_head if config.gate_per_kv_head else self.n_head
+        self.gate = DecayGate(config.n_embd, self.gate_heads * self.head_dim)
+        if config.scalar_gate:
+            self.scalar_gate = DecayGate(config.n_embd, self.n_head)
+
+    def gates(self, x):
+        g = soft_bound(log_gate(self.gate, x).unflatten(-1, (self.gate_heads, self.head_dim)), self.config.g_max)
+        return g, log_gate(self.scalar_gate, x) if self.config.scalar_gate else None
+
+    def attend(self, q, k, v, g, g_scalar, sink_bias, cu_seqlens=None, layout=None):
         return wall_attention(self.config.attn_impl, q, k, v, g, g_scalar=g_scalar, sink_bias=sink_bias,
                               window_size=self.window_size, cu_seqlens=cu_seqlens, layout=layout)
+
+
+class FoxAttention(Attention):
+    """The Forgetting Transformer: one scalar forget gate per head. It runs on the Wall kernels with g = 0 (no
+    per-channel decay), one zero gate per kv head."""
+
+    def __init__(self, config, window_size):
+        super().__init__(config, window_size)
+        self.gate_heads = self.n_kv_head
+        self.scalar_gate = DecayGate(config.n_embd, self.n_head)
+
+    def gates(self, x):
+        B, T, _ = x.shape
+        return torch.zeros(B, T, self.n_kv_head, self.head_dim, device=x.device), log_gate(self.scalar_gate, x)
+
+    attend = WallAttention.attend
+
+
+class RopeAttention(Attention):
+    """The RoPE baseline: rotary position embeddings and plain softmax attention, no decay."""
+
+    def rotate(self, q, k, cu_seqlens, cache):
+        T = q.shape[1]
+        start = 0 if cache is None else cache.length  # RoPE steps are never replayed from a graph
+        positions = torch.arange(start, start + T, device=q.device)[None]
+        if cu_seqlens is not None:  # positions restart at every document
+            positions = positions - cu_seqlens.long()[document_ids(cu_seqlens, T)]
+        cos, sin = rotary(positions, self.head_dim, self.config.rope_base)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def attend(self, q, k, v, g, g_scalar, sink_bias, cu_seqlens=None, layout=None):
+        return softmax_attention(q, k, v, cu_seqlens, self.window_size, layout)
+
+
+ATTENTIONS = {'wall': WallAttention, 'fox': FoxAttention, 'rope': RopeAttention}  # GPTConfig.attention
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,12 +308,12 @@ class Block(nn.Module):
     def __init__(self, config, window_size):
         super().__init__()
         self.norm_1 = nn.RMSNorm(config.n_embd)
-        self.attn = Attention(config, window_size)
+        self.attn = ATTENTIONS[config.attention](config, window_size)
         self.norm_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cu_seqlens=None, rope=None, cache=None, layout=None):
-        x = x + self.attn(self.norm_1(x), cu_seqlens, rope, cache, layout)
+    def forward(self, x, cu_seqlens=None, cache=None, layout=None):
+        x = x + self.attn(self.norm_1(x), cu_seqlens, cache, layout)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -374,21 +423,14 @@ class GPT(nn.Module):
             raise ValueError('cu_seqlens: a cache holds one document per row, so it takes no cu_seqlens')
         if cache is not None:
             cache.check_room(T)
-        rope = None
-        if self.config.attention == 'rope':  # positions restart at every document
-            start = 0 if cache is None else cache.length  # RoPE steps are never replayed from a graph
-            positions = torch.arange(start, start + T, device=idx.device)[None]
-            if cu_seqlens is not None:
-                positions = positions - cu_seqlens.long()[document_ids(cu_seqlens, T)]
-            rope = rotary(positions, self.config.n_embd // self.config.n_head, self.config.rope_base)
         # the documents on the host, read once for every layer (and its recomputation under checkpointing)
         layout = None if cu_seqlens is None else kernels.document_layout(cu_seqlens)
         x = self.wte(idx)
         for i, block in enumerate(self.blocks):
             if self.config.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cu_seqlens, rope, layout=layout, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cu_seqlens, layout=layout, use_reentrant=False)
             else:
-                x = block(x, cu_seqlens, rope, None if cache is None else cache.layers[i], layout)
+                x = block(x, cu_seqlens, None if cache is None else cache.layers[i], layout)
         return self.norm_f(x)
 
     def forward(self, idx, targets=None, cu_seqlens=None, cache=None):
