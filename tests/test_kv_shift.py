@@ -10,7 +10,7 @@ import checkpoint as ckpt
 from generate import KVCache, decode, generate_uncached, prefill
 from model import GPT, GPTConfig, DecayGate, shift_tokens
 from tests.conftest import DEVICE
-from tests.test_sample import CACHE_CHUNK, tiny_model
+from tests.test_sample import CACHE_CHUNK, assert_graph_decoding_equals_full_forwards, tiny_model
 
 SHIFTED = {  # the three attentions under the shift, with the options whose code paths it crosses
     'wall': dict(attention='wall', kv_shift=True, scalar_gate=True, sink=True),
@@ -87,12 +87,7 @@ def test_the_shift_changes_the_model():
 @pytest.mark.parametrize('name', SHIFTED)
 def test_graph_replayed_decoding_with_the_shift_on_gpu(name):
     """The carried token lives on the device: replayed steps shift with the token the previous replay stored."""
-    model = tiny_model(**SHIFTED[name])
-    prompt = torch.randint(0, 97, (1, 20), device='cuda')
-    expected = generate_uncached(model, prompt, 40, temperature=0)[0, 20:]
-    cache = KVCache(model, 1, 80, chunk_size=CACHE_CHUNK)
-    tokens = torch.cat(list(decode(model, prefill(model, prompt, cache), cache, 40, temperature=0)), dim=1)[0]
-    assert tokens.tolist() == expected.tolist()
+    assert_graph_decoding_equals_full_forwards(tiny_model(**SHIFTED[name]))
 
 
 @pytest.mark.parametrize('name', SHIFTED)

@@ -58,8 +58,11 @@ def test_cached_greedy_decoding_equals_greedy_by_full_forwards(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize('name', CONFIGS)
 def test_graph_replayed_decoding_equals_greedy_by_full_forwards_on_gpu(name):
+    assert_graph_decoding_equals_full_forwards(tiny_model(**CONFIGS[name]))
+
+
+def assert_graph_decoding_equals_full_forwards(model):
     """From its third step decode replays a CUDA graph: 45 of them cross the 16-token chunks three times."""
-    model = tiny_model(**CONFIGS[name])
     prompt = torch.randint(0, 97, (1, 20), device='cuda')
     expected = generate_uncached(model, prompt, 48, temperature=0)[0, 20:]
     cache = KVCache(model, 1, 80, chunk_size=CACHE_CHUNK)
