@@ -86,6 +86,11 @@ class WallForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         pass  # GPT initialises itself, and every weight is in model.safetensors
 
+    def set_use_kernels(self, use_kernels, *args, **kwargs):
+        """Never kernelized: the Hub's `kernels` replace none of these layers (the attention is this folder's
+        wall_kernels), and from_pretrained then never imports a package of that name, which may be another one."""
+        return super().set_use_kernels(False, *args, **kwargs)
+
     def get_input_embeddings(self):
         return self.model.wte
 
