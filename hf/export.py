@@ -128,6 +128,11 @@ def copy_code(folder):
             f.write(header + code)
     for name in ('configuration_wall.py', 'modeling_wall.py'):
         shutil.copyfile(os.path.join(TEMPLATE, name), os.path.join(folder, name))
+    # Some transformers versions (5.0) copy only the files that the entry module names itself: name them all.
+    flat = sorted(n[:-3] for n in os.listdir(folder) if n.startswith('wall_') and n.endswith('.py'))
+    with open(os.path.join(folder, ENTRY + '.py'), 'a', encoding='utf-8') as f:
+        f.write('\n\n# hf/export.py: every module of the folder, named for transformers to copy along with this file\n')
+        f.writelines(f'from .{name} import __name__ as _{name}  # noqa: E402,F401\n' for name in flat)
 
 
 def relative_closure(folder, entry):
@@ -172,6 +177,8 @@ def find_tokenizer(args, train_config):
                           f'(a tokenizer.json or a prepared data dir)')
     except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
         raise ExportError(f'--tokenizer: {path} is not a readable tokenizer ({checkpoint.first_line(e)})')
+    if tokenizer.token_to_id(EOT) is None:
+        raise ExportError(f'--tokenizer: {path} has no {EOT} token, which starts every training document')
     return tokenizer, path
 
 
@@ -219,7 +226,7 @@ the model's only positional signal (no position embeddings), so the context leng
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True, dtype=torch.bfloat16)
-tokenizer = AutoTokenizer.from_pretrained(FOLDER)
+tokenizer = AutoTokenizer.from_pretrained(FOLDER, trust_remote_code=True)
 ids = tokenizer('def main(', return_tensors='pt').input_ids   # starts with {EOT} (id {eot}), as in training
 print(tokenizer.decode(model.generate(ids, max_new_tokens=50, do_sample=False)[0]))
 ```
@@ -326,12 +333,13 @@ def check(folder):
     """Load the folder with transformers in a fresh process outside this checkout and run a forward."""
     code = ('import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; '
             'm = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True); '
-            't = AutoTokenizer.from_pretrained(sys.argv[1]); ids = t("def main(", return_tensors="pt").input_ids; '
+            't = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True); '
+            'ids = t("def main(", return_tensors="pt").input_ids; '
             'print(f"loaded: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, logits", '
             'tuple(m(ids).logits.shape))')
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
     result = subprocess.run([sys.executable, '-c', code, folder], cwd=os.path.dirname(folder), env=env,
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if result.returncode:
         raise ExportError(f'--check: {folder} does not load: {result.stderr.strip().splitlines()[-1]}')
     print(result.stdout.strip())

@@ -43,7 +43,8 @@ def niah_docs(tokenizer, eot, data_dir, lengths, depths, trials, seed):
     docs = []
     for length in lengths:
         if length < needle_and_cue + 3:
-            raise SystemExit(f'error: --lengths: {length} tokens cannot hold the EOT, the needle, the cue and a haystack')
+            raise SystemExit(f'error: --lengths: {length} tokens cannot hold the EOT, the needle, the cue and a '
+                             f'haystack')
         for trial in range(trials):
             value = str(rng.integers(10000, 100000))
             hay = haystack.take(length - 1 - needle_and_cue)
