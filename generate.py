@@ -53,16 +53,17 @@ class LayerCache:
 
     def __init__(self, attn, batch_size, device):
         self.window_size, self.attend_fresh = attn.window_size, attn.attend
-        shape = (batch_size, 1, attn.n_kv_head, 2 * attn.head_dim)  # k and v side by side, as attention shifts them
+        shape = (2, batch_size, 1, attn.n_kv_head, attn.head_dim)  # k and v
         # fp32 holds any model dtype's k and v exactly; on the device, so that a replayed decode step updates it
         self.last_token = torch.zeros(shape, device=device) if attn.config.kv_shift else None
 
-    def carry_last_token(self, kv):
-        """The last cached token's raw k and v [B, 1, H, 2D] (zeros in an empty cache); keeps those of the new tokens
-        kv [B, T, H, 2D] in its place."""
+    def carry_last_token(self, k, v):
+        """The last cached token's raw k and v, each [B, 1, H, D] (zeros in an empty cache); keeps those of the new
+        tokens k, v [B, T, H, D] in their place."""
         previous = self.last_token.clone()
-        self.last_token.copy_(kv[:, -1:])
-        return previous
+        self.last_token[0].copy_(k[:, -1:])
+        self.last_token[1].copy_(v[:, -1:])
+        return previous.unbind(0)
 
     def forget_last_token(self):
         if self.last_token is not None:

@@ -193,11 +193,10 @@ class Attention(nn.Module):
             q, k, v = (F.linear(x, w) for w in self.c_attn.weight.split(sizes))
         q = q.view(B, T, self.n_head, self.head_dim)
         k, v = (t.view(B, T, self.n_kv_head, self.head_dim) for t in (k, v))
-        if self.config.kv_shift:
-            kv = torch.cat([k, v], dim=-1)
-            previous = shift_tokens(kv, cu_seqlens, None if cache is None else cache.carry_last_token(kv))
-            kv = torch.lerp(kv, previous, torch.sigmoid(self.kv_shift_gate(x))[..., None])
-            k, v = kv.split(self.head_dim, dim=-1)
+        if self.config.kv_shift:  # k and v each by itself: the kernels take them contiguous, as they come here
+            mix = torch.sigmoid(self.kv_shift_gate(x))[..., None]
+            previous = (None, None) if cache is None else cache.carry_last_token(k, v)
+            k, v = (torch.lerp(t, shift_tokens(t, cu_seqlens, before), mix) for t, before in zip((k, v), previous))
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotate(q, k, cu_seqlens, cache)
