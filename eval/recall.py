@@ -151,20 +151,22 @@ def plot(result, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     args, runs = result['args'], result['variants']
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
     for name, r in runs.items():
         style = dict(ls='-' if name.endswith('+shift') else '--', color=f'C{ATTENTIONS.index(name.split("+")[0])}')
         ax1.plot(r['steps'], r['accuracy'], label=name, **style)
         ax2.plot([int(g) for g in r['by_gap']], list(r['by_gap'].values()), marker='o', label=name, **style)
-    ax1.set(xlabel='training step', ylabel='accuracy (training gaps, held out)', ylim=(-0.02, 1.02),
-            title=f'MQAR, {args["pairs"]} pairs')
+    gaps = sorted(args['train_gaps'] + args['test_gaps'])
+    ax1.set(xlabel='training step', ylabel='accuracy (training gaps, held out)', ylim=(-0.03, 1.05),
+            title=f'MQAR, {args["pairs"]} pairs of {args["n_keys"]} keys and {args["n_values"]} values')
     ax2.axvline(max(args['train_gaps']), color='gray', ls=':', label='longest training gap')
+    ax2.set_xscale('symlog', linthresh=min([g for g in gaps if g] or [1]), linscale=0.5)
+    ax2.set_xticks(gaps, [str(g) for g in gaps])
+    ax2.minorticks_off()
     ax2.set(xlabel='gap (filler tokens between pairs and queries)', ylabel='accuracy after training',
-            ylim=(-0.02, 1.02), title='by gap')
-    ax2.set_xscale('symlog', linthresh=min([g for g in args['train_gaps'] + args['test_gaps'] if g] or [1]))
-    ax1.legend(fontsize=8)
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
+            ylim=(-0.03, 1.05), title=f'by gap, after {args["steps"]} steps')
+    fig.legend(*ax2.get_legend_handles_labels(), loc='lower center', ncol=len(runs) + 1, fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
