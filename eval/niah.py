@@ -123,6 +123,24 @@ def parse_list(text, kind, name):
     return values
 
 
+def make_prompts(tokenizer, eot, data_dir, lengths, depths, trials, seed):
+    """{(length, depth, trial): (value, prompt, needle position, answer)}, in the order they are scored: one haystack
+    of the val split per (length, trial), shared by its depths, and a needle value per (length, trial) by seed."""
+    haystack = Haystack(data_dir, tokenizer, eot)
+    rng = np.random.default_rng(seed)
+    needle_and_cue = len(tokenizer.encode(f'{NAME} = 99999\n{NAME} =').ids)
+    prompts = {}
+    for L in lengths:
+        if L < needle_and_cue + 3:
+            raise SystemExit(f'error: --lengths: {L} tokens cannot hold the EOT, the needle, the cue and a haystack')
+        for trial in range(trials):
+            value = str(rng.integers(10000, 100000))
+            hay = haystack.take(L - 1 - needle_and_cue)
+            for d in depths:
+                prompts[(L, d, trial)] = (value, *make_prompt(tokenizer, eot, hay, d, value))
+    return prompts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--ckpt', default='out/tiny/ckpt.pt')
@@ -149,18 +167,7 @@ def main(argv=None):
     lengths = (parse_list(args.lengths, int, 'lengths') if args.lengths else
                [train_len // 2, train_len, 2 * train_len, 4 * train_len, 8 * train_len])
     out = args.out or os.path.join(os.path.dirname(args.ckpt), 'niah')
-    haystack = Haystack(train_config['data_dir'], tokenizer, eot)
-    rng = np.random.default_rng(args.seed)
-    needle_and_cue = len(tokenizer.encode(f'{NAME} = 99999\n{NAME} =').ids)
-    prompts = {}  # (length, depth, trial) -> (value, prompt, needle position, answer); all depths share a haystack
-    for L in lengths:
-        if L < needle_and_cue + 3:
-            raise SystemExit(f'error: --lengths: {L} tokens cannot hold the EOT, the needle, the cue and a haystack')
-        for trial in range(args.trials):
-            value = str(rng.integers(10000, 100000))
-            hay = haystack.take(L - 1 - needle_and_cue)
-            for d in depths:
-                prompts[(L, d, trial)] = (value, *make_prompt(tokenizer, eot, hay, d, value))
+    prompts = make_prompts(tokenizer, eot, train_config['data_dir'], lengths, depths, args.trials, args.seed)
     # the needle's junctions with the haystack can tokenize a token longer or shorter than the parts alone
     cache = KVCache(model, 1, max(len(prompt) + len(answer) for _, prompt, _, answer in prompts.values()))
 

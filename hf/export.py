@@ -25,16 +25,13 @@ import shutil
 import subprocess
 import sys
 
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, processors
+
+import checkpoint
+from data.loader import EOT
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # `python hf/export.py` works too
-
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from tokenizers import Tokenizer, processors  # noqa: E402
-
-import checkpoint  # noqa: E402
-from data.loader import EOT  # noqa: E402
-
 TEMPLATE = os.path.join(REPO, 'hf', 'template')
 # the repository's modules the model needs, and their names in the folder; kernels/ is flattened to wall_kernels_*
 COPIED = {'model': 'wall_model', 'generate': 'wall_generate', 'kernels': 'wall_kernels'}

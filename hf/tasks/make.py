@@ -20,40 +20,28 @@ Then: lm_eval --model hf --model_args pretrained=FOLDER,trust_remote_code=True -
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import checkpoint  # noqa: E402
-from data.loader import EOT, load_tokenizer  # noqa: E402
-from data.retrieval import VALUE_TOKENS, RetrievalTask  # noqa: E402
-from eval import common  # noqa: E402
-from eval.niah import NAME, Haystack, make_prompt  # noqa: E402
-from eval.retrieval import MULTIPLES  # noqa: E402
+import checkpoint
+from data.loader import EOT, load_tokenizer
+from data.retrieval import VALUE_TOKENS, RetrievalTask
+from eval import common
+from eval.niah import make_prompts
+from eval.retrieval import MULTIPLES
 
 ATTEMPTS = 100  # draws of one retrieval probe before giving up on text that keeps its tokens
 
 
 def niah_docs(tokenizer, eot, data_dir, lengths, depths, trials, seed):
     """eval/niah.py's prompts, in its order, as text: context ends with the cue, answer is ' <value>'."""
-    haystack = Haystack(data_dir, tokenizer, eot)
-    rng = np.random.default_rng(seed)
-    needle_and_cue = len(tokenizer.encode(f'{NAME} = 99999\n{NAME} =').ids)
     docs = []
-    for length in lengths:
-        if length < needle_and_cue + 3:
-            raise SystemExit(f'error: --lengths: {length} tokens cannot hold the EOT, the needle, the cue and a '
-                             f'haystack')
-        for trial in range(trials):
-            value = str(rng.integers(10000, 100000))
-            hay = haystack.take(length - 1 - needle_and_cue)
-            for depth in depths:
-                prompt, needle_at, answer = make_prompt(tokenizer, eot, hay, depth, value)
-                context = tokenizer.decode(prompt[1:])
-                assert tokenizer.encode(context).ids == prompt[1:], 'eval/niah.py builds its prompts from text'
-                docs.append({'length': length, 'depth': depth, 'trial': trial, 'tokens': len(prompt),
-                             'needle_at': needle_at, 'context': context, 'answer': f' {value}'})
+    for (length, depth, trial), (value, prompt, needle_at, _) in make_prompts(tokenizer, eot, data_dir, lengths, depths,
+                                                                             trials, seed).items():
+        context = tokenizer.decode(prompt[1:])
+        assert tokenizer.encode(context).ids == prompt[1:], 'eval/niah.py builds its prompts from text'
+        docs.append({'length': length, 'depth': depth, 'trial': trial, 'tokens': len(prompt),
+                     'needle_at': needle_at, 'context': context, 'answer': f' {value}'})
     return docs
 
 
