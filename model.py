@@ -87,13 +87,13 @@ def softmax_attention(q, k, v, cu_seqlens, window_size, layout=None):
     """Document-causal softmax attention; q [B, T, HQ, D], k and v [B, T, H, D], cu_seqlens requires B == 1 (layout:
     kernels.document_layout(cu_seqlens), whose max_seqlen spares FlashAttention's launch a device-to-host read)."""
     B, T = q.shape[:2]
-    max_len = None if layout is None else layout.max_seqlen
-    if cu_seqlens is None:  # every row is one document: pack the rows
-        cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
-        q, k, v = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v))
-        max_len = T
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):  # FlashAttention's varlen kernel: no mask in memory
         from torch.nn.attention.varlen import varlen_attn
+        max_len = None if layout is None else layout.max_seqlen
+        if cu_seqlens is None:  # every row is one document: pack the rows
+            cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+            q, k, v = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v))
+            max_len = T
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if max_len is None else max_len
         left = -1 if window_size is None else window_size - 1  # flash counts keys strictly left of the query
         gqa = {}
@@ -103,10 +103,12 @@ def softmax_attention(q, k, v, cu_seqlens, window_size, layout=None):
             else:  # torch < 2.12 has no GQA flag here: widen the kv heads
                 k, v = (t.repeat_interleave(q.shape[2] // k.shape[2], dim=2) for t in (k, v))
         y = varlen_attn(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_len, max_len, window_size=(left, 0), **gqa)[None]
-    else:  # on CPU (or fp32, which FlashAttention refuses), a boolean mask built from the same rule
-        i = torch.arange(q.shape[1], device=q.device)
-        doc = document_ids(cu_seqlens, q.shape[1])
-        visible = (i[None, :] <= i[:, None]) & (doc[None, :] == doc[:, None])
+    else:  # on CPU (or fp32, which FlashAttention refuses), a boolean [T, T] mask built from the same rule
+        i = torch.arange(T, device=q.device)
+        visible = i[None, :] <= i[:, None]
+        if cu_seqlens is not None:
+            doc = document_ids(cu_seqlens, T)
+            visible &= doc[None, :] == doc[:, None]
         if window_size is not None:
             visible &= i[:, None] - i[None, :] < window_size
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
