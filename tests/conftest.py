@@ -19,6 +19,15 @@ from data.prepare import main as prepare_main  # noqa: E402
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
+def exit_message(main, argv):
+    """The message of the SystemExit that main(argv) raises, checked to be one line that starts with 'error: '."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    message = str(e.value)
+    assert message.startswith('error: ') and '\n' not in message
+    return message
+
+
 def pytest_configure(config):
     config.addinivalue_line('markers', 'gpu: needs a CUDA GPU (run with `pytest -m gpu` on a GPU machine)')
 

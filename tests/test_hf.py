@@ -18,13 +18,12 @@ from data.loader import EOT, load_tokenizer
 from generate import KVCache, decode, prefill
 from hf import export
 from hf.tasks import make as make_tasks
-from model import GPTConfig
+from tests.conftest import exit_message
 from tests.test_sample import CONFIGS, save_checkpoint  # data_dir is conftest.py's fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = dict(CONFIGS)  # every layer kind: windows, gates per query / kv head, scalar gate, sink, qk-norm, output gate
-if 'kv_shift' in GPTConfig.__dataclass_fields__:
-    MODELS['kv_shift'] = dict(attention='wall', kv_shift=True, sink=True)
+# every layer kind: windows, gates per query / kv head, scalar gate, sink, qk-norm, output gate, key/value shift
+MODELS = CONFIGS | {'kv_shift': dict(attention='wall', kv_shift=True, sink=True)}
 PROMPTS = ['class Point', 'def area(width, height):\n    return', 'LIMIT_3 =']
 NEW_TOKENS = 6
 
@@ -264,11 +263,7 @@ def test_lm_eval_scores_the_shipped_tasks(folders, data_dir, tmp_path):  # noqa:
 # the export's inputs
 
 def export_error(argv):
-    with pytest.raises(SystemExit) as e:
-        export.main(argv)
-    message = str(e.value)
-    assert message.startswith('error: ') and '\n' not in message
-    return message
+    return exit_message(export.main, argv)
 
 
 def test_bad_inputs_give_one_line_errors_and_write_nothing(folders, data_dir, tmp_path):  # noqa: F811

@@ -16,7 +16,7 @@ import sample
 from data.loader import load_tokenizer
 from generate import KVCache, decode, generate_uncached, prefill, row_pieces
 from model import GPT, GPTConfig
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, exit_message
 
 CACHE_CHUNK = 16
 CONFIGS = {  # every layer kind the decode path has: local and global windows, gates per query / kv head, sink
@@ -166,11 +166,7 @@ def test_sample_with_temperature_zero_prints_the_greedy_continuation(checkpoint,
 
 
 def one_line_error(argv):
-    with pytest.raises(SystemExit) as e:
-        sample.main(argv)
-    message = str(e.value)
-    assert message.startswith('error: ') and '\n' not in message
-    return message
+    return exit_message(sample.main, argv)
 
 
 def test_bad_checkpoints_give_one_line_errors(checkpoint, tmp_path):
