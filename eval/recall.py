@@ -36,11 +36,9 @@ import time
 
 import torch
 
-from model import GPT, GPTConfig
+from model import ATTENTIONS, GPT, GPTConfig
 
-ATTENTIONS = ('wall', 'fox', 'rope')
 VARIANTS = tuple(a + s for a in ATTENTIONS for s in ('', '+shift'))
-HAS_KV_SHIFT = 'kv_shift' in {f.name for f in dataclasses.fields(GPTConfig)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -72,12 +70,9 @@ def eval_batches(args, gaps):
 
 def model_config(args, variant):
     attention, shift = variant.split('+')[0], variant.endswith('+shift')
-    fields = dict(vocab_size=args.n_keys + args.n_values + args.n_filler, n_layer=args.n_layer, n_head=args.n_head,
-                  n_kv_head=args.n_kv_head or args.n_head, n_embd=args.n_embd, attention=attention,
-                  attn_impl=args.attn_impl)
-    if HAS_KV_SHIFT:
-        fields['kv_shift'] = shift
-    return GPTConfig(**fields)
+    return GPTConfig(vocab_size=args.n_keys + args.n_values + args.n_filler, n_layer=args.n_layer, n_head=args.n_head,
+                     n_kv_head=args.n_kv_head or args.n_head, n_embd=args.n_embd, attention=attention,
+                     attn_impl=args.attn_impl, kv_shift=shift)
 
 
 @torch.no_grad()
@@ -153,7 +148,7 @@ def plot(result, path):
     args, runs = result['args'], result['variants']
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
     for name, r in runs.items():
-        style = dict(ls='-' if name.endswith('+shift') else '--', color=f'C{ATTENTIONS.index(name.split("+")[0])}')
+        style = dict(ls='-' if name.endswith('+shift') else '--', color=f'C{list(ATTENTIONS).index(name.split("+")[0])}')
         ax1.plot(r['steps'], r['accuracy'], label=name, **style)
         ax2.plot([int(g) for g in r['by_gap']], list(r['by_gap'].values()), marker='o', label=name, **style)
     gaps = sorted(args['train_gaps'] + args['test_gaps'])
@@ -212,8 +207,6 @@ def parse_args(argv=None):
     args.variants = [v.strip() for v in args.variants.split(',') if v.strip()]
     if not args.variants or not set(args.variants) <= set(VARIANTS) or len(set(args.variants)) < len(args.variants):
         p.error(f'--variants: expected distinct names from {",".join(VARIANTS)}, got {",".join(args.variants)!r}')
-    if not HAS_KV_SHIFT and any(v.endswith('+shift') for v in args.variants):
-        p.error('--variants: the +shift variants need GPTConfig.kv_shift, which this model.py does not have yet')
     for name in ('n_keys', 'n_values', 'pairs', 'n_layer', 'n_embd', 'n_head', 'steps', 'batch', 'eval_every',
                  'eval_batch'):
         if getattr(args, name) < 1:

@@ -89,9 +89,3 @@ def test_shift_learns_recall_and_plain_wall_does_not(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {'recall.json', 'recall.md', 'recall.png'}
     assert '| wall+shift | ' in (tmp_path / 'recall.md').read_text()
 
-
-def test_shift_variants_need_the_field(monkeypatch, capsys):
-    monkeypatch.setattr(recall, 'HAS_KV_SHIFT', False)
-    with pytest.raises(SystemExit):
-        recall.parse_args(['--variants', 'wall,wall+shift'])
-    assert 'kv_shift' in capsys.readouterr().err
