@@ -44,15 +44,21 @@ VARIANTS = tuple(a + s for a in ATTENTIONS for s in ('', '+shift'))
 # ----------------------------------------------------------------------------------------------------
 # data
 
-def mqar_batch(gen, batch, pairs, gap, n_keys, n_values, n_filler):
+def mqar_batch(gen, batch, pairs, gap, n_keys, n_values, n_filler, answers_in_input=False):
     """One batch drawn from the torch.Generator gen: (idx [batch, 3 pairs + gap], targets of the same shape, -1
-    except at the queries, where they hold the answers). See the module docstring for the layout."""
+    except at the queries, where they hold the answers). See the module docstring for the layout. With
+    answers_in_input, each query is followed by its answer (`q1 a1 q2 a2 ...`, 4 pairs + gap tokens), as the
+    study's retrieval task teacher-forces its values."""
     keys = torch.rand(batch, n_keys, generator=gen).argsort(-1)[:, :pairs]
     values = n_keys + torch.rand(batch, n_values, generator=gen).argsort(-1)[:, :pairs]
     filler = n_keys + n_values + torch.randint(0, max(n_filler, 1), (batch, gap), generator=gen)
     order = torch.rand(batch, pairs, generator=gen).argsort(-1)
-    idx = torch.cat([torch.stack([keys, values], -1).flatten(1), filler, keys.gather(1, order)], 1)
-    targets = torch.cat([torch.full((batch, 2 * pairs + gap), -1), values.gather(1, order)], 1)
+    queries, answers = keys.gather(1, order), values.gather(1, order)
+    if answers_in_input:
+        queries, answers = (torch.stack([queries, answers], -1).flatten(1),
+                            torch.stack([answers, torch.full_like(answers, -1)], -1).flatten(1))
+    idx = torch.cat([torch.stack([keys, values], -1).flatten(1), filler, queries], 1)
+    targets = torch.cat([torch.full((batch, 2 * pairs + gap), -1), answers], 1)
     return idx, targets
 
 
@@ -61,7 +67,8 @@ def eval_batches(args, gaps):
     out = {}
     for gap in gaps:
         gen = torch.Generator().manual_seed((args.seed + 1) * 1_000_003 + gap)  # never the training stream's seed
-        out[gap] = mqar_batch(gen, args.eval_batch, args.pairs, gap, args.n_keys, args.n_values, args.n_filler)
+        out[gap] = mqar_batch(gen, args.eval_batch, args.pairs, gap, args.n_keys, args.n_values, args.n_filler,
+                              args.answers_in_input)
     return out
 
 
@@ -100,7 +107,8 @@ def train_variant(args, variant, held_out):
     t0, losses = time.time(), []
     for step in range(1, args.steps + 1):
         gap = args.train_gaps[torch.randint(len(args.train_gaps), (), generator=gen)]
-        idx, targets = mqar_batch(gen, args.batch, args.pairs, gap, args.n_keys, args.n_values, args.n_filler)
+        idx, targets = mqar_batch(gen, args.batch, args.pairs, gap, args.n_keys, args.n_values, args.n_filler,
+                                  args.answers_in_input)
         _, loss = model(idx.to(args.device), targets.to(args.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -195,6 +203,8 @@ def parse_args(argv=None):
     p.add_argument('--eval_batch', type=int, default=128, help='held-out sequences per gap')
     p.add_argument('--table_steps', default='', help='evaluated steps shown in the table; default: those of '
                                                       '100, 200, 500, 1000, 2000, 5000, and the last')
+    p.add_argument('--answers_in_input', action='store_true',
+                   help="each query followed by its answer, as the study's retrieval task (default: Zoology's layout)")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--attn_impl', default='auto', choices=('auto', 'reference', 'triton'),

@@ -32,6 +32,19 @@ def test_layout(gap):
         assert targets[row, 2 * P + gap:].tolist() == [pairs[q] for q in queries[row].tolist()]
 
 
+def test_answers_in_input_layout():
+    """Each query followed by its answer: the same draws as the plain layout, the answers interleaved, and the loss
+    only at the queries (each predicts the answer that follows it)."""
+    plain_idx, plain_targets = batch(5)
+    idx, targets = recall.mqar_batch(torch.Generator().manual_seed(0), 16, P, 5, K, V, F, answers_in_input=True)
+    start = 2 * P + 5
+    assert idx.shape == targets.shape == (16, 4 * P + 5)
+    assert torch.equal(idx[:, :start], plain_idx[:, :start]) and (targets[:, :start] == -1).all()
+    assert torch.equal(idx[:, start::2], plain_idx[:, start:])  # the queries, in the same order
+    assert torch.equal(idx[:, start + 1::2], plain_targets[:, start:])  # each followed by its answer
+    assert torch.equal(targets[:, start::2], plain_targets[:, start:]) and (targets[:, start + 1::2] == -1).all()
+
+
 def test_deterministic_and_varied():
     assert all(torch.equal(a, b) for a, b in zip(batch(3, seed=1), batch(3, seed=1)))
     assert not torch.equal(batch(3, seed=1)[0], batch(3, seed=2)[0])
