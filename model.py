@@ -128,14 +128,18 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
-def shift_tokens(x, cu_seqlens=None, previous=None):
+def document_starts(cu_seqlens, T):
+    """Whether each of the T packed positions is the first token of its document (bool [T])."""
+    doc = document_ids(cu_seqlens, T)
+    return torch.cat([doc.new_ones(1, dtype=torch.bool), doc[1:] != doc[:-1]])
+
+
+def shift_tokens(x, starts=None, previous=None):
     """x [B, T, ...] one step later: row t holds x[t - 1]; row 0 holds `previous` [B, 1, ...] (a cache's last
-    token) or zeros, and so does the first token of every document of cu_seqlens."""
+    token) or zeros, and so does every position where `starts` (document_starts) is True."""
     first = torch.zeros_like(x[:, :1]) if previous is None else previous.to(x.dtype)
     shifted = torch.cat([first, x[:, :-1]], dim=1)
-    if cu_seqlens is not None:
-        doc = document_ids(cu_seqlens, x.shape[1])
-        starts = torch.cat([doc.new_ones(1, dtype=torch.bool), doc[1:] != doc[:-1]])
+    if starts is not None:
         shifted = shifted.masked_fill(starts.view(1, -1, *[1] * (x.dim() - 2)), 0)
     return shifted
 
@@ -197,8 +201,9 @@ class Attention(nn.Module):
         k, v = (t.view(B, T, self.n_kv_head, self.head_dim) for t in (k, v))
         if self.config.kv_shift:  # k and v each by itself: the kernels take them contiguous, as they come here
             mix = torch.sigmoid(self.kv_shift_gate(x))[..., None]
+            starts = None if cu_seqlens is None else document_starts(cu_seqlens, T)
             previous = (None, None) if cache is None else cache.carry_last_token(k, v)
-            k, v = (torch.lerp(t, shift_tokens(t, cu_seqlens, before), mix) for t, before in zip((k, v), previous))
+            k, v = (torch.lerp(t, shift_tokens(t, starts, before), mix) for t, before in zip((k, v), previous))
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotate(q, k, cu_seqlens, cache)

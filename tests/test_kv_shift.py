@@ -8,7 +8,7 @@ import torch
 
 import checkpoint as ckpt
 from generate import KVCache, decode, generate_uncached, prefill
-from model import GPT, GPTConfig, DecayGate, shift_tokens
+from model import GPT, GPTConfig, DecayGate, document_starts, shift_tokens
 from tests.conftest import DEVICE
 from tests.test_sample import CACHE_CHUNK, assert_graph_decoding_equals_full_forwards, tiny_model
 
@@ -24,7 +24,7 @@ def test_shift_tokens_against_a_loop():
     x = torch.randn(1, 9, 2, 3)
     previous = torch.randn(1, 1, 2, 3)
     cu_seqlens = torch.tensor([0, 4, 4, 9])  # an empty document in the middle
-    shifted = shift_tokens(x, cu_seqlens)
+    shifted = shift_tokens(x, document_starts(cu_seqlens, 9))
     for t in range(9):
         expected = torch.zeros(2, 3) if t in (0, 4) else x[0, t - 1]
         torch.testing.assert_close(shifted[0, t], expected, rtol=0, atol=0)
