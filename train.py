@@ -59,6 +59,7 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                   # 0 = off
+gate_lr_scale = 1.0               # decay gates' learning rate relative to the rest (0: frozen at gate_bias_init)
 # learning rate: linear warmup, then cosine decay to min_lr at lr_decay_iters
 decay_lr = True
 warmup_iters = 200
@@ -177,7 +178,7 @@ if master_process and not eval_only:  # one run at a time writes out_dir (and a 
 if init_from == 'scratch':
     model_args['vocab_size'] = vocab_size
     raw_model = GPT(GPTConfig(**model_args)).to(device)
-    optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, gate_lr_scale)
     iter_num, best_val_loss = 0, float('inf')
 else:
     try:
@@ -195,7 +196,8 @@ else:
             fail(f'{ckpt_path} has a vocabulary of {model_args["vocab_size"]} tokens, the tokenizer of '
                  f'data_dir={data_dir!r} has {vocab_size}: resume on the data it was trained on')
         raw_model = checkpoint.build_model(ckpt, **runtime).to(device)
-        optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+        optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
+                                                   gate_lr_scale)
         optimizer.load_state_dict(ckpt['optimizer'])
         train_batches.load_state_dict(ckpt['loader'])
         iter_num, best_val_loss = int(ckpt['iter_num']), float(ckpt['best_val_loss'])
@@ -274,7 +276,7 @@ t_start, saved_iter = t_mark, None
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
-        param_group['lr'] = lr
+        param_group['lr'] = lr * param_group.get('lr_scale', 1.0)  # checkpoints before gate_lr_scale lack it
 
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         val_loss = validation_loss()

@@ -139,6 +139,25 @@ def test_weight_decay_only_on_matrices():
     assert len(decayed['params']) + len(not_decayed['params']) == len(list(model.parameters()))
 
 
+
+@pytest.mark.parametrize('attention', ['wall', 'fox'])
+def test_gate_lr_scale_zero_keeps_the_decay_gates_and_trains_the_rest(attention):
+    model = tiny(attention).train()
+    gates = {n for n, m in model.named_modules() if isinstance(m, model_module.DecayGate)}
+    assert gates
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu', gate_lr_scale=0.0)
+    for group in optimizer.param_groups:  # as train.py's schedule sets them
+        group['lr'] = 1e-2 * group['lr_scale']
+    idx = torch.randint(0, 97, (2, 16))
+    model(idx, idx)[1].backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved != (name.rsplit('.', 1)[0] in gates), name
+    with pytest.raises(ValueError, match='gate_lr_scale'):
+        model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu', gate_lr_scale=-1)
+
 @pytest.mark.gpu
 @pytest.mark.parametrize('attention', ATTENTIONS)
 def test_gpu_paths_match_the_cpu_paths(attention):
