@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from model import ATTENTIONS, GPT, GPTConfig
+from model import ATTENTIONS, GPT, DecayGate, GPTConfig
 
 VARIANTS = tuple(a + s for a in ATTENTIONS for s in ('', '+shift'))
 
@@ -100,7 +100,11 @@ def train_variant(args, variant, held_out):
     """Train one variant; returns its record: accuracy and loss by step, accuracy by gap, time, parameters."""
     torch.manual_seed(args.seed)
     model = GPT(model_config(args, variant)).to(args.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    gates = {id(p) for m in model.modules() if isinstance(m, DecayGate) for p in m.parameters()}
+    groups = [dict(params=[p for p in model.parameters() if id(p) not in gates])]
+    if gates:  # the decay gates at their own rate (train.py's gate_lr_scale)
+        groups.append(dict(params=[p for p in model.parameters() if id(p) in gates], lr=args.lr * args.gate_lr_scale))
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)  # the same batches for every variant
     train_eval = [held_out[g] for g in args.train_gaps]
     record = dict(steps=[], accuracy=[], loss=[], params=sum(p.numel() for p in model.parameters()))
@@ -199,6 +203,8 @@ def parse_args(argv=None):
     p.add_argument('--batch', type=int, default=32)
     p.add_argument('--lr', type=float, default=3e-3)
     p.add_argument('--weight_decay', type=float, default=0.01)
+    p.add_argument('--gate_lr_scale', type=float, default=1.0,
+                   help="the decay gates' learning rate as a multiple of --lr (train.py's gate_lr_scale)")
     p.add_argument('--eval_every', type=int, default=50)
     p.add_argument('--eval_batch', type=int, default=128, help='held-out sequences per gap')
     p.add_argument('--table_steps', default='', help='evaluated steps shown in the table; default: those of '
@@ -244,6 +250,8 @@ def parse_args(argv=None):
         p.error(f'--lr: expected a positive learning rate, got {args.lr}')
     if not (args.weight_decay >= 0):
         p.error(f'--weight_decay: expected >= 0, got {args.weight_decay}')
+    if not (args.gate_lr_scale >= 0):
+        p.error(f'--gate_lr_scale: expected >= 0, got {args.gate_lr_scale}')
     evaluated = set(range(args.eval_every, args.steps + 1, args.eval_every)) | {args.steps}
     if not args.table_steps:
         args.table_steps = sorted(evaluated & {100, 200, 500, 1000, 2000, 5000} | {args.steps})
