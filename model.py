@@ -481,11 +481,17 @@ class GPT(nn.Module):
         peak = next((peak for key, peak in PEAK_FLOPS if key in name), None)
         return None if peak is None else flops / dt / peak
 
+    def fp32_parameter_names(self):
+        """The parameters that stay fp32 in inference (to_inference_dtype, the HF export): the decay gates', which are
+        summed into exponents over the whole context, and the sink logits."""
+        keep = {id(p) for m in self.modules() if isinstance(m, DecayGate) for p in m.parameters()}
+        keep |= {id(block.attn.sink_bias) for block in self.blocks if self.config.sink}
+        return [name for name, p in self.named_parameters() if id(p) in keep]
+
     def to_inference_dtype(self, dtype):
-        """Cast the weights to dtype, to run without autocast. The decay gates and the sink logits stay fp32, as
-        under autocast in training: the gates are summed into exponents over the whole context."""
-        keep_fp32 = {id(p) for m in self.modules() if isinstance(m, DecayGate) for p in m.parameters()}
-        keep_fp32 |= {id(block.attn.sink_bias) for block in self.blocks if self.config.sink}
-        for p in self.parameters():
-            p.data = p.data.to(torch.float32 if id(p) in keep_fp32 else dtype)
+        """Cast the weights to dtype, to run without autocast, all but fp32_parameter_names (as under autocast in
+        training)."""
+        keep_fp32 = set(self.fp32_parameter_names())
+        for name, p in self.named_parameters():
+            p.data = p.data.to(torch.float32 if name in keep_fp32 else dtype)
         return self

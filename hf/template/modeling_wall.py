@@ -13,6 +13,7 @@ attention kernels are wall_kernels*.py (its kernels/), copied at export time; th
 """
 import copy
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,6 @@ from .configuration_wall import WallConfig  # noqa: E402
 from .wall_generate import KVCache, decode, prefill  # noqa: E402
 from .wall_model import GPT, GPTConfig  # noqa: E402
 
-# parameters that stay fp32 under a bf16/fp16 dtype (model.to_inference_dtype's rule), as regular expressions
-FP32_PARAMETERS = [r'\.gate\.', r'\.scalar_gate\.', r'\.sink_bias$']
 # generation settings the Wall decoder implements; others are refused unless they are at their defaults
 UNSUPPORTED = {'num_beams': 1, 'num_return_sequences': 1, 'top_p': 1.0, 'min_p': None, 'typical_p': 1.0,
                'repetition_penalty': 1.0, 'no_repeat_ngram_size': 0, 'min_new_tokens': 0, 'min_length': 0,
@@ -71,12 +70,13 @@ class WallForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = 'model'
     main_input_name = 'input_ids'
     _no_split_modules = ['Block']
-    _keep_in_fp32_modules_strict = FP32_PARAMETERS
     _tied_weights_keys = {'model.wte.weight': 'model.lm_head.weight'}  # GPT ties them itself; the file has lm_head
 
     def __init__(self, config):
         super().__init__(config)
         self.model = GPT(gpt_config(config))
+        # what to_inference_dtype keeps fp32, by exact name, so that from_pretrained loads it fp32 under bf16/fp16
+        self._keep_in_fp32_modules_strict = [re.escape(name) + '$' for name in self.model.fp32_parameter_names()]
         # created in the dtype being loaded: the gates and sinks fp32 as in model.to_inference_dtype
         self.model.to_inference_dtype(self.model.lm_head.weight.dtype)
         if not config.tie_word_embeddings:
