@@ -18,6 +18,10 @@ the fraction of answers that are the argmax of the logits over the whole vocabul
 gap + 2 to gap + 3P - 1 tokens before it. Answers are never part of the input (as in Zoology): with each query
 followed by its answer, a 2-layer Wall with the shift stayed at chance for 600 steps even at 4 pairs.
 
+The study's layout (--needles, needle_batch): `gap` filler tokens holding `pairs` needles `c k v1 .. vn` in their
+first half, each queried later by the whole needle again (answers in the input, as data/retrieval.py's documents),
+the loss on the value tokens. A miniature of docs/length_generalization.md's retrieval task, without its natural text.
+
 Gaps. Every training batch takes one gap from --train_gaps (seeded); --test_gaps must all be longer than any
 training gap, so they test recall past the training length, in miniature. Accuracy by step is measured every
 --eval_every steps on fixed held-out batches of the training gaps (--eval_batch sequences per gap, the same for
@@ -62,13 +66,44 @@ def mqar_batch(gen, batch, pairs, gap, n_keys, n_values, n_filler, answers_in_in
     return idx, targets
 
 
+def needle_batch(gen, batch, pairs, gap, n_keys, n_values, n_filler, value_tokens=2):
+    """The study's retrieval layout (data/retrieval.py) in miniature, drawn from gen: `gap` filler tokens with
+    `pairs` needles `c k v1 .. vn` (n = value_tokens) inserted at random places in their first half, and each needle
+    again, whole, at a random place in their second half: its query, with the answers in the input (teacher-forced).
+    The cue c is the first filler token, which the filler also holds (as the study's line break and `KEY_`); keys
+    and value tokens are distinct within a sequence. Targets: at a query's key its first value token, at its value
+    token i the token i + 1; -1 elsewhere. Returns (idx, targets), [batch, gap + 2 pairs (n + 2)]."""
+    cue = n_keys + n_values
+    rows = []
+    for _ in range(batch):
+        keys = torch.randperm(n_keys, generator=gen)[:pairs].tolist()
+        values = (n_keys + torch.randperm(n_values, generator=gen)[:pairs * value_tokens]).view(pairs, -1).tolist()
+        filler = (cue + torch.randint(0, n_filler, (gap,), generator=gen)).tolist()
+        at = (torch.randint(0, gap // 2 + 1, (pairs,), generator=gen).tolist()
+              + torch.randint(gap // 2, gap + 1, (pairs,), generator=gen).tolist())
+        idx, targets, last = [], [], 0
+        for i in sorted(range(2 * pairs), key=lambda i: (at[i], i)):  # at one place, needles before queries
+            line = [cue, keys[i % pairs]] + values[i % pairs]
+            idx += filler[last:at[i]] + line
+            targets += [-1] * (at[i] - last) + ([-1] + line[2:] + [-1] if i >= pairs else [-1] * len(line))
+            last = at[i]
+        rows.append((idx + filler[last:], targets + [-1] * (gap - last)))
+    return tuple(torch.tensor([row[j] for row in rows]) for j in (0, 1))
+
+
+def make_batch(args, gen, size, gap):
+    """One batch of the layout that args ask for (mqar_batch, or needle_batch with --needles)."""
+    if args.needles:
+        return needle_batch(gen, size, args.pairs, gap, args.n_keys, args.n_values, args.n_filler, args.value_tokens)
+    return mqar_batch(gen, size, args.pairs, gap, args.n_keys, args.n_values, args.n_filler, args.answers_in_input)
+
+
 def eval_batches(args, gaps):
     """{gap: (idx, targets)}: held-out batches, fixed by --seed and the gap alone."""
     out = {}
     for gap in gaps:
         gen = torch.Generator().manual_seed((args.seed + 1) * 1_000_003 + gap)  # never the training stream's seed
-        out[gap] = mqar_batch(gen, args.eval_batch, args.pairs, gap, args.n_keys, args.n_values, args.n_filler,
-                              args.answers_in_input)
+        out[gap] = make_batch(args, gen, args.eval_batch, gap)
     return out
 
 
@@ -111,8 +146,7 @@ def train_variant(args, variant, held_out):
     t0, losses = time.time(), []
     for step in range(1, args.steps + 1):
         gap = args.train_gaps[torch.randint(len(args.train_gaps), (), generator=gen)]
-        idx, targets = mqar_batch(gen, args.batch, args.pairs, gap, args.n_keys, args.n_values, args.n_filler,
-                                  args.answers_in_input)
+        idx, targets = make_batch(args, gen, args.batch, gap)
         _, loss = model(idx.to(args.device), targets.to(args.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -211,6 +245,10 @@ def parse_args(argv=None):
                                                       '100, 200, 500, 1000, 2000, 5000, and the last')
     p.add_argument('--answers_in_input', action='store_true',
                    help="each query followed by its answer, as the study's retrieval task (default: Zoology's layout)")
+    p.add_argument('--needles', action='store_true',
+                   help="the study's layout in miniature (needle_batch): needles in filler, queried later; the gaps "
+                        'are then the filler tokens of a sequence')
+    p.add_argument('--value_tokens', type=int, default=2, help='value tokens per needle (--needles)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--attn_impl', default='auto', choices=('auto', 'reference', 'triton'),
@@ -244,6 +282,15 @@ def parse_args(argv=None):
     if any(g <= max(args.train_gaps) for g in args.test_gaps) or len(set(args.test_gaps)) < len(args.test_gaps):
         p.error(f'--test_gaps: expected distinct gaps longer than every training gap (> {max(args.train_gaps)}), '
                 f'got {args.test_gaps}')
+    if args.needles and args.answers_in_input:
+        p.error('--needles: expected without --answers_in_input (its queries always hold their answers)')
+    if args.needles and args.value_tokens < 1:
+        p.error(f'--value_tokens: expected a positive integer, got {args.value_tokens}')
+    if args.needles and args.n_values < args.pairs * args.value_tokens:
+        p.error(f'--n_values: expected at least --pairs x --value_tokens = {args.pairs * args.value_tokens} '
+                f'(distinct per sequence), got {args.n_values}')
+    if args.needles and args.n_filler == 0:
+        p.error('--n_filler: expected >= 1 with --needles (the cue is a filler token)')
     if args.n_filler == 0 and max(args.train_gaps + args.test_gaps) > 0:
         p.error('--n_filler: expected >= 1 when a gap is not 0')
     if not (args.lr > 0):

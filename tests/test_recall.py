@@ -55,6 +55,31 @@ def test_deterministic_and_varied():
     assert not (queries == idx[:, :2 * P:2]).all()  # queries come in a shuffled order
 
 
+
+def test_needles_layout():
+    """--needles: gap filler tokens, each needle `c k v1 v2` in their first half and again, whole, in their second
+    half; the targets at a query are its next tokens, found by looking the key up in the needle before it."""
+    gap, n = 40, 2
+    idx, targets = recall.needle_batch(torch.Generator().manual_seed(1), 8, P, gap, K, V, F, value_tokens=n)
+    assert idx.shape == targets.shape == (8, gap + 2 * P * (n + 2))
+    cue = K + V
+    for row, tgt in zip(idx.tolist(), targets.tolist()):
+        starts = [i for i in range(len(row) - 1) if row[i] == cue and row[i + 1] < K]  # a cue, then a key
+        assert len(starts) == 2 * P
+        lines = [tuple(row[i:i + n + 2]) for i in starts]
+        needles, queries = lines[:P], lines[P:]
+        assert sorted(needles) == sorted(queries) and len({line[1] for line in needles}) == P  # each asked once
+        assert len({v for line in needles for v in line[2:]}) == P * n  # distinct value tokens
+        assert all(K <= v < K + V for line in needles for v in line[2:])
+        where = [t for t in range(len(row)) if tgt[t] != -1]
+        assert len(where) == P * n
+        for t in where:  # the answer is what followed this token in the needle of the same key
+            start = max(i for i in starts[P:] if i < t)
+            needle = next(line for line in needles if line[1] == row[start + 1])
+            assert tgt[t] == needle[t - start + 1]
+        filler = [tok for i, tok in enumerate(row) if not any(s <= i < s + n + 2 for s in starts)]
+        assert len(filler) == gap and all(cue <= tok < cue + F for tok in filler)
+
 def test_held_out_batches_fixed_by_seed_and_gap():
     args = recall.parse_args(['--variants', 'wall', '--train_gaps', '0,4', '--test_gaps', '9', '--seed', '3'])
     a, b = recall.eval_batches(args, [0, 4, 9]), recall.eval_batches(args, [9])
@@ -72,6 +97,9 @@ def test_held_out_batches_fixed_by_seed_and_gap():
     (['--train_gaps', '0,x'], '--train_gaps'),
     (['--train_gaps', '0,16', '--test_gaps', '8,64'], '--test_gaps'),
     (['--lr', '-1'], '--lr'),
+    (['--needles', '--answers_in_input'], '--needles'),
+    (['--needles', '--pairs', '8', '--n_values', '12'], '--n_values'),
+    (['--needles', '--value_tokens', '0'], '--value_tokens'),
     (['--steps', '100', '--eval_every', '30', '--table_steps', '50'], '--table_steps'),
     (['--n_embd', '65'], '--n_embd'),
 ])
