@@ -454,7 +454,7 @@ class GPT(nn.Module):
         if not gate_lr_scale >= 0:
             raise ValueError(f'gate_lr_scale={gate_lr_scale!r}: expected a number >= 0')
         # the gates get groups of their own only at another rate, so that a default run resumes older checkpoints
-        gate = {id(p) for m in self.modules() if isinstance(m, DecayGate) for p in m.parameters()}
+        gate = {id(p) for p in self.decay_gate_parameters()}
         params = [p for p in self.parameters() if p.requires_grad]
         sets = [(1.0, params)] if gate_lr_scale == 1 else [(1.0, [p for p in params if id(p) not in gate]),
                                                            (gate_lr_scale, [p for p in params if id(p) in gate])]
@@ -481,10 +481,14 @@ class GPT(nn.Module):
         peak = next((peak for key, peak in PEAK_FLOPS if key in name), None)
         return None if peak is None else flops / dt / peak
 
+    def decay_gate_parameters(self):
+        """The parameters of every DecayGate: what gate_lr_scale trains at its own rate and inference keeps fp32."""
+        return [p for m in self.modules() if isinstance(m, DecayGate) for p in m.parameters()]
+
     def fp32_parameter_names(self):
         """The parameters that stay fp32 in inference (to_inference_dtype, the HF export): the decay gates', which are
         summed into exponents over the whole context, and the sink logits."""
-        keep = {id(p) for m in self.modules() if isinstance(m, DecayGate) for p in m.parameters()}
+        keep = {id(p) for p in self.decay_gate_parameters()}
         keep |= {id(block.attn.sink_bias) for block in self.blocks if self.config.sink}
         return [name for name, p in self.named_parameters() if id(p) in keep]
 

@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from model import ATTENTIONS, GPT, DecayGate, GPTConfig
+from model import ATTENTIONS, GPT, GPTConfig
 
 VARIANTS = tuple(a + s for a in ATTENTIONS for s in ('', '+shift'))
 
@@ -135,7 +135,7 @@ def train_variant(args, variant, held_out):
     """Train one variant; returns its record: accuracy and loss by step, accuracy by gap, time, parameters."""
     torch.manual_seed(args.seed)
     model = GPT(model_config(args, variant)).to(args.device)
-    gates = {id(p) for m in model.modules() if isinstance(m, DecayGate) for p in m.parameters()}
+    gates = {id(p) for p in model.decay_gate_parameters()}
     groups = [dict(params=[p for p in model.parameters() if id(p) not in gates])]
     if gates:  # the decay gates at their own rate (train.py's gate_lr_scale)
         groups.append(dict(params=[p for p in model.parameters() if id(p) in gates], lr=args.lr * args.gate_lr_scale))

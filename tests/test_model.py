@@ -139,7 +139,6 @@ def test_weight_decay_only_on_matrices():
     assert len(decayed['params']) + len(not_decayed['params']) == len(list(model.parameters()))
 
 
-
 @pytest.mark.parametrize('attention', ['wall', 'fox'])
 def test_gate_lr_scale_zero_keeps_the_decay_gates_and_trains_the_rest(attention):
     model = tiny(attention).train()
@@ -157,6 +156,7 @@ def test_gate_lr_scale_zero_keeps_the_decay_gates_and_trains_the_rest(attention)
         assert moved != (name.rsplit('.', 1)[0] in gates), name
     with pytest.raises(ValueError, match='gate_lr_scale'):
         model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu', gate_lr_scale=-1)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize('attention', ATTENTIONS)
