@@ -36,14 +36,18 @@ while read -r name overrides; do  # train.py saves every eval_interval steps: wh
 done <<< "$RUNS"
 wait
 echo "trained at $(( $(date +%s) - start )) s"
-for name in "${names[@]}"; do
-  timeout $(( $(left) - 5 )) python3 -m eval.retrieval --ckpt "out/calibration_$name/ckpt.pt" \
-    --distances "$DISTANCES" --trials 32 --out "$RESULTS/$name" > "$RESULTS/$name.retrieval.log" 2>&1 &
+for name in "${names[@]}"; do  # as users decode (the cache), and through the training path as a check on it
+  for scorer in cache forward; do
+    timeout $(( $(left) - 5 )) python3 -m eval.retrieval --ckpt "out/calibration_$name/ckpt.pt" --scorer $scorer \
+      --distances "$DISTANCES" --trials 32 --out "$RESULTS/${name}_$scorer" > "$RESULTS/${name}_$scorer.log" 2>&1 &
+  done
 done
 wait
 for name in "${names[@]}"; do
   echo "== $name: $(grep -E '^iter [0-9]+: loss' "$RESULTS/$name.train.log" | tail -1)"
   grep -E 'val loss' "$RESULTS/$name.train.log" | tail -1
-  grep -E 'exact match [0-9.]+ ' "$RESULTS/$name.retrieval.log"
+  for scorer in cache forward; do
+    grep -E 'exact match [0-9.]+ ' "$RESULTS/${name}_$scorer.log" | sed "s/^/$scorer: /"
+  done
 done
 echo "total $(( $(date +%s) - start )) s"

@@ -18,7 +18,8 @@ one distance at a time (eval/common.answer_logits, the scorer eval/niah.py share
 step's argmax is the value's token: greedy decoding would produce the value exactly iff that holds (until the first
 miss, greedy and teacher-forced decoding feed the same tokens). Also kept: the mean per-token loss of the value and
 the fraction of its tokens that are the argmax.
-Every distance uses the same probes for every checkpoint (seeded by --seed, distance and trial).
+Every distance uses the same probes for every checkpoint (seeded by --seed, distance and trial). --scorer forward
+scores them with one full forward per probe instead (the training path): a check on the cached path.
 
 Writes OUT.json and OUT.png (exact match and loss against distance, log x, 95% intervals: Wilson for exact match,
 bootstrap over probes for the loss; training lengths dashed) and prints a table.
@@ -69,6 +70,19 @@ def cached_answer_logits(model, prefill_chunk, cuda_graph=True, path=''):
             caches.clear()  # the last distance's cache is done with; free it before the next one's
             caches[shape] = common.make_cache(model, B, P + A, path)
         return common.answer_logits(model, caches[shape], prompts, answers, prefill_chunk, cuda_graph)
+
+    return logits_of
+
+
+def forward_answer_logits(model):
+    """The training path as a scorer, a check on the cached one: one full forward over each prompt and its answer
+    (teacher-forced), (prompts [B, P], answers [B, A]) -> fp32 logits [B, A, vocab]."""
+    device = model.lm_head.weight.device
+
+    @torch.no_grad()
+    def logits_of(prompts, answers):
+        full = torch.as_tensor(np.concatenate([prompts, answers[:, :-1]], axis=1), device=device)
+        return model.lm_head(model.hidden_states(full)[:, -answers.shape[1]:]).float()
 
     return logits_of
 
@@ -181,6 +195,9 @@ def main(argv=None):
                         default='bfloat16' if torch.cuda.is_available() else 'float32')
     parser.add_argument('--prefill_chunk', type=int, default=65536, help='tokens per prefill forward')
     parser.add_argument('--eager', action='store_true', help='decode without CUDA graphs (GPU)')
+    parser.add_argument('--scorer', choices=('cache', 'forward'), default='cache',
+                        help='cache: prefill and decode steps, as users decode; forward: one full forward per probe '
+                             '(the training path), a check on the cache')
     args = parser.parse_args(argv)
     common.check_positive(args, ('trials', 'batch', 'pairs', 'prefill_chunk'))
     distances = parse_distances(args.distances) if args.distances else None
@@ -207,7 +224,7 @@ def main(argv=None):
             raise SystemExit(f'error: --ckpt {path}: its tokenizer cannot build the task: {e}')
         stream = common.held_out_stream(train_config['data_dir'], eot)
         timer = common.Timer(args.device)
-        run = {'ckpt': path, 'attention': model.config.attention, 'train_len': train_len,
+        run = {'ckpt': path, 'scorer': args.scorer, 'attention': model.config.attention, 'train_len': train_len,
                'retrieval_mix': train_config.get('retrieval_mix', 0.0), 'pairs': task.num_pairs,
                'key_words': task.key_len, 'by_distance': []}
         runs.append(run)
@@ -216,7 +233,9 @@ def main(argv=None):
             run['by_distance'] = rows
             save()
 
-        evaluate(cached_answer_logits(model, args.prefill_chunk, not args.eager, path), task, stream, eot, distances,
+        logits_of = (cached_answer_logits(model, args.prefill_chunk, not args.eager, path) if args.scorer == 'cache'
+                     else forward_answer_logits(model))
+        evaluate(logits_of, task, stream, eot, distances,
                  args.trials, args.batch, args.seed, args.device, f'{path}: ', on_row=save_rows)
         run['seconds'] = round(timer(), 2)
         print(f'{path}: {len(distances)} distances x {args.trials} probes in {run["seconds"]:.1f} s', flush=True)
