@@ -16,7 +16,7 @@ the same P keys again in a random order, the queries. The target at each query i
 with (the answer); every other target is -1, so the loss and the accuracy count the P answers alone, accuracy as
 the fraction of answers that are the argmax of the logits over the whole vocabulary. The key a query matches sits
 gap + 2 to gap + 3P - 1 tokens before it. Answers are never part of the input (as in Zoology): with each query
-followed by its answer, a 2-layer Wall with the shift stayed at chance for 600 steps even at 4 pairs.
+followed by its answer (--answers_in_input), a 2-layer Wall with the shift is near chance after 600 steps (docs).
 
 The study's layout (--needles, needle_batch): `gap` filler tokens holding `pairs` needles `c k v1 .. vn` in their
 first half, each queried later by the whole needle again (answers in the input, as data/retrieval.py's documents),
