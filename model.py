@@ -193,23 +193,14 @@ class Attention(nn.Module):
         # for the training kernels; a decoding step keeps the one GEMM, whose strided split the decode kernels read
         # (both measured faster, bench/results_train.md, bench/results_generate.md).
         sizes = [self.n_head * self.head_dim] + 2 * [self.n_kv_head * self.head_dim]
-        shift = self.config.kv_shift
         if T == 1:
             q, k, v = self.c_attn(x).split(sizes, dim=-1)
-            shift_logit = self.kv_shift_gate(x) if shift else None
         else:
-            w_q, w_k, w_v = self.c_attn.weight.split(sizes)
-            if shift:  # the shift gate's rows ride on k's GEMM: a GEMM of n_kv_head columns alone is slow
-                k, shift_logit = F.linear(x, torch.cat([w_k, self.kv_shift_gate.weight])).split(
-                    [sizes[1], self.n_kv_head], dim=-1)
-                shift_logit = shift_logit + self.kv_shift_gate.bias.to(shift_logit.dtype)  # as autocast casts it
-            else:
-                k = F.linear(x, w_k)
-            q, v = F.linear(x, w_q), F.linear(x, w_v)
+            q, k, v = (F.linear(x, w) for w in self.c_attn.weight.split(sizes))
         q = q.view(B, T, self.n_head, self.head_dim)
         k, v = (t.view(B, T, self.n_kv_head, self.head_dim) for t in (k, v))
-        if shift:  # k and v each by itself: the kernels take them contiguous, as the shift writes them
-            mix = torch.sigmoid(shift_logit)[..., None]
+        if self.config.kv_shift:  # k and v each by itself: the kernels take them contiguous, as they come here
+            mix = torch.sigmoid(self.kv_shift_gate(x))[..., None]
             starts = None if cu_seqlens is None else document_starts(cu_seqlens, T)
             previous = (None, None) if cache is None else cache.carry_last_token(k, v)
             k, v = (torch.lerp(t, shift_tokens(t, starts, before), mix) for t, before in zip((k, v), previous))
