@@ -448,20 +448,23 @@ class GPT(nn.Module):
         return None, chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                            self.config.loss_chunk_rows)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, gate_lr_scale=1.0):
-        """AdamW; the decay gates' groups carry lr_scale = gate_lr_scale, which the trainer's schedule multiplies
-        in (0 keeps the gates at gate_bias_init: attention without learned decay, a diagnostic)."""
-        if not gate_lr_scale >= 0:
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, gate_lr_scale=None):
+        """AdamW. With gate_lr_scale, the decay gates get groups of their own, marked decay_gates, whose lr_scale the
+        trainer's schedule multiplies in (0 keeps the gates at gate_bias_init: attention without learned decay, a
+        diagnostic); without, they share the other groups, as in checkpoints from before gate_lr_scale."""
+        if gate_lr_scale is not None and not gate_lr_scale >= 0:
             raise ValueError(f'gate_lr_scale={gate_lr_scale!r}: expected a number >= 0')
-        # the gates get groups of their own only at another rate, so that a default run resumes older checkpoints
         gate = {id(p) for p in self.decay_gate_parameters()}
         params = [p for p in self.parameters() if p.requires_grad]
-        sets = [(1.0, params)] if gate_lr_scale == 1 else [(1.0, [p for p in params if id(p) not in gate]),
-                                                           (gate_lr_scale, [p for p in params if id(p) in gate])]
+        sets = [(1.0, False, params)] if gate_lr_scale is None else [
+            (1.0, False, [p for p in params if id(p) not in gate]),
+            (gate_lr_scale, True, [p for p in params if id(p) in gate])]
         groups = []
-        for scale, members in sets:  # matrices and embeddings decay; norms, biases, sink logits do not
-            groups += [dict(params=[p for p in members if p.dim() >= 2], weight_decay=weight_decay, lr_scale=scale),
-                       dict(params=[p for p in members if p.dim() < 2], weight_decay=0.0, lr_scale=scale)]
+        for scale, gates, members in sets:  # matrices and embeddings decay; norms, biases, sink logits do not
+            groups += [dict(params=[p for p in members if p.dim() >= 2], weight_decay=weight_decay, lr_scale=scale,
+                            decay_gates=gates),
+                       dict(params=[p for p in members if p.dim() < 2], weight_decay=0.0, lr_scale=scale,
+                            decay_gates=gates)]
         groups = [g for g in groups if g['params']]
         fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))

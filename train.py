@@ -60,6 +60,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                   # 0 = off
 gate_lr_scale = 1.0               # decay gates' learning rate relative to the rest (0: frozen at gate_bias_init)
+gate_frozen_iters = 0             # decay gates held at gate_bias_init for this many iterations first
 # learning rate: linear warmup, then cosine decay to min_lr at lr_decay_iters
 decay_lr = True
 warmup_iters = 200
@@ -87,8 +88,9 @@ for key in ('tokens_per_batch', 'max_doc_len', 'gradient_accumulation_steps', 'e
             'log_interval', 'retrieval_key_words'):
     if config[key] < 1:
         fail(f'{key}={config[key]}, expected a positive integer')
-if max_iters < 0 or warmup_iters < 0:
-    fail(f'max_iters={max_iters}, warmup_iters={warmup_iters}: expected integers >= 0')
+if max_iters < 0 or warmup_iters < 0 or gate_frozen_iters < 0:
+    fail(f'max_iters={max_iters}, warmup_iters={warmup_iters}, gate_frozen_iters={gate_frozen_iters}: expected '
+         f'integers >= 0')
 if decay_lr and lr_decay_iters <= warmup_iters:
     fail(f'lr_decay_iters={lr_decay_iters} must exceed warmup_iters={warmup_iters} (or set decay_lr=False)')
 if init_from not in ('scratch', 'resume'):
@@ -175,10 +177,13 @@ if master_process and not eval_only:  # one run at a time writes out_dir (and a 
         fail(f'out_dir={out_dir!r}: {e}')
     for note in filter(None, notes):
         print(note)
+# the decay gates get optimizer groups of their own only when they train apart, so default runs resume old checkpoints
+gate_groups_scale = gate_lr_scale if gate_lr_scale != 1 or gate_frozen_iters else None
 if init_from == 'scratch':
     model_args['vocab_size'] = vocab_size
     raw_model = GPT(GPTConfig(**model_args)).to(device)
-    optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, gate_lr_scale)
+    optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
+                                               gate_groups_scale)
     iter_num, best_val_loss = 0, float('inf')
 else:
     try:
@@ -197,7 +202,7 @@ else:
                  f'data_dir={data_dir!r} has {vocab_size}: resume on the data it was trained on')
         raw_model = checkpoint.build_model(ckpt, **runtime).to(device)
         optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
-                                                   gate_lr_scale)
+                                                   gate_groups_scale)
         optimizer.load_state_dict(ckpt['optimizer'])
         train_batches.load_state_dict(ckpt['loader'])
         iter_num, best_val_loss = int(ckpt['iter_num']), float(ckpt['best_val_loss'])
@@ -275,8 +280,9 @@ t_mark, steps_timed, flops_timed = time.time(), 0, 0
 t_start, saved_iter = t_mark, None
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
-    for param_group in optimizer.param_groups:
-        param_group['lr'] = lr * param_group.get('lr_scale', 1.0)  # checkpoints before gate_lr_scale lack it
+    for param_group in optimizer.param_groups:  # checkpoints before gate_lr_scale lack lr_scale and decay_gates
+        frozen = param_group.get('decay_gates', False) and iter_num < gate_frozen_iters
+        param_group['lr'] = 0.0 if frozen else lr * param_group.get('lr_scale', 1.0)
 
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         val_loss = validation_loss()

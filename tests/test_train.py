@@ -152,6 +152,7 @@ def test_config_mistakes_are_one_clear_line(stdlib_corpus, tmp_path):
         ('--init_from=resum',): "init_from='resum', expected 'scratch' or 'resume'",
         ('--n_head=3',): 'model config',
         ('--attention=foo',): "attention='foo': expected 'wall', 'rope' or 'fox'",
+        ('--gate_frozen_iters=-1',): 'gate_frozen_iters=-1',
     }
     processes = {args: start(stdlib_corpus, str(tmp_path / f'out{i}'), '--max_iters=0', *args)
                  for i, args in enumerate(cases)}
@@ -159,6 +160,18 @@ def test_config_mistakes_are_one_clear_line(stdlib_corpus, tmp_path):
         line = fails(processes[args])
         assert expected in line and line.startswith(('error:', 'config error:')), (args, line)
         assert not (tmp_path / f'out{i}').exists(), f'{args}: a failed start left its out_dir behind'
+
+
+def test_gate_frozen_iters_holds_the_decay_gates_then_trains_them(stdlib_corpus, tmp_path):
+    """Gates held for 2 of 2 iterations end at gate_bias_init exactly, the rest trained; held for 1 of 2, they move."""
+    processes = {frozen: start(stdlib_corpus, str(tmp_path / f'out{frozen}'), '--max_iters=2', '--eval_interval=2',
+                               f'--gate_frozen_iters={frozen}', '--kv_shift=True') for frozen in (1, 2)}
+    for frozen, process in processes.items():
+        finish(process)
+        state = torch.load(tmp_path / f'out{frozen}' / 'ckpt.pt', map_location='cpu')['model']
+        biases = [v for k, v in state.items() if k.endswith('attn.gate.bias')]
+        assert biases and all((b == 8.0).all() for b in biases) == (frozen == 2), frozen
+        assert not (state['blocks.0.attn.kv_shift_gate.bias'] == 0).all(), 'the other parameters must train'
 
 
 def test_help_lists_every_key_with_its_default_and_comment():
