@@ -91,6 +91,8 @@ for key in ('tokens_per_batch', 'max_doc_len', 'gradient_accumulation_steps', 'e
 if max_iters < 0 or warmup_iters < 0 or gate_frozen_iters < 0:
     fail(f'max_iters={max_iters}, warmup_iters={warmup_iters}, gate_frozen_iters={gate_frozen_iters}: expected '
          f'integers >= 0')
+if not gate_lr_scale >= 0:
+    fail(f'gate_lr_scale={gate_lr_scale}, expected a number >= 0 (0: gates frozen at gate_bias_init)')
 if decay_lr and lr_decay_iters <= warmup_iters:
     fail(f'lr_decay_iters={lr_decay_iters} must exceed warmup_iters={warmup_iters} (or set decay_lr=False)')
 if init_from not in ('scratch', 'resume'):

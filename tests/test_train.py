@@ -153,6 +153,7 @@ def test_config_mistakes_are_one_clear_line(stdlib_corpus, tmp_path):
         ('--n_head=3',): 'model config',
         ('--attention=foo',): "attention='foo': expected 'wall', 'rope' or 'fox'",
         ('--gate_frozen_iters=-1',): 'gate_frozen_iters=-1',
+        ('--gate_lr_scale=-1',): 'gate_lr_scale=-1.0, expected a number >= 0',
     }
     processes = {args: start(stdlib_corpus, str(tmp_path / f'out{i}'), '--max_iters=0', *args)
                  for i, args in enumerate(cases)}
