@@ -55,7 +55,6 @@ def test_deterministic_and_varied():
     assert not (queries == idx[:, :2 * P:2]).all()  # queries come in a shuffled order
 
 
-
 def test_needles_layout():
     """--needles: gap filler tokens, each needle `c k v1 v2` in their first half and again, whole, in their second
     half; the targets at a query are its next tokens, found by looking the key up in the needle before it."""
@@ -79,6 +78,7 @@ def test_needles_layout():
             assert tgt[t] == needle[t - start + 1]
         filler = [tok for i, tok in enumerate(row) if not any(s <= i < s + n + 2 for s in starts)]
         assert len(filler) == gap and all(cue <= tok < cue + F for tok in filler)
+
 
 def test_held_out_batches_fixed_by_seed_and_gap():
     args = recall.parse_args(['--variants', 'wall', '--train_gaps', '0,4', '--test_gaps', '9', '--seed', '3'])
