@@ -15,6 +15,7 @@ MIX=${MIX:-0.9}
 STEPS=${STEPS:-1000}
 DISTANCES=${DISTANCES:-512,2048}
 RUNS=${RUNS:-$'wall_shift\nwall_shift_frozen_gates --gate_lr_scale=0'}
+SCORERS=${SCORERS:-cache forward}  # forward: one full forward per probe, a check on the cache (and slower)
 # SMALL=1: the 7.4M-parameter models of the first calibration (4 layers of width 256)
 SIZE=${SMALL:+--n_layer=4 --n_embd=256 --n_head=4 --n_kv_head=4 --learning_rate=2e-3 --min_lr=2e-4}
 export PYTHONUNBUFFERED=1
@@ -37,7 +38,7 @@ done <<< "$RUNS"
 wait
 echo "trained at $(( $(date +%s) - start )) s"
 for name in "${names[@]}"; do  # as users decode (the cache), and through the training path as a check on it
-  for scorer in cache forward; do
+  for scorer in $SCORERS; do
     timeout $(( $(left) - 5 )) python3 -m eval.retrieval --ckpt "out/calibration_$name/ckpt.pt" --scorer $scorer \
       --distances "$DISTANCES" --trials 32 --out "$RESULTS/${name}_$scorer" > "$RESULTS/${name}_$scorer.log" 2>&1 &
   done
@@ -46,7 +47,7 @@ wait
 for name in "${names[@]}"; do
   echo "== $name: $(grep -E '^iter [0-9]+: loss' "$RESULTS/$name.train.log" | tail -1)"
   grep -E 'val loss' "$RESULTS/$name.train.log" | tail -1
-  for scorer in cache forward; do
+  for scorer in $SCORERS; do
     grep -E 'exact match [0-9.]+ ' "$RESULTS/${name}_$scorer.log" | sed "s/^/$scorer: /"
   done
 done
