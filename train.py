@@ -162,12 +162,19 @@ try:
     train_batches = PackedBatches(data_dir, 'train', tokens_per_batch, max_doc_len, rank=rank,
                                   world_size=world_size, seed=data_seed, retrieval_mix=retrieval_mix,
                                   retrieval_key_words=retrieval_key_words)
-    PackedBatches(data_dir, 'val', tokens_per_batch, max_doc_len)  # read at every evaluation: checked now
+    val_data = PackedBatches(data_dir, 'val', tokens_per_batch, max_doc_len)  # read at every evaluation: checked now
+    # with the retrieval task mixed in, every evaluation also scores held-out probes a quarter document back
+    probe_distance = max(1, max_doc_len // 4)
+    retrieval_probes = None if not retrieval_mix else train_batches.task.probe_batch(
+        np.random.default_rng((data_seed, 2)), val_data.tokens, val_data.eot, probe_distance, tokens_per_batch)
 except (OSError, ValueError) as e:
     fail(f'data_dir={data_dir!r}: {e}')
 except Exception as e:  # the tokenizers library raises a bare Exception, not naming the file, for one it cannot parse
     fail(f"data_dir={data_dir!r}: {os.path.join(data_dir, 'tokenizer.json')} is not a readable tokenizer "
          f"({checkpoint.first_line(e)}): prepare the data again")
+if master_process and retrieval_mix and retrieval_probes is None:
+    print(f'note: no retrieval loss in the log: one probe {probe_distance} tokens back does not fit '
+          f'tokens_per_batch={tokens_per_batch}')
 if master_process and not eval_only:  # one run at a time writes out_dir (and a failed start leaves no empty one)
     try:
         notes = [checkpoint.hold(out_dir)]
@@ -265,6 +272,17 @@ def validation_loss():
     return mean_over_ranks(total.cpu(), count)
 
 
+@torch.no_grad()
+def retrieval_loss():
+    """Loss per value token of retrieval_probes, eager (a second compiled graph would cost more than it saves)."""
+    raw_model.eval()
+    x, y, cu_seqlens = to_device(retrieval_probes)
+    with ctx:
+        loss = raw_model(x, y, cu_seqlens)[1].item()
+    raw_model.train()
+    return loss
+
+
 if wandb_log and master_process:
     import socket
     import wandb
@@ -289,9 +307,13 @@ while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         val_loss = validation_loss()
         if master_process:
-            print(f'iter {iter_num}: val loss {val_loss:.4f}')
+            metrics = {'iter': iter_num, 'val/loss': val_loss, 'lr': lr}
+            if retrieval_probes is not None:
+                metrics['val/retrieval_loss'] = retrieval_loss()
+            print(f'iter {iter_num}: val loss {val_loss:.4f}' + ('' if retrieval_probes is None else
+                  f", retrieval loss {metrics['val/retrieval_loss']:.3f} ({probe_distance} tokens back)"))
             if wandb_log:
-                wandb.log({'iter': iter_num, 'val/loss': val_loss, 'lr': lr})
+                wandb.log(metrics)
         # never at the first iteration: nothing was trained yet, and a checkpoint being resumed stays as it is
         if iter_num > start_iter and (val_loss < best_val_loss or always_save_checkpoint):
             best_val_loss = min(val_loss, best_val_loss)

@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 VALUE_TOKENS = 4
 PAIR_SPACING = 64   # tokens of training document per needle: dense enough that every document teaches the task
@@ -152,3 +153,30 @@ class RetrievalTask:
                                  self._cue(key)])
         value_at = where + sum(len(lines[i]) for i in order[:list(order).index(0)]) + len(self._cue(key))
         return Probe(prompt=prompt, answer=value.tolist(), distance=int(len(prompt) - value_at))
+
+    def probe_batch(self, rng, filler, eot, distance, length):
+        """Probes at `distance`, their fillers random windows of `filler`, packed as one training micro-batch of
+        exactly `length` tokens: (x [1, length], y [1, length], cu_seqlens) as data.loader.PackedBatches yields.
+        Each probe is a document (EOT, prompt, answer) whose only targets are the answer's tokens, so the model's
+        training loss on the batch is the mean loss per value token; the room left is one document of EOTs with
+        no targets. None when not even one probe fits."""
+        docs, room, n = [], length, self.min_filler(distance)
+        if len(filler) < n:
+            raise ValueError(f'{len(filler)} tokens of filler, {n} needed for probes at distance {distance}')
+        while True:
+            start = rng.integers(0, len(filler) - n + 1)
+            probe = self.probe(rng, filler[start:start + n], distance)
+            doc = np.concatenate([[eot], probe.prompt, probe.answer[:-1]])
+            if len(doc) > room:
+                break
+            targets = np.full(len(doc), -1, dtype=np.int64)
+            targets[-len(probe.answer):] = probe.answer
+            docs.append((doc, targets))
+            room -= len(doc)
+        if not docs:
+            return None
+        if room:
+            docs.append((np.full(room, eot, dtype=np.int64), np.full(room, -1, dtype=np.int64)))
+        x, y = (torch.from_numpy(np.concatenate(part))[None] for part in zip(*docs))
+        cu_seqlens = torch.from_numpy(np.cumsum([0] + [len(doc) for doc, _ in docs]).astype(np.int32))
+        return x, y, cu_seqlens

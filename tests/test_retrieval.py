@@ -122,3 +122,30 @@ def test_keys_and_values_are_words_the_filler_lacks_each_used_once(key_words):
     every_word = np.tile(task.words, 2)  # a window that holds every word leaves none for the needles
     with pytest.raises(ValueError, match='words unused'):
         task.probe(np.random.default_rng(3), every_word, len(every_word) - 256)
+
+
+def test_probe_batch_packs_whole_probes_whose_only_targets_are_the_values(task_and_filler):
+    task, filler = task_and_filler
+    eot, distance, length = -7, 30, 2000  # an EOT id no probe token has, to tell the padding from the probes
+    batch = task.probe_batch(np.random.default_rng(0), filler, eot, distance, length)
+    x, y, cu_seqlens = batch
+    assert x.shape == y.shape == (1, length) and cu_seqlens[0] == 0 and cu_seqlens[-1] == length
+    x, y, bounds = x[0].tolist(), y[0].tolist(), cu_seqlens.tolist()
+    docs = list(zip(bounds[:-1], bounds[1:]))
+    *probes, padding = docs
+    assert len(probes) >= 2 and set(x[padding[0]:padding[1]]) == {eot} and set(y[padding[0]:padding[1]]) == {-1}
+    n = len(task.head) + task.key_len
+    for start, end in probes:
+        tokens, targets = x[start:end], y[start:end]
+        assert tokens[0] == eot and eot not in tokens[1:]
+        at = [i for i, t in enumerate(targets) if t != -1]
+        assert at == list(range(end - start - 4, end - start))  # the value's 4 tokens, at the document's end
+        answer = [targets[i] for i in at]
+        assert answer[:-1] == tokens[-3:]  # teacher-forced: the value's tokens are the inputs after the cue
+        cue = tokens[at[0] - n + 1:at[0] + 1]
+        assert len(find(tokens[1:], cue + answer)) == 1  # the needle, once, before the cue: a real lookup
+    again = task.probe_batch(np.random.default_rng(0), filler, eot, distance, length)
+    assert all((a == b).all() for a, b in zip(again, batch))  # the generator's seed decides everything
+    assert task.probe_batch(np.random.default_rng(0), filler, eot, distance, 100) is None  # not one probe fits
+    with pytest.raises(ValueError, match='filler'):
+        task.probe_batch(np.random.default_rng(0), filler[:task.min_filler(distance) - 1], eot, distance, length)

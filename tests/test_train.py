@@ -10,11 +10,16 @@ import sys
 import sysconfig
 from dataclasses import fields
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+import checkpoint
 from configurator import apply_overrides
+from data.loader import PackedBatches, load_tokenizer
 from data.prepare import main as prepare_main
+from data.retrieval import RetrievalTask
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,6 +178,29 @@ def test_gate_frozen_iters_holds_the_decay_gates_then_trains_them(stdlib_corpus,
         biases = [v for k, v in state.items() if k.endswith('attn.gate.bias')]
         assert biases and all((b == 8.0).all() for b in biases) == (frozen == 2), frozen
         assert not (state['blocks.0.attn.kv_shift_gate.bias'] == 0).all(), 'the other parameters must train'
+
+
+def test_retrieval_mix_logs_the_loss_per_value_token_of_held_out_probes(stdlib_corpus, tmp_path):
+    """With retrieval_mix, every evaluation logs the loss on held-out probes a quarter document back: the mean loss
+    of their value tokens, as one forward per probe through the saved model gives it."""
+    out, batch, doc_len = tmp_path / 'out', 1024, 256
+    log, _ = finish(start(stdlib_corpus, str(out), '--retrieval_mix=0.5', f'--tokens_per_batch={batch}',
+                          f'--max_doc_len={doc_len}', '--max_iters=2', '--eval_interval=2',
+                          '--always_save_checkpoint=True'))
+    found = re.findall(r'^iter (\d+): val loss [\d.]+, retrieval loss ([\d.]+) \(64 tokens back\)$', log, re.MULTILINE)
+    assert [i for i, _ in found] == ['0', '2'], log
+    model = checkpoint.build_model(torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=False)).eval()
+    val = PackedBatches(stdlib_corpus, 'val', batch, doc_len)
+    task = RetrievalTask(load_tokenizer(stdlib_corpus))
+    x, y, cu_seqlens = task.probe_batch(np.random.default_rng((0, 2)), val.tokens, val.eot, 64, batch)
+    losses = []
+    for start_at, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        targets = y[0, start_at:end]
+        with torch.no_grad():
+            logits = model.lm_head(model.hidden_states(x[:, start_at:end]))[0]
+        losses.append(F.cross_entropy(logits[targets != -1], targets[targets != -1], reduction='none'))
+    assert sum(len(t) for t in losses) >= 8  # two probes or more
+    assert float(found[-1][1]) == pytest.approx(torch.cat(losses).mean().item(), abs=2e-3)
 
 
 def test_help_lists_every_key_with_its_default_and_comment():
