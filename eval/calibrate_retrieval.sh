@@ -32,7 +32,7 @@ while read -r name overrides; do  # train.py saves every eval_interval steps: wh
   names+=("$name")
   # shellcheck disable=SC2086
   timeout $(( $(left) - 80 )) python3 train.py "$CONFIG" --retrieval_mix="$MIX" $SIZE --max_iters="$STEPS" \
-    --lr_decay_iters="$STEPS" --eval_interval=250 --eval_iters=2 --out_dir="out/calibration_$name" \
+    --lr_decay_iters="$STEPS" --eval_interval=100 --eval_iters=2 --out_dir="out/calibration_$name" \
     --data_dir="$DATA" $overrides > "$RESULTS/$name.train.log" 2>&1 &
 done <<< "$RUNS"
 wait
@@ -47,6 +47,8 @@ wait
 for name in "${names[@]}"; do
   echo "== $name: $(grep -E '^iter [0-9]+: loss' "$RESULTS/$name.train.log" | tail -1)"
   grep -E 'val loss' "$RESULTS/$name.train.log" | tail -1
+  grep -q '^done at iter' "$RESULTS/$name.train.log" ||
+    echo "stopped before iter $STEPS (the deadline): scored is the last checkpoint saved, $(grep -E '^iter [0-9]+: val' "$RESULTS/$name.train.log" | tail -1 | cut -d: -f1)"
   for scorer in $SCORERS; do
     grep -E 'exact match [0-9.]+ ' "$RESULTS/${name}_$scorer.log" | sed "s/^/$scorer: /"
   done
