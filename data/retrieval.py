@@ -26,7 +26,8 @@ queried once at a later line break, a log-uniform distance of filler after it (f
 document, at the end where that runs past it). Short distances are what a model learns the task on first; long
 ones are what the study asks about. A probe (`probe`) is filler with one needle about `distance` tokens before the
 end of the prompt, `num_pairs - 1` distractor needles with other keys at random line breaks, and the needle's cue
-last.
+last. `probe_batch` packs probes, answers teacher-forced, as a training micro-batch whose only targets are the
+values: train.py's retrieval loss.
 """
 import re
 from dataclasses import dataclass
