@@ -19,7 +19,8 @@ import checkpoint
 from configurator import apply_overrides
 from data.loader import PackedBatches, load_tokenizer
 from data.prepare import main as prepare_main
-from data.retrieval import RetrievalTask
+from data.retrieval import VALUE_TOKENS, RetrievalTask
+from eval import retrieval
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,13 +194,14 @@ def test_retrieval_mix_logs_the_loss_per_value_token_of_held_out_probes(stdlib_c
     val = PackedBatches(stdlib_corpus, 'val', batch, doc_len)
     task = RetrievalTask(load_tokenizer(stdlib_corpus))
     x, y, cu_seqlens = task.probe_batch(np.random.default_rng((0, 2)), val.tokens, val.eot, 64, batch)
-    losses = []
+    logits_of, losses = retrieval.forward_answer_logits(model), []
     for start_at, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-        targets = y[0, start_at:end]
-        with torch.no_grad():
-            logits = model.lm_head(model.hidden_states(x[:, start_at:end]))[0]
-        losses.append(F.cross_entropy(logits[targets != -1], targets[targets != -1], reduction='none'))
-    assert sum(len(t) for t in losses) >= 8  # two probes or more
+        answer = y[:, end - VALUE_TOKENS:end]
+        if (answer == -1).all():  # the padding after the probes
+            continue
+        prompt = x[:, start_at:end - VALUE_TOKENS + 1]  # EOT, the probe's prompt
+        losses.append(F.cross_entropy(logits_of(prompt.numpy(), answer.numpy())[0], answer[0], reduction='none'))
+    assert len(losses) >= 2
     assert float(found[-1][1]) == pytest.approx(torch.cat(losses).mean().item(), abs=2e-3)
 
 
