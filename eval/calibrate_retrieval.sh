@@ -47,6 +47,8 @@ wait
 for name in "${names[@]}"; do
   echo "== $name: $(grep -E '^iter [0-9]+: loss' "$RESULTS/$name.train.log" | tail -1)"
   grep -E 'val loss' "$RESULTS/$name.train.log" | tail -1
+  echo "retrieval loss by iteration: $(grep -oE '^iter [0-9]+: val loss [0-9.]+, retrieval loss [0-9.]+' \
+    "$RESULTS/$name.train.log" | sed -E 's/^iter ([0-9]+): .*retrieval loss /\1 /' | paste -sd, -)"
   grep -q '^done at iter' "$RESULTS/$name.train.log" ||
     echo "stopped before iter $STEPS (the deadline): scored is the last checkpoint saved, $(grep -E '^iter [0-9]+: val' "$RESULTS/$name.train.log" | tail -1 | cut -d: -f1)"
   for scorer in $SCORERS; do
