@@ -9,7 +9,8 @@ retrieval_far.json (eval/retrieval.py; the far one optional), niah.json (eval/ni
 leave their cells empty. Writes OUT_loss.png (loss by position), OUT_copy.png (natural copying), OUT_retrieval.png
 (exact match and loss by distance) and OUT.md, the tables of the results page:
 - per model: val loss at the end of training, the loss at 1x..16x the training length with 95% intervals, the
-  change at 16x against 1x, the needle test's accuracy and the tokens trained;
+  change at 16x against 1x, the needle test's accuracy, the tokens trained and the step time at the start and the
+  end of training (medians of the first and last five logged steps);
 - paired: each model's loss at 1x..16x minus the first folder's model's, with intervals from resampling the
   documents jointly, where both length.json files hold per-document means of the same documents;
 - natural copying: the loss and gain of repeat tokens by distance back (eval/copying.py's table);
@@ -33,18 +34,20 @@ def read_json(folder, name):
 
 
 def read_training(folder):
-    """(final val loss, tokens trained) from train.log, or Nones."""
+    """From train.log: {'val': the final val loss, 'tokens': tokens trained, 'step_ms': (ms per step at the start,
+    at the end), the medians of the first and the last five logged steps}; None for what the log does not say."""
     path = os.path.join(folder, 'train.log')
-    if not os.path.exists(path):
-        return None, None
-    text = open(path).read()
+    text = open(path).read() if os.path.exists(path) else ''
     val = re.findall(r'iter \d+: val loss ([0-9.]+)', text)  # not the "best val loss" of the closing line
     tokens = re.findall(r'([0-9,]+) tokens trained', text)
-    return (float(val[-1]) if val else None), (int(tokens[-1].replace(',', '')) if tokens else None)
+    # iteration 0's time is the compilation's
+    times = [float(ms) for it, ms in re.findall(r'^iter (\d+): loss .*?, time ([0-9.]+) ms', text, re.M) if int(it)]
+    return {'val': float(val[-1]) if val else None, 'tokens': int(tokens[-1].replace(',', '')) if tokens else None,
+            'step_ms': (float(np.median(times[:5])), float(np.median(times[-5:]))) if times else None}
 
 
 def load(folder):
-    """One model's results: {'name', 'length', 'retrieval', 'niah', 'val', 'tokens'}; absent parts None."""
+    """One model's results: {'name', 'length', 'retrieval', 'niah', 'val', 'tokens', 'step_ms'}; absent parts None."""
     if not os.path.isdir(folder):
         raise SystemExit(f'error: {folder}: not a result folder (expected eval/lengthgen.sh output)')
     model = {'name': os.path.basename(os.path.normpath(folder))}
@@ -56,7 +59,7 @@ def load(folder):
     rows = sorted((row for run in runs for row in run['by_distance']), key=lambda row: row['distance'])
     model['retrieval'] = dict(runs[0], by_distance=rows) if rows else None
     model['niah'] = read_json(folder, 'niah')
-    model['val'], model['tokens'] = read_training(folder)
+    model.update(read_training(folder))
     if not any(model[key] for key in ('length', 'retrieval', 'niah')):
         raise SystemExit(f'error: {folder}: holds no length.json, retrieval.json or niah.json')
     return model
@@ -70,8 +73,8 @@ def labelled(run, name):
 def summary_table(models):
     multiples = sorted({row['multiple'] for m in models for row in (m['length'] or {}).get('table', [])}) or [1]
     lines = ['| model | val loss | ' + ' | '.join(f'{n}x' for n in multiples) +
-             f' | {multiples[-1]}x - 1x | needle test | tokens |',
-             '|---|---|' + '---|' * len(multiples) + '---|---|---|']
+             f' | {multiples[-1]}x - 1x | needle test | tokens | ms/step, start / end |',
+             '|---|---|' + '---|' * len(multiples) + '---|---|---|---|']
     for m in models:
         table = {row['multiple']: row for row in (m['length'] or {}).get('table', [])}
         cells = [common.interval(table[n]['mean'], table[n]['lo'], table[n]['hi']) if n in table else ''
@@ -85,7 +88,8 @@ def summary_table(models):
             niah = f'{sum(trials)}/{len(trials)}'
         val = f'{m["val"]:.3f}' if m['val'] is not None else ''
         tokens = f'{m["tokens"] / 1e6:.0f}M' if m['tokens'] else ''
-        lines.append(f'| {m["name"]} | {val} | ' + ' | '.join(cells) + f' | {change} | {niah} | {tokens} |')
+        step = '{:.0f} / {:.0f}'.format(*m['step_ms']) if m['step_ms'] else ''
+        lines.append(f'| {m["name"]} | {val} | ' + ' | '.join(cells) + f' | {change} | {niah} | {tokens} | {step} |')
     return '\n'.join(lines)
 
 

@@ -320,8 +320,11 @@ def test_study_puts_result_folders_side_by_side(checkpoints, tmp_path, capsys):
                      '--device', DEVICE, '--copy'])
         retrieval.main(['--ckpt', checkpoints[name], '--distances', '8', '--trials', '2', '--batch', '2',
                         '--out', str(folder / 'retrieval'), '--device', DEVICE])
-        (folder / 'train.log').write_text('iter 0: val loss 9.0\niter 5: val loss 4.25\ndone at iter 5: ckpt.pt '
-                                          '(best val loss 4.1), 1,000,000 tokens trained in 0:00:01\n')
+        # step times 100..111 ms after iteration 0's compilation: medians 102 of the first five, 109 of the last
+        steps = ''.join(f'iter {i}: loss 5.0, lr 1.0e-03, time {9000 if i == 0 else 99 + i} ms, 10,000 tok/s\n'
+                        for i in range(13))
+        (folder / 'train.log').write_text('iter 0: val loss 9.0\n' + steps + 'iter 5: val loss 4.25\ndone at iter 5: '
+                                          'ckpt.pt (best val loss 4.1), 1,000,000 tokens trained in 0:00:01\n')
     niah.main(['--ckpt', checkpoints['wall'], '--lengths', '40', '--depths', '0', '--trials', '2',
                '--out', str(tmp_path / 'wall' / 'niah'), '--device', DEVICE])
     capsys.readouterr()
@@ -337,10 +340,10 @@ def test_study_puts_result_folders_side_by_side(checkpoints, tmp_path, capsys):
     difference = np.mean(np.subtract(one['doc_means'], wall_length['table'][0]['doc_means']))
     assert paired[2].startswith(f'| rope | {difference:+.3f} [')
     assert summary[3].startswith(f'| rope | 4.250 | {common.interval(one["mean"], one["lo"], one["hi"])} |')
-    assert summary[3].endswith('|  | 1M |')  # no needle test in rope's folder
+    assert summary[3].endswith('|  | 1M | 102 / 109 |')  # no needle test in rope's folder
     cells = json.load(open(tmp_path / 'wall' / 'niah.json'))['cells']
     hits = sum(t['correct'] for cell in cells for t in cell['trials'])
-    assert summary[2].endswith(f'| {hits}/2 | 1M |')
+    assert summary[2].endswith(f'| {hits}/2 | 1M | 102 / 109 |')
     assert copy[0] == '| distance | wall (wall): loss, gain [95%], tokens | rope (rope): loss, gain [95%], tokens |'
     row = json.load(open(tmp_path / 'wall' / 'retrieval.json'))['runs'][0]['by_distance'][0]
     assert found[0] == '| model | 8 |' and found[2] == (f'| wall: exact match (loss) | {row["accuracy"]:.2f} '
