@@ -12,7 +12,8 @@ leave their cells empty. Writes OUT_loss.png (loss by position), OUT_copy.png (n
   change at 16x against 1x, the needle test's accuracy, the tokens trained and the step time at the start and the
   end of training (medians of the first and last five logged steps);
 - paired: each model's loss at 1x..16x minus the first folder's model's, with intervals from resampling the
-  documents jointly, where both length.json files hold per-document means of the same documents;
+  documents jointly, where both length.json files hold per-document means of the same documents; where an interval
+  holds zero, about how many documents would make it exclude zero at the same difference and spread;
 - natural copying: the loss and gain of repeat tokens by distance back (eval/copying.py's table);
 - retrieval: exact match [95% Wilson interval] and loss per value token by distance.
 """
@@ -93,9 +94,19 @@ def summary_table(models):
     return '\n'.join(lines)
 
 
+def documents_to_separate(docs, mean, lo, hi):
+    """How many documents would make a 95% interval [lo, hi] of a difference measured on docs documents exclude
+    zero, if the difference and the spread between documents stayed as measured: the interval narrows as
+    1/sqrt(documents). None where it already excludes zero or the difference is zero."""
+    if lo > 0 or hi < 0 or mean == 0:
+        return None
+    return int(np.ceil(docs * ((hi - lo) / 2 / abs(mean)) ** 2))
+
+
 def paired_table(models):
     """Each model's loss at 1x..16x minus the first model's, with 95% intervals from resampling the documents
-    jointly (both scored the same documents: eval/length.py's fingerprints match); None when no pair has them."""
+    jointly (both scored the same documents: eval/length.py's fingerprints match), and where an interval holds
+    zero, the documents that would separate it (documents_to_separate); None when no pair has them."""
     def tables(m):
         run = m['length'] or {}
         return run.get('doc_fingerprints'), {row['multiple']: row.get('doc_means') for row in run.get('table', [])}
@@ -115,8 +126,10 @@ def paired_table(models):
                 continue
             diff = np.subtract(means[n], ref[n])[:, None]
             mean, lo, hi, _ = common.bootstrap(diff, np.ones_like(diff))
-            cells.append(common.interval(mean[0], common.finite_or_none(lo[0]), common.finite_or_none(hi[0]),
-                                         sign='+'))
+            lo, hi = common.finite_or_none(lo[0]), common.finite_or_none(hi[0])
+            cell = common.interval(mean[0], lo, hi, sign='+')
+            needed = documents_to_separate(len(diff), mean[0], lo, hi) if lo is not None else None
+            cells.append(cell + (f' ~{needed} docs' if needed else ''))
         lines.append(f'| {m["name"]} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) if len(lines) > 2 else None
 

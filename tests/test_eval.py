@@ -353,3 +353,10 @@ def test_study_puts_result_folders_side_by_side(checkpoints, tmp_path, capsys):
         read_png(f'{out}_{name}.png')
     with pytest.raises(SystemExit, match='not a result folder'):
         study.main([str(tmp_path / 'missing')])
+
+
+def test_documents_to_separate_scales_the_interval_as_one_over_root_documents():
+    # half-width 0.02 around +0.01 on 64 documents: four times the documents halve it to 0.01
+    assert study.documents_to_separate(64, 0.01, -0.01, 0.03) == 256
+    assert study.documents_to_separate(64, -0.01, -0.03, 0.01) == 256
+    assert study.documents_to_separate(64, 0.02, 0.005, 0.035) is None  # already excludes zero
