@@ -2,7 +2,7 @@
 One study from several result folders: each model of the length study trains and evaluates in its own run
 (eval/lengthgen.sh writes one folder per model), and this puts them side by side.
 
-    python -m eval.study out/lengthgen/rope out/lengthgen/wall --out docs/lengthgen/study
+    python -m eval.study out/lengthgen/rope out/lengthgen/wall --out docs/lengthgen/study [--names rope,wall]
 
 A result folder holds what lengthgen.sh wrote: length.json (eval/length.py --copy), retrieval.json and
 retrieval_far.json (eval/retrieval.py; the far one optional), niah.json (eval/niah.py) and train.log. Missing files
@@ -47,11 +47,12 @@ def read_training(folder):
             'step_ms': (float(np.median(times[:5])), float(np.median(times[-5:]))) if times else None}
 
 
-def load(folder):
-    """One model's results: {'name', 'length', 'retrieval', 'niah', 'val', 'tokens', 'step_ms'}; absent parts None."""
+def load(folder, name=None):
+    """One model's results: {'name' (name, else the folder's), 'length', 'retrieval', 'niah', 'val', 'tokens',
+    'step_ms'}; absent parts None."""
     if not os.path.isdir(folder):
         raise SystemExit(f'error: {folder}: not a result folder (expected eval/lengthgen.sh output)')
-    model = {'name': os.path.basename(os.path.normpath(folder))}
+    model = {'name': name or os.path.basename(os.path.normpath(folder))}
     runs = (read_json(folder, 'length') or {}).get('runs') or [None]
     model['length'] = runs[0]
     # the far distances run in their own process: one run, its rows from both reports
@@ -138,8 +139,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('folders', nargs='+', help='result folders of eval/lengthgen.sh, one per model')
     parser.add_argument('--out', default='out/lengthgen/study', help='output path prefix for the .md and .png files')
+    parser.add_argument('--names', help='comma-separated model names for the tables and legends, one per folder '
+                        '(default: the folders\' names)')
     args = parser.parse_args(argv)
-    models = [load(folder) for folder in args.folders]
+    names = args.names.split(',') if args.names else [None] * len(args.folders)
+    if args.names and (len(names) != len(args.folders) or not all(names)):
+        raise SystemExit(f'error: --names: expected {len(args.folders)} non-empty comma-separated names, one per '
+                         f'folder, got {args.names!r}')
+    models = [load(folder, name) for folder, name in zip(args.folders, names)]
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
     written, tables = [], [summary_table(models)]
     paired = paired_table(models)

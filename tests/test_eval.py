@@ -353,6 +353,10 @@ def test_study_puts_result_folders_side_by_side(checkpoints, tmp_path, capsys):
         read_png(f'{out}_{name}.png')
     with pytest.raises(SystemExit, match='not a result folder'):
         study.main([str(tmp_path / 'missing')])
+    with pytest.raises(SystemExit, match='^error: --names: expected 2 '):
+        study.main([str(tmp_path / 'wall'), str(tmp_path / 'rope'), '--names', 'w'])
+    study.main([str(tmp_path / 'wall'), str(tmp_path / 'rope'), '--names', 'w,r', '--out', out])
+    assert [line.split(' | ')[0] for line in open(out + '.md').read().splitlines()[2:4]] == ['| w', '| r']
 
 
 def test_documents_to_separate_scales_the_interval_as_one_over_root_documents():
