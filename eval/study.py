@@ -15,10 +15,12 @@ leave their cells empty. Writes OUT_loss.png (loss by position), OUT_copy.png (n
   documents jointly, where both length.json files hold per-document means of the same documents; where an interval
   holds zero, about how many documents would make it exclude zero at the same difference and spread;
 - natural copying: the loss and gain of repeat tokens by distance back (eval/copying.py's table);
-- retrieval: exact match [95% Wilson interval] and loss per value token by distance.
+- retrieval: exact match [95% Wilson interval] and loss per value token by distance; paired, the probes (the same
+  for every model) that only the first model or only the other got right, with the exact McNemar p-value.
 """
 import argparse
 import json
+import math
 import os
 import re
 
@@ -135,6 +137,39 @@ def paired_table(models):
     return '\n'.join(lines) if len(lines) > 2 else None
 
 
+def mcnemar_p(only_first, only_other):
+    """Exact two-sided McNemar p-value: under no difference, each probe that one model gets right and the other
+    not is equally likely to be either model's."""
+    n, k = only_first + only_other, min(only_first, only_other)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+
+
+def paired_retrieval_table(models):
+    """Retrieval probe by probe against the first model, at each distance where both scored the same probes:
+    how many only the first model got right, how many only the other, and the exact McNemar p-value; None when
+    no pair has them."""
+    def by_distance(m):
+        return {row['distance']: row.get('trial_results') for row in (m['retrieval'] or {}).get('by_distance', [])}
+
+    first, ref = models[0], by_distance(models[0])
+    distances = sorted(d for d, trials in ref.items() if trials)
+    lines = [f'| probes right for only {first["name"]} / only the model (McNemar p) | '
+             + ' | '.join(str(d) for d in distances) + ' |', '|---|' + '---|' * len(distances)]
+    for m in models[1:]:
+        trials, cells = by_distance(m), []
+        for d in distances:
+            pairs = list(zip(ref[d], trials.get(d) or []))
+            if not pairs or len(pairs) != len(ref[d]) or any(a['distance'] != b['distance'] for a, b in pairs):
+                cells.append('')
+                continue
+            only_first = sum(a['correct'] and not b['correct'] for a, b in pairs)
+            only_other = sum(b['correct'] and not a['correct'] for a, b in pairs)
+            cells.append(f'{only_first} / {only_other} ({mcnemar_p(only_first, only_other):.3f})')
+        if any(cells):
+            lines.append(f'| {m["name"]} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) if len(lines) > 2 else None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('folders', nargs='+', help='result folders of eval/lengthgen.sh, one per model')
@@ -166,6 +201,9 @@ def main(argv=None):
         retrieval.plot(runs, args.out + '_retrieval.png')
         written.append(args.out + '_retrieval.png')
         tables.append(retrieval.markdown_table(runs, name=lambda run: run['ckpt'], intervals=True))
+        paired = paired_retrieval_table(models)
+        if paired:
+            tables.append(paired)
     text = '\n\n'.join(tables) + '\n'
     with open(args.out + '.md', 'w') as f:
         f.write(text)

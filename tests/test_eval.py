@@ -331,7 +331,7 @@ def test_study_puts_result_folders_side_by_side(checkpoints, tmp_path, capsys):
     out = str(tmp_path / 'study')
     study.main([str(tmp_path / 'wall'), str(tmp_path / 'rope'), '--out', out])
     text = open(out + '.md').read()
-    summary, paired, copy, found = [block.splitlines() for block in text.strip().split('\n\n')]
+    summary, paired, copy, found, found_paired = [block.splitlines() for block in text.strip().split('\n\n')]
     rope_length = json.load(open(tmp_path / 'rope' / 'length.json'))['runs'][0]
     wall_length = json.load(open(tmp_path / 'wall' / 'length.json'))['runs'][0]
     one = rope_length['table'][0]
@@ -349,6 +349,10 @@ def test_study_puts_result_folders_side_by_side(checkpoints, tmp_path, capsys):
     assert found[0] == '| model | 8 |' and found[2] == (f'| wall: exact match (loss) | {row["accuracy"]:.2f} '
                                                           f'[{row["accuracy_lo"]:.2f}, {row["accuracy_hi"]:.2f}] '
                                                           f'({row["loss"]:.2f}) |')
+    rope_row = json.load(open(tmp_path / 'rope' / 'retrieval.json'))['runs'][0]['by_distance'][0]
+    only_wall = sum(a['correct'] and not b['correct'] for a, b in zip(row['trial_results'], rope_row['trial_results']))
+    only_rope = sum(b['correct'] and not a['correct'] for a, b in zip(row['trial_results'], rope_row['trial_results']))
+    assert found_paired[2].startswith(f'| rope | {only_wall} / {only_rope} (')
     for name in ('loss', 'copy', 'retrieval'):
         read_png(f'{out}_{name}.png')
     with pytest.raises(SystemExit, match='not a result folder'):
@@ -364,3 +368,9 @@ def test_documents_to_separate_scales_the_interval_as_one_over_root_documents():
     assert study.documents_to_separate(64, 0.01, -0.01, 0.03) == 256
     assert study.documents_to_separate(64, -0.01, -0.03, 0.01) == 256
     assert study.documents_to_separate(64, 0.02, 0.005, 0.035) is None  # already excludes zero
+
+
+def test_mcnemar_p_is_the_exact_two_sided_binomial_test():
+    assert study.mcnemar_p(0, 0) == 1.0 and study.mcnemar_p(3, 3) == 1.0
+    assert study.mcnemar_p(18, 4) == study.mcnemar_p(4, 18) == pytest.approx(0.0043435, rel=1e-4)
+    assert study.mcnemar_p(5, 0) == pytest.approx(2 / 32)  # all five of one side: 2 x 0.5^5
