@@ -159,7 +159,7 @@ def paired_retrieval_table(models):
         trials, cells = by_distance(m), []
         for d in distances:
             pairs = list(zip(ref[d], trials.get(d) or []))
-            if not pairs or len(pairs) != len(ref[d]) or any(a['distance'] != b['distance'] for a, b in pairs):
+            if len(pairs) != len(ref[d]) or any(a['distance'] != b['distance'] for a, b in pairs):
                 cells.append('')
                 continue
             only_first = sum(a['correct'] and not b['correct'] for a, b in pairs)
