@@ -158,8 +158,9 @@ def paired_retrieval_table(models):
     for m in models[1:]:
         trials, cells = by_distance(m), []
         for d in distances:
-            pairs = list(zip(ref[d], trials.get(d) or []))
-            if len(pairs) != len(ref[d]) or any(a['distance'] != b['distance'] for a, b in pairs):
+            other = trials.get(d) or []
+            pairs = list(zip(ref[d], other))
+            if len(other) != len(ref[d]) or any(a['distance'] != b['distance'] for a, b in pairs):
                 cells.append('')
                 continue
             only_first = sum(a['correct'] and not b['correct'] for a, b in pairs)
@@ -201,9 +202,9 @@ def main(argv=None):
         retrieval.plot(runs, args.out + '_retrieval.png')
         written.append(args.out + '_retrieval.png')
         tables.append(retrieval.markdown_table(runs, name=lambda run: run['ckpt'], intervals=True))
-        paired = paired_retrieval_table(models)
-        if paired:
-            tables.append(paired)
+        paired_retrieval = paired_retrieval_table(models)
+        if paired_retrieval:
+            tables.append(paired_retrieval)
     text = '\n\n'.join(tables) + '\n'
     with open(args.out + '.md', 'w') as f:
         f.write(text)
